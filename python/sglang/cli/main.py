@@ -1,0 +1,126 @@
+"""The ``sglang`` command: generate | serve | calibrate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from typing import Sequence
+
+from sglang.multimodal_gen.errors import UserError
+
+logger = logging.getLogger("sglang")
+
+
+def _default_output_path(prompt: str, seed: int) -> str:
+    slug = re.sub(r"[^a-zA-Z0-9]+", "_", prompt).strip("_")[:48] or "video"
+    return f"outputs/{slug}_{seed}.mp4"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", default=None,
+                        help="diffusers-layout model folder or hub id (default: the built-in tiny Wan2.1 model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--negative-prompt", default=None, help="text for the unconditional CFG branch")
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (model default)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG weight; <= 1 disables CFG")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    parser.add_argument("--height", type=int, default=None, help="height in pixels (model default)")
+    parser.add_argument("--width", type=int, default=None, help="width in pixels (model default)")
+    parser.add_argument("--num-frames", type=int, default=None, help="frames, 4k+1 for Wan (model default)")
+    parser.add_argument("--fps", type=int, default=None, help="frames per second of the mp4 (model default)")
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("timestep cache")
+    group.add_argument("--cache", default="none", help="none, teacache, magcache, or another registered strategy")
+    group.add_argument("--cache-preset", default=None, help="named level of the strategy's presets (e.g. default, fast)")
+    group.add_argument("--cache-threshold", type=float, default=None, help="error budget; higher skips more steps")
+    group.add_argument("--cache-max-skip-steps", type=int, default=None, help="most consecutive skipped steps (K)")
+    group.add_argument("--cache-retention-ratio", type=float, default=None,
+                       help="fraction of first steps never skipped, in [0, 1]")
+    group.add_argument("--cache-params", default=None,
+                       help="JSON object or .json file with further strategy options (see docs/caching.md)")
+
+
+def cache_params_from_args(args: argparse.Namespace):
+    from sglang.multimodal_gen.configs.cache_params import CacheParams, parse_cache_params_arg
+
+    return CacheParams(
+        strategy=args.cache,
+        threshold=args.cache_threshold,
+        max_skip_steps=args.cache_max_skip_steps,
+        retention_ratio=args.cache_retention_ratio,
+        preset=args.cache_preset,
+        options=parse_cache_params_arg(args.cache_params) if args.cache_params else {},
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+    from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
+
+    check_prompt(args.prompt)
+    params = SamplingParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        fps=args.fps,
+        output_path=args.output_path or _default_output_path(args.prompt, args.seed),
+        cache=cache_params_from_args(args),
+    )
+    generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
+    generator.validate(params)
+    result = generator.generate(params, show_progress_bar=True)
+    for stage, seconds in result.timings.items():
+        print(f"  {stage:<20s} {seconds:8.3f} s")
+    print(f"  {'total':<20s} {sum(result.timings.values()):8.3f} s")
+    if result.cache_stats is not None:
+        print(result.cache_stats.summary())
+    print(f"saved {result.output_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sglang", description="sglang diffusion runtime with timestep caching")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    generate = sub.add_parser("generate", help="generate one video from a prompt")
+    add_model_args(generate)
+    generate.add_argument("--prompt", required=True, help="what the video shows")
+    add_sampling_args(generate)
+    generate.add_argument("--output-path", default=None,
+                          help="where to save: .mp4 (default outputs/<prompt>_<seed>.mp4) or .npy (float frames)")
+    add_cache_args(generate)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

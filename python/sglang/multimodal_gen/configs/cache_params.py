@@ -1,0 +1,216 @@
+"""User-facing timestep-cache knobs of one request, validated before any model work starts.
+
+`CacheParams` is what the CLI (`--cache-strategy`, `--cache-threshold`, ..., `--cache-params`),
+the HTTP server and the offline API fill in. It only names and checks the knobs; the strategy
+config (e.g. `MagCacheConfig`) is built from it per request by
+`sglang.multimodal_gen.runtime.cache.build_cache`, which also resolves presets for the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, get_cache_class, registered_caches
+
+# Knobs that have their own field here rather than living in `options`.
+TOP_LEVEL_KNOBS = ("threshold", "max_skip_steps", "retention_ratio")
+
+
+@dataclass
+class CacheParams:
+    r"""
+    Timestep-cache settings of one request.
+
+    Precedence when the strategy config is built: the named `preset` level of the model, then
+    `options`, then the explicit `threshold` / `max_skip_steps` / `retention_ratio` (highest).
+
+    Args:
+        strategy (`str`, defaults to `"none"`):
+            Which caching strategy decides, per denoising step and CFG branch, whether to run the
+            DiT blocks or reuse the cached residual: `"none"` (always run them), `"magcache"` or
+            `"teacache"` (or any other registered strategy).
+        threshold (`float`, *optional*):
+            Error budget accumulated over skipped steps before the blocks must run again. A higher
+            threshold skips more steps: faster, lower fidelity. `0` never skips. Unset: the
+            preset's value (MagCache release default 0.12; TeaCache per model, e.g. 0.05 for
+            Wan2.1 T2V 1.3B "slow").
+        max_skip_steps (`int`, *optional*):
+            MagCache's K: the most consecutive steps a branch may skip. Higher is faster. Unset:
+            the preset's value (release default 2). Strategies without this knob refuse it.
+        retention_ratio (`float`, *optional*):
+            MagCache: fraction of the first denoising steps that always run the blocks (the
+            early steps shape the layout and are costly to skip). Lower is faster. In `[0, 1]`.
+            Unset: the preset's value (release default 0.2).
+        preset (`str`, *optional*):
+            Named level resolved for the request's model, e.g. `"default"` or `"fast"` (TeaCache
+            also `"slow"`). Unset means `"default"`.
+        options (`dict`, *optional*):
+            Every other knob, by name, from `--cache-params` JSON. Keys must be fields of the
+            strategy's config dataclass (`MagCacheConfig`, `TeaCacheConfig`), e.g.
+            `{"sqrt_ratios": true}` or `{"mag_ratios": {"cond": [...], "uncond": [...]}}`.
+        calibration_file (`str`, *optional*):
+            Path of a calibration result to use instead of the shipped presets (carried here,
+            read by the calibration support).
+    """
+
+    strategy: str = "none"
+    threshold: float | None = None
+    max_skip_steps: int | None = None
+    retention_ratio: float | None = None
+    preset: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    calibration_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, str) or not self.strategy:
+            raise CacheConfigError(f"cache strategy must be a name such as 'magcache', got {self.strategy!r}")
+        self.strategy = self.strategy.strip().lower()
+        self.threshold = _check_threshold(self.threshold)
+        self.max_skip_steps = _check_max_skip_steps(self.max_skip_steps)
+        self.retention_ratio = _check_retention_ratio(self.retention_ratio)
+        if self.options is None:
+            self.options = {}
+        if not isinstance(self.options, dict):
+            raise CacheConfigError(
+                f"cache options must be a JSON object of knob -> value, got {type(self.options).__name__}"
+            )
+        self.options = dict(self.options)
+        if self.preset is not None and (not isinstance(self.preset, str) or not self.preset.strip()):
+            raise CacheConfigError(
+                f"cache preset must be a level name such as 'default' or 'fast', got {self.preset!r}"
+            )
+        if self.preset is not None:
+            self.preset = self.preset.strip().lower()
+        if self.calibration_file is not None and not isinstance(self.calibration_file, str):
+            raise CacheConfigError(f"calibration_file must be a path string, got {self.calibration_file!r}")
+
+        if self.strategy == "none":
+            given = [k for k in TOP_LEVEL_KNOBS if getattr(self, k) is not None] + sorted(self.options)
+            if given or self.preset is not None:
+                raise CacheConfigError(
+                    f"cache settings {given or ['preset']} were given but the cache strategy is 'none'; "
+                    f"choose a strategy ({', '.join(registered_caches())}) or drop them"
+                )
+            return
+        cls = get_cache_class(self.strategy)  # raises, naming the known strategies
+        self._check_against(cls)
+
+    @property
+    def enabled(self) -> bool:
+        return self.strategy != "none"
+
+    def _check_against(self, cls: type) -> None:
+        config_class = getattr(cls, "config_class", None)
+        if config_class is not None:
+            valid = [f.name for f in dataclasses.fields(config_class)]
+            for knob in TOP_LEVEL_KNOBS:
+                if getattr(self, knob) is not None and knob not in valid:
+                    raise CacheConfigError(
+                        f"{self.strategy} has no '{knob}' setting; its settings are: {', '.join(valid)}"
+                    )
+            unknown = sorted(set(self.options) - set(valid))
+            if unknown:
+                raise CacheConfigError(
+                    f"unknown {self.strategy} option(s) {unknown} in --cache-params; valid keys are: {', '.join(valid)}"
+                )
+        levels = getattr(cls, "preset_levels", None)
+        if self.preset is not None and levels and self.preset not in levels:
+            raise CacheConfigError(
+                f"unknown {self.strategy} preset {self.preset!r}; choose one of: {', '.join(levels)}"
+            )
+
+    def knob_overrides(self) -> dict[str, Any]:
+        """`options` overlaid with the explicit knobs that are set: what overrides the preset."""
+        merged = dict(self.options)
+        merged.update({k: getattr(self, k) for k in TOP_LEVEL_KNOBS if getattr(self, k) is not None})
+        return merged
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CacheParams":
+        """Build from one flat mapping (e.g. a `--cache-params` file or an HTTP request body).
+
+        Keys naming a field of this class fill it; all other keys go to `options`.
+        """
+        if not isinstance(data, dict):
+            raise CacheConfigError(f"cache params must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        fields = {k: v for k, v in data.items() if k in names}
+        options = dict(data.get("options") or {})
+        options.update({k: v for k, v in data.items() if k not in names and k != "options"})
+        return cls(**fields, options=options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_cache_params_arg(value: str) -> dict[str, Any]:
+    """Parse `--cache-params`: an inline JSON object or the path of a `.json` file holding one."""
+    if not isinstance(value, str) or not value.strip():
+        raise CacheConfigError(
+            "--cache-params needs a JSON object such as '{\"sqrt_ratios\": true}' or a .json file path"
+        )
+    text = value.strip()
+    source = "--cache-params"
+    if not text.startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise CacheConfigError(
+                f"--cache-params {value!r} is neither a JSON object (it must start with '{{') "
+                "nor an existing .json file"
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CacheConfigError(f"cannot read --cache-params file {str(path)!r}: {exc}") from None
+        source = f"--cache-params file {str(path)!r}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CacheConfigError(
+            f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            "write e.g. '{\"threshold\": 0.12, \"sqrt_ratios\": true}' with double quotes"
+        ) from None
+    if not isinstance(data, dict):
+        raise CacheConfigError(f"{source} must hold a JSON object of knob -> value, got a {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- shared validators
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_threshold(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise CacheConfigError(
+            f"cache threshold must be a number >= 0 (0 never skips; higher skips more), got {value!r}"
+        )
+    return float(value)
+
+
+def _check_max_skip_steps(value: Any) -> int | None:
+    if value is None:
+        return None
+    if _is_number(value) and float(value).is_integer() and value >= 0:
+        return int(value)
+    raise CacheConfigError(
+        f"max_skip_steps must be a whole number >= 0 (consecutive steps a branch may skip), got {value!r}"
+    )
+
+
+def _check_retention_ratio(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise CacheConfigError(
+            f"retention_ratio must be in [0, 1] (fraction of first steps always computed), got {value!r}"
+        )
+    return float(value)

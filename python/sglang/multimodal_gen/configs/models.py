@@ -1,0 +1,92 @@
+"""Which model families the runtime serves, how to recognise them and their sampling defaults.
+
+The family is read from ``model_index.json``'s ``_class_name`` (the diffusers pipeline name), so
+any folder in the diffusers layout of a supported checkpoint is recognised. A folder may carry an
+``sglang_config.json`` that overrides sampling defaults and names its cache preset key (the
+built-in model does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sglang.multimodal_gen.errors import ModelNotFoundError
+
+OVERRIDES_FILE = "sglang_config.json"
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A supported architecture.
+
+    Attributes:
+        name: Short family name ("wan", "hunyuan").
+        diffusers_pipelines: ``_class_name`` values of model_index.json that mean this family.
+        pipeline_module: Module of ``runtime/pipelines`` that builds the stages for it.
+        sampling_defaults: Defaults of the published checkpoints (overridable per folder).
+    """
+
+    name: str
+    diffusers_pipelines: tuple[str, ...]
+    pipeline_module: str
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+MODEL_FAMILIES: tuple[ModelFamily, ...] = (
+    ModelFamily(
+        name="wan",
+        diffusers_pipelines=("WanPipeline",),
+        pipeline_module="sglang.multimodal_gen.runtime.pipelines.wan",
+        sampling_defaults=dict(
+            negative_prompt="",
+            num_inference_steps=50,
+            guidance_scale=5.0,
+            height=480,
+            width=832,
+            num_frames=81,
+            fps=16,
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A resolved model folder: its family, defaults and folder-level overrides."""
+
+    path: Path
+    family: ModelFamily
+    sampling_defaults: dict[str, Any]
+    cache_model_key: str | None
+    calibration_file: Path | None
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelNotFoundError(
+            f"{path} is not a diffusers model folder (no model_index.json); point --model-path at the folder "
+            "that holds model_index.json, transformer/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+    try:
+        class_name = json.loads(index_file.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ModelNotFoundError(f"{index_file} is not a valid model_index.json ({exc})") from None
+    family = next((f for f in MODEL_FAMILIES if class_name in f.diffusers_pipelines), None)
+    if family is None:
+        supported = ", ".join(p for f in MODEL_FAMILIES for p in f.diffusers_pipelines)
+        raise ModelNotFoundError(f"{path} holds a {class_name}, which is not supported; supported: {supported}")
+    overrides: dict[str, Any] = {}
+    if (path / OVERRIDES_FILE).is_file():
+        overrides = json.loads((path / OVERRIDES_FILE).read_text())
+    calibration = overrides.get("cache_calibration_file")
+    return ModelInfo(
+        path=path,
+        family=family,
+        sampling_defaults={**family.sampling_defaults, **overrides.get("sampling_defaults", {})},
+        cache_model_key=overrides.get("cache_model_key"),
+        calibration_file=(path / calibration) if calibration else None,
+    )

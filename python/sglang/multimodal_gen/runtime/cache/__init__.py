@@ -1,0 +1,103 @@
+"""Timestep caching: the strategy contract, the registered strategies, and `build_cache`.
+
+Adding a strategy is one module plus one import line below. The module defines a config
+dataclass and a `TimestepCache` subclass decorated with `@register_cache` that has:
+
+- `name`: the value of `--cache-strategy`;
+- `config_class`: its config dataclass (the valid `--cache-params` keys are its fields);
+- `preset_levels`: the named levels `CacheParams.preset` may take;
+- `from_params(params, num_inference_steps, model_key, branches, calibrate)`: a classmethod that
+  resolves the model's presets, overlays the request's knobs and returns the instance;
+- optionally `preset_model_keys()`: the model keys it ships presets for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+from sglang.multimodal_gen.runtime.cache.base import (
+    COND,
+    UNCOND,
+    BranchStats,
+    CacheConfigError,
+    CacheStats,
+    CalibrationRecord,
+    StepFeatures,
+    TimestepCache,
+    get_cache_class,
+    register_cache,
+    registered_caches,
+    relative_l1,
+)
+from sglang.multimodal_gen.runtime.cache.magcache import MagCache, MagCacheConfig
+from sglang.multimodal_gen.runtime.cache.teacache import TeaCache, TeaCacheConfig
+
+if TYPE_CHECKING:
+    from sglang.multimodal_gen.configs.cache_params import CacheParams
+
+logger = logging.getLogger(__name__)
+
+# The strategy that records calibration data when the request itself asks for no caching.
+CALIBRATION_STRATEGY = "magcache"
+
+
+def build_cache(
+    params: "CacheParams",
+    num_inference_steps: int,
+    model_key: str | None,
+    branches: Sequence[str] = (COND, UNCOND),
+    calibrate: bool = False,
+) -> TimestepCache | None:
+    """The per-request strategy instance, or None when the request uses no cache.
+
+    Args:
+        params: The request's validated cache settings.
+        num_inference_steps: The request's real step count (ratios are resampled to it).
+        model_key: Which shipped presets apply, e.g. ``"wan21_t2v_1.3b"`` or ``"hunyuan_720p"``.
+            Other keys work when ``params.options`` carries the model's ratios / coefficients.
+        branches: The CFG branches the denoising stage will ask about (``("cond",)`` without CFG).
+        calibrate: Never skip; record what ``sglang calibrate`` needs. With strategy ``"none"``
+            this uses MagCache, whose records hold the magnitude ratios.
+    """
+    if params.strategy == "none":
+        if not calibrate:
+            return None
+        params = dataclasses.replace(params, strategy=CALIBRATION_STRATEGY)
+    cls = get_cache_class(params.strategy)
+    from_params = getattr(cls, "from_params", None)
+    if from_params is None:
+        raise TypeError(f"cache strategy {cls.name!r} defines no from_params classmethod")
+    cache = from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
+    logger.debug("built %s for %s (%d steps, branches %s, calibrate=%s)", cls.name, model_key,
+                 num_inference_steps, list(branches), calibrate)
+    return cache
+
+
+def preset_model_keys(strategy: str) -> list[str]:
+    """Model keys with shipped presets for ``strategy`` (aliases not included)."""
+    lister = getattr(get_cache_class(strategy), "preset_model_keys", None)
+    return sorted(lister()) if lister is not None else []
+
+
+__all__ = [
+    "COND",
+    "UNCOND",
+    "BranchStats",
+    "CacheConfigError",
+    "CacheStats",
+    "CalibrationRecord",
+    "MagCache",
+    "MagCacheConfig",
+    "StepFeatures",
+    "TeaCache",
+    "TeaCacheConfig",
+    "TimestepCache",
+    "build_cache",
+    "get_cache_class",
+    "preset_model_keys",
+    "register_cache",
+    "registered_caches",
+    "relative_l1",
+]

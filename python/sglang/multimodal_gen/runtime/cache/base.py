@@ -1,0 +1,299 @@
+"""The timestep-cache contract between the denoising stage and caching strategies.
+
+The denoising stage asks one question per step and CFG branch: run the DiT blocks, or reuse the
+cached residual? A strategy answers it from the step index, the branch, the request's step count
+and the :class:`StepFeatures` the model adapter exposes. It never sees model internals.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+COND = "cond"
+UNCOND = "uncond"
+
+
+class CacheConfigError(ValueError):
+    """A user-supplied cache setting is invalid; the message says what to change."""
+
+
+@dataclass
+class StepFeatures:
+    """What a DiT adapter exposes about one step, for strategies that look at the model input.
+
+    Attributes:
+        timestep: The scheduler timestep of this step (shape ``(batch,)``).
+        modulated_input: The timestep-modulated input TeaCache compares between steps. Wan: the
+            timestep embedding ``temb``; HunyuanVideo: the modulated, normalised input of the first
+            double-stream block (it depends on the latent).
+        timestep_projection: Wan only: the 6x timestep projection that TeaCache's ret-steps mode
+            compares instead of ``modulated_input``. ``None`` for models without one.
+    """
+
+    timestep: torch.Tensor
+    modulated_input: torch.Tensor | None = None
+    timestep_projection: torch.Tensor | None = None
+
+
+@dataclass
+class BranchStats:
+    """Which steps of one CFG branch ran the DiT blocks and which reused the cache."""
+
+    computed_steps: list[int] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+
+    @property
+    def num_computed(self) -> int:
+        return len(self.computed_steps)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_steps)
+
+
+@dataclass
+class CacheStats:
+    """Per-request summary of what a strategy cached, in the manner of cache-dit's ``summary()``."""
+
+    strategy: str
+    num_inference_steps: int
+    branches: dict[str, BranchStats] = field(default_factory=dict)
+
+    @property
+    def total_computed(self) -> int:
+        return sum(b.num_computed for b in self.branches.values())
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(b.num_skipped for b in self.branches.values())
+
+    @property
+    def pass_reduction(self) -> float:
+        """Ideal speedup of the denoising stage: transformer passes uncached / passes made."""
+        total = self.total_computed + self.total_skipped
+        return total / self.total_computed if self.total_computed else float("inf")
+
+    def summary(self) -> str:
+        """One line for the user, e.g. 'magcache: computed 25 of 50 steps per branch (2.00x ...)'."""
+        if not self.branches:
+            return f"{self.strategy}: no transformer passes recorded"
+        computed = {b: s.num_computed for b, s in self.branches.items()}
+        if len(set(computed.values())) == 1:
+            done = f"computed {next(iter(computed.values()))} of {self.num_inference_steps} steps per branch"
+        else:
+            parts = ", ".join(f"{b} {n}" for b, n in computed.items())
+            done = f"computed {parts} of {self.num_inference_steps} steps"
+        return f"{self.strategy}: {done} ({self.pass_reduction:.2f}x fewer transformer passes)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "num_inference_steps": self.num_inference_steps,
+            "pass_reduction": round(self.pass_reduction, 4),
+            "branches": {
+                name: {
+                    "computed": s.num_computed,
+                    "skipped": s.num_skipped,
+                    "computed_steps": list(s.computed_steps),
+                    "skipped_steps": list(s.skipped_steps),
+                }
+                for name, s in self.branches.items()
+            },
+        }
+
+
+@dataclass
+class CalibrationRecord:
+    """Per-step measurements taken in calibration mode, for ``sglang calibrate`` to fit and save.
+
+    All lists are indexed by denoising step; entries for steps without a previous residual or
+    input (the first step) hold the neutral values ``1.0`` (ratios) and ``0.0`` (changes).
+
+    Attributes:
+        mag_ratio: Mean over tokens of ``|r_t| / |r_{t-1}|``, the MagCache magnitude ratio.
+        mag_ratio_std: Its standard deviation over tokens.
+        cosine_distance: Mean over tokens of ``1 - cos(r_t, r_{t-1})``.
+        input_change: Relative L1 change of the modulated input (TeaCache's indicator).
+        output_change: Relative L1 change of the block residual (what reusing it gets wrong).
+    """
+
+    mag_ratio: list[float] = field(default_factory=list)
+    mag_ratio_std: list[float] = field(default_factory=list)
+    cosine_distance: list[float] = field(default_factory=list)
+    input_change: list[float] = field(default_factory=list)
+    output_change: list[float] = field(default_factory=list)
+
+
+def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """``mean|a - b| / mean|b|``: TeaCache's relative change between consecutive steps."""
+    previous = previous.float()
+    return ((current.float() - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
+
+
+class TimestepCache(abc.ABC):
+    """Base class of every timestep-caching strategy.
+
+    One instance serves one request: it is built with that request's real step count and keeps
+    all state in per-branch mappings, so two requests never share state and the cond/uncond
+    branches never mix. The denoising stage calls, per step and branch, exactly one of
+
+        ``should_compute`` -> True  -> blocks run -> ``store(step, branch, residual)``
+        ``should_compute`` -> False -> ``reuse(step, branch)`` is added to the block input.
+
+    Subclasses implement :meth:`_decide` (and may override :meth:`_reset_strategy_state`,
+    :meth:`_scaled_residual` and :meth:`plan`). Register them with :func:`register_cache`.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        config: Any,
+        num_inference_steps: int,
+        branches: Sequence[str] = (COND, UNCOND),
+        calibrate: bool = False,
+    ) -> None:
+        if num_inference_steps < 1:
+            raise CacheConfigError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if not branches or len(set(branches)) != len(branches):
+            raise CacheConfigError(f"branches must be distinct names, got {list(branches)}")
+        self.config = config
+        self.num_inference_steps = num_inference_steps
+        self.branches: tuple[str, ...] = tuple(branches)
+        self.calibrate = calibrate
+        self.reset()
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def reset(self) -> None:
+        """Forget everything: residuals, accumulators, stats and calibration records."""
+        self._residual: dict[str, torch.Tensor | None] = {b: None for b in self.branches}
+        self._last_input: dict[str, torch.Tensor | None] = {b: None for b in self.branches}
+        self._pending_input_change: dict[str, float] = {b: 0.0 for b in self.branches}
+        self._stats = CacheStats(
+            strategy=self.name,
+            num_inference_steps=self.num_inference_steps,
+            branches={b: BranchStats() for b in self.branches},
+        )
+        self._calibration: dict[str, CalibrationRecord] = {b: CalibrationRecord() for b in self.branches}
+        self._reset_strategy_state()
+
+    def _reset_strategy_state(self) -> None:
+        """Reset subclass accumulators; called by :meth:`reset` (and so by ``__init__``)."""
+
+    # ----------------------------------------------------------------------------- the contract
+    def should_compute(self, step: int, branch: str, features: StepFeatures) -> bool:
+        """Decide whether ``branch`` must run the DiT blocks at ``step``. Called once per pair."""
+        self._check(step, branch)
+        if self.calibrate:
+            self._record_input(branch, features)
+            compute = True
+        else:
+            compute = self._decide(step, branch, features)
+            if self._residual[branch] is None:
+                compute = True
+        stats = self._stats.branches[branch]
+        (stats.computed_steps if compute else stats.skipped_steps).append(step)
+        return compute
+
+    def store(self, step: int, branch: str, residual: torch.Tensor) -> None:
+        """Keep the block residual ``blocks(h) - h`` of a computed step for later reuse."""
+        self._check(step, branch)
+        if self.calibrate:
+            self._record_residual(branch, residual)
+        self._residual[branch] = residual
+
+    def reuse(self, step: int, branch: str) -> torch.Tensor:
+        """The residual to add to the block input on a skipped step (as stored, or scaled)."""
+        self._check(step, branch)
+        residual = self._residual[branch]
+        if residual is None:
+            raise RuntimeError(f"{self.name}: reuse() at step {step} before any residual of branch {branch!r}")
+        return self._scaled_residual(step, branch, residual)
+
+    @abc.abstractmethod
+    def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
+        """Strategy logic: True to run the blocks. Only called outside calibration mode."""
+
+    def _scaled_residual(self, step: int, branch: str, residual: torch.Tensor) -> torch.Tensor:
+        return residual
+
+    def plan(self) -> dict[str, list[bool]] | None:
+        """The whole per-branch compute mask (True = run the blocks), if it is known up front.
+
+        Deterministic strategies (MagCache) return it; input-dependent ones (TeaCache) return None.
+        """
+        return None
+
+    # ----------------------------------------------------------------------------- reporting
+    @property
+    def stats(self) -> CacheStats:
+        return self._stats
+
+    def calibration_records(self) -> Mapping[str, CalibrationRecord]:
+        """Per-branch measurements from a calibration run (empty lists otherwise)."""
+        return self._calibration
+
+    # ----------------------------------------------------------------------------- internals
+    def _check(self, step: int, branch: str) -> None:
+        if branch not in self._residual:
+            raise KeyError(f"{self.name}: unknown CFG branch {branch!r}; this request has {list(self.branches)}")
+        if not 0 <= step < self.num_inference_steps:
+            raise IndexError(f"{self.name}: step {step} outside [0, {self.num_inference_steps})")
+
+    def _record_input(self, branch: str, features: StepFeatures) -> None:
+        indicator = features.modulated_input
+        if indicator is None:
+            return
+        previous = self._last_input[branch]
+        self._pending_input_change[branch] = 0.0 if previous is None else relative_l1(indicator, previous)
+        self._last_input[branch] = indicator
+
+    def _record_residual(self, branch: str, residual: torch.Tensor) -> None:
+        record = self._calibration[branch]
+        previous = self._residual[branch]
+        record.input_change.append(self._pending_input_change[branch])
+        if previous is None:
+            record.mag_ratio.append(1.0)
+            record.mag_ratio_std.append(0.0)
+            record.cosine_distance.append(0.0)
+            record.output_change.append(0.0)
+            return
+        current, prev = residual.float(), previous.float()
+        token_ratio = current.norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-8)
+        cosine = torch.nn.functional.cosine_similarity(current, prev, dim=-1)
+        record.mag_ratio.append(token_ratio.mean().item())
+        record.mag_ratio_std.append(token_ratio.std().item() if token_ratio.numel() > 1 else 0.0)
+        record.cosine_distance.append((1.0 - cosine).mean().item())
+        record.output_change.append(relative_l1(current, prev))
+
+
+_REGISTRY: dict[str, type[TimestepCache]] = {}
+
+
+def register_cache(cls: type[TimestepCache]) -> type[TimestepCache]:
+    """Class decorator: make a strategy available by its ``name`` to the CLI, server and registry."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} needs a non-empty `name` to be registered")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"a cache strategy named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_cache_class(name: str) -> type[TimestepCache]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(["none", *sorted(_REGISTRY)])
+        raise CacheConfigError(f"unknown cache strategy {name!r}; choose one of: {known}") from None
+
+
+def registered_caches() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,262 @@
+"""TeaCache: skip DiT steps while the timestep-modulated input barely changes (Liu et al., 2024).
+
+Per CFG branch, each step measures the relative L1 change of an indicator tensor (the model's
+timestep-modulated input) against the previous step's, maps it through a model-specific
+polynomial fitted to the output change, and accumulates it. The step reuses the cached residual
+while the sum stays under the threshold; otherwise it runs the blocks and resets the sum.
+
+Parity with the release code (ali-vilab/TeaCache, TeaCache4Wan2.1/teacache_generate.py and
+TeaCache4HunyuanVideo/teacache_sample_video.py, ``teacache_forward``):
+
+- Skip while ``accumulated < threshold`` (strict); compute and reset otherwise.
+- The previous indicator is replaced on every step, computed or skipped, warm-up included.
+- Wan2.1, default mode: indicator ``e`` (our ``modulated_input``), first step and last step always
+  computed (``ret_steps = 1*2``, ``cutoff_steps = 2*steps - 2`` over interleaved cond/uncond calls).
+  ``use_ret_steps`` mode: indicator ``e0`` (our ``timestep_projection``), first 5 steps computed,
+  no cutoff (``ret_steps = 5*2``, ``cutoff_steps = 2*steps``). Windows and the accumulator are per
+  branch. HunyuanVideo: modulated input of the first double block, first and last step computed.
+- Warm-up and end windows are counted in denoising steps of this request, so they do not depend
+  on how many CFG branches the request has.
+
+On Wan2.1 both indicators depend on the timestep only, so TeaCache's decisions there follow the
+schedule, not the latents.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from sglang.multimodal_gen.runtime.cache.base import (
+    COND,
+    UNCOND,
+    CacheConfigError,
+    StepFeatures,
+    TimestepCache,
+    register_cache,
+    relative_l1,
+)
+
+if TYPE_CHECKING:
+    from sglang.multimodal_gen.configs.cache_params import CacheParams
+
+logger = logging.getLogger(__name__)
+
+INDICATORS = ("modulated_input", "timestep_projection")
+
+
+@dataclass
+class TeaCacheConfig:
+    r"""
+    Configuration of [TeaCache](https://github.com/ali-vilab/TeaCache) for one request.
+
+    Args:
+        coefficients (`list[float]`):
+            Polynomial (numpy `poly1d` order, highest power first) mapping the indicator's relative
+            L1 change to the expected change of the model output. Fitted per model and indicator;
+            shipped for Wan2.1 and HunyuanVideo. Not needed in calibration mode.
+        threshold (`float`, defaults to `0.1`):
+            Budget for the accumulated rescaled change over consecutive skipped steps. Higher skips
+            more (faster, less faithful); `0` never skips. Its scale depends on `coefficients`,
+            so use the model's presets (e.g. Wan2.1 T2V 1.3B: 0.05 slow, 0.08 fast).
+        indicator (`str`, defaults to `"modulated_input"`):
+            Which `StepFeatures` tensor is compared between steps: `"modulated_input"` (TeaCache's
+            default mode; Wan: the timestep embedding) or `"timestep_projection"` (Wan only: the 6x
+            timestep projection of TeaCache's `use_ret_steps` mode). Presets pick the matching
+            coefficients and windows.
+        warmup_steps (`int`, defaults to `1`):
+            The first denoising steps that always run the blocks (default mode 1, `use_ret_steps`
+            mode 5). Lower is faster.
+        end_steps (`int`, defaults to `1`):
+            The last denoising steps that always run the blocks (default mode 1, `use_ret_steps`
+            mode 0). Lower is faster.
+    """
+
+    coefficients: list[float] | None = None
+    threshold: float = 0.1
+    indicator: str = "modulated_input"
+    warmup_steps: int = 1
+    end_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.threshold) or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise CacheConfigError(
+                f"teacache threshold must be a number >= 0 (higher skips more), got {self.threshold!r}"
+            )
+        if self.indicator not in INDICATORS:
+            raise CacheConfigError(f"teacache indicator must be one of {', '.join(INDICATORS)}, got {self.indicator!r}")
+        for name in ("warmup_steps", "end_steps"):
+            value = getattr(self, name)
+            if not (_is_number(value) and float(value).is_integer() and value >= 0):
+                raise CacheConfigError(f"teacache {name} must be a whole number >= 0, got {value!r}")
+            setattr(self, name, int(value))
+        self.threshold = float(self.threshold)
+        if self.coefficients is not None:
+            if isinstance(self.coefficients, (str, bytes)) or not hasattr(self.coefficients, "__len__"):
+                raise CacheConfigError(f"teacache coefficients must be a list of numbers, got {self.coefficients!r}")
+            values = [float(c) if _is_number(c) else float("nan") for c in self.coefficients]
+            if not values or not all(math.isfinite(v) for v in values):
+                raise CacheConfigError(
+                    "teacache coefficients must be a non-empty list of finite numbers, highest power first"
+                )
+            self.coefficients = values
+
+
+@register_cache
+class TeaCache(TimestepCache):
+    """Timestep-embedding-aware cache: decides per step from the change of the indicator tensor."""
+
+    name: ClassVar[str] = "teacache"
+    config_class: ClassVar[type] = TeaCacheConfig
+    preset_levels: ClassVar[tuple[str, ...]] = ("default", "slow", "fast")
+
+    def __init__(
+        self,
+        config: TeaCacheConfig,
+        num_inference_steps: int,
+        branches: Sequence[str] = (COND, UNCOND),
+        calibrate: bool = False,
+    ) -> None:
+        if config.coefficients is None and not calibrate:
+            raise CacheConfigError(
+                "teacache needs the rescaling polynomial of this model; pass "
+                '{"coefficients": [...]} in --cache-params (highest power first) or use a model with shipped presets'
+            )
+        super().__init__(config, num_inference_steps, branches, calibrate)
+
+    def _reset_strategy_state(self) -> None:
+        self._previous: dict[str, torch.Tensor | None] = {b: None for b in self.branches}
+        self._accumulated: dict[str, float] = {b: 0.0 for b in self.branches}
+
+    def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
+        indicator = getattr(features, self.config.indicator)
+        if indicator is None:
+            raise CacheConfigError(
+                f"teacache indicator {self.config.indicator!r} is not exposed by this model; "
+                f"set the teacache option indicator to one of {', '.join(INDICATORS)} that it provides"
+            )
+        previous, self._previous[branch] = self._previous[branch], indicator.detach()
+        in_window = step < self.config.warmup_steps or step >= self.num_inference_steps - self.config.end_steps
+        if in_window or previous is None:
+            self._accumulated[branch] = 0.0
+            return True
+        change = relative_l1(indicator, previous)
+        self._accumulated[branch] += float(np.polyval(self.config.coefficients, change))
+        if self._accumulated[branch] < self.config.threshold:
+            return False
+        self._accumulated[branch] = 0.0
+        return True
+
+    @classmethod
+    def preset_model_keys(cls) -> list[str]:
+        return sorted(preset_table())
+
+    @classmethod
+    def from_params(
+        cls,
+        params: "CacheParams",
+        num_inference_steps: int,
+        model_key: str | None,
+        branches: Sequence[str] = (COND, UNCOND),
+        calibrate: bool = False,
+    ) -> "TeaCache":
+        """Resolve the preset of ``model_key`` for the requested indicator and level, overlay the knobs."""
+        level = params.preset or "default"
+        if level not in cls.preset_levels:
+            raise CacheConfigError(f"unknown teacache preset {level!r}; choose one of: {', '.join(cls.preset_levels)}")
+        overrides = params.knob_overrides()
+        indicator = overrides.get("indicator", "modulated_input")
+        if indicator not in INDICATORS:
+            raise CacheConfigError(f"teacache indicator must be one of {', '.join(INDICATORS)}, got {indicator!r}")
+        warmup, end = _WINDOWS[indicator]
+        kwargs: dict[str, Any] = {"indicator": indicator, "warmup_steps": warmup, "end_steps": end}
+        key = resolve_model_key(model_key)
+        preset = preset_table().get(key, {}).get(indicator)
+        if preset is not None:
+            kwargs["coefficients"] = preset["coefficients"]
+            kwargs["threshold"] = preset[level]
+        elif key in preset_table() and "coefficients" not in overrides:
+            raise CacheConfigError(
+                f"teacache has no published coefficients for model {model_key!r} with indicator {indicator!r} "
+                f"(it has {', '.join(preset_table()[key])}); pass coefficients in --cache-params"
+            )
+        elif "coefficients" not in overrides and not calibrate:
+            raise CacheConfigError(
+                f"teacache has no shipped coefficients for model {model_key!r} "
+                f"(known: {', '.join(sorted(preset_table()))}); "
+                'pass {"coefficients": [...]} in --cache-params'
+            )
+        elif level != "default" and "threshold" not in overrides:
+            raise CacheConfigError(
+                f"teacache has no published {level!r} threshold for model {model_key!r}; set the threshold explicitly"
+            )
+        kwargs.update(overrides)
+        try:
+            config = TeaCacheConfig(**kwargs)
+        except TypeError as exc:
+            raise CacheConfigError(f"invalid teacache settings: {exc}") from None
+        return cls(config, num_inference_steps, branches, calibrate)
+
+
+# --------------------------------------------------------------------------- presets
+# (warmup_steps, end_steps) of each release mode, in denoising steps.
+_WINDOWS = {"modulated_input": (1, 1), "timestep_projection": (5, 0)}
+# model key -> indicator -> (coefficient key in the shipped JSON, slow threshold, fast threshold).
+# Thresholds: the Slow/Fast columns of the TeaCache4Wan2.1 README's use_ret_steps tables;
+# HunyuanVideo: its release script (0.1 for 1.6x, 0.15 for 2.1x). "default" is "slow".
+_PRESET_SOURCES: dict[str, dict[str, tuple[str, float, float]]] = {
+    "wan21_t2v_1.3b": {
+        "modulated_input": ("t2v_1.3B_default", 0.05, 0.08),
+        "timestep_projection": ("t2v_1.3B_use_ret_steps", 0.05, 0.10),
+    },
+    "wan21_t2v_14b": {
+        "modulated_input": ("t2v_14B_default", 0.14, 0.20),
+        "timestep_projection": ("t2v_14B_use_ret_steps", 0.10, 0.20),
+    },
+    "wan21_i2v_14b_480p": {
+        "modulated_input": ("i2v_480P_default", 0.13, 0.26),
+        "timestep_projection": ("i2v_480P_use_ret_steps", 0.20, 0.30),
+    },
+    "wan21_i2v_14b_720p": {
+        "modulated_input": ("i2v_720P_default", 0.20, 0.30),
+        "timestep_projection": ("i2v_720P_use_ret_steps", 0.20, 0.30),
+    },
+    "hunyuan": {"modulated_input": ("hunyuanvideo", 0.10, 0.15)},
+}
+# The TeaCache polynomial of HunyuanVideo does not depend on the resolution.
+MODEL_KEY_ALIASES: dict[str, str] = {"hunyuan_544p": "hunyuan", "hunyuan_720p": "hunyuan"}
+
+
+def resolve_model_key(model_key: str | None) -> str:
+    key = (model_key or "").strip().lower()
+    return MODEL_KEY_ALIASES.get(key, key)
+
+
+@functools.lru_cache(maxsize=None)
+def preset_table() -> dict[str, dict[str, dict[str, Any]]]:
+    """model key -> indicator -> {coefficients, default, slow, fast}, read from the shipped JSON."""
+    data = resources.files("sglang.multimodal_gen.configs").joinpath("data/published_cache_params.json")
+    published = json.loads(data.read_text(encoding="utf-8"))
+    # JSON keys carry notes in parentheses, e.g. "t2v_1.3B_default(e, ret=1 step, ...)".
+    coefficients = {k.split("(")[0]: v for k, v in published["teacache_wan21"].items() if not k.startswith("_")}
+    coefficients["hunyuanvideo"] = published["teacache_hunyuanvideo"]["coefficients"]
+    return {
+        key: {
+            indicator: {"coefficients": coefficients[name], "default": slow, "slow": slow, "fast": fast}
+            for indicator, (name, slow, fast) in modes.items()
+        }
+        for key, modes in _PRESET_SOURCES.items()
+    }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

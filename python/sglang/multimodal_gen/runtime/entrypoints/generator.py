@@ -1,0 +1,87 @@
+"""Offline API: load a model once, generate many videos (``DiffGenerator``, as sglang names it)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import torch
+
+from sglang.multimodal_gen.configs.models import read_model_info
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
+from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback
+from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODEL_PATH = Path(__file__).resolve().parents[2] / "builtin" / "wan2.1-t2v-tiny"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` picks CUDA when present; anything torch cannot use is refused in one line."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InvalidRequestError(f"unknown device {device!r}; use cpu, cuda or cuda:N", param="device") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {device!r} requested but CUDA is not available here", param="device")
+    if resolved.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"device type {resolved.type!r} is not supported; use cpu or cuda", param="device")
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``None`` means bfloat16 on CUDA and float32 on the CPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise InvalidRequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}", param="dtype")
+    return _DTYPES[dtype]
+
+
+class DiffGenerator:
+    """A loaded pipeline. ``generate`` runs one request; requests never share cache state."""
+
+    def __init__(self, pipeline: Pipeline, model_path: str) -> None:
+        self.pipeline = pipeline
+        self.model_path = model_path
+
+    @classmethod
+    def from_pretrained(
+        cls, model_path: str | None = None, device: str | None = None, dtype: str | None = None
+    ) -> "DiffGenerator":
+        model_path = str(model_path or BUILTIN_MODEL_PATH)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        info = read_model_info(resolve_model_path(model_path))
+        pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
+        logger.info("loading %s model from %s on %s (%s)", info.family.name, info.path, torch_device, torch_dtype)
+        return cls(pipeline_cls(info, torch_device, torch_dtype), model_path)
+
+    def validate(self, params: SamplingParams) -> SamplingParams:
+        """Check a request without running it; returns it with the model's defaults filled in."""
+        if params.output_path is not None:
+            check_output_path(params.output_path)
+        return self.pipeline.validate(params).params
+
+    def generate(
+        self,
+        params: SamplingParams,
+        progress: ProgressCallback | None = None,
+        show_progress_bar: bool = False,
+        calibrate: bool = False,
+    ) -> GenerationResult:
+        if params.output_path is not None:
+            check_output_path(params.output_path)
+        result = self.pipeline.run(params, progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate)
+        if params.output_path is not None:
+            result.output_path = str(save_video(result.frames, params.output_path, result.params.fps))
+        return result

@@ -1,0 +1,60 @@
+"""The DiT adapter contract: a transformer's forward split into embed -> blocks -> head.
+
+The split lets the denoising stage run or skip the expensive blocks alone. Adapters wrap the
+diffusers module without copying its weights and know nothing of caching; they expose a few
+conditioning signals (``modulated_input``, ``timestep_projection``) that strategies may read.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DiTStepContext:
+    """What ``blocks`` and ``head`` need besides the hidden states, for one step and branch.
+
+    Attributes:
+        timestep: The timestep fed to the model (shape ``(batch,)``).
+        modulated_input: The timestep-modulated input of the first block's conditioning, exposed
+            for input-aware strategies (TeaCache).
+        timestep_projection: The per-block modulation projection, where the model has one (Wan).
+    """
+
+    timestep: torch.Tensor
+    modulated_input: torch.Tensor | None = None
+    timestep_projection: torch.Tensor | None = None
+
+
+class DiTAdapter(abc.ABC):
+    """Wraps one diffusers transformer. ``head(blocks(*embed(...)))`` equals its own forward."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @abc.abstractmethod
+    def embed(
+        self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, DiTStepContext]:
+        """Patchify and condition: the cheap part before the blocks. Returns (hidden, context)."""
+
+    @abc.abstractmethod
+    def blocks(self, hidden_states: torch.Tensor, ctx: DiTStepContext) -> torch.Tensor:
+        """The transformer blocks: the expensive part a cache may skip."""
+
+    @abc.abstractmethod
+    def head(self, hidden_states: torch.Tensor, ctx: DiTStepContext) -> torch.Tensor:
+        """Output norm, projection and unpatchify back to latent shape."""
+
+    def forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
+        hidden, ctx = self.embed(latents, timestep, encoder_hidden_states, **kwargs)
+        return self.head(self.blocks(hidden, ctx), ctx)

@@ -1,0 +1,67 @@
+"""Resolve a --model-path (local folder or hub id) and load its components with their own classes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sglang.multimodal_gen.errors import ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+_LOADABLE_LIBRARIES = ("diffusers", "transformers")
+
+
+def resolve_model_path(model_path: str) -> Path:
+    """A local folder as is; otherwise a hub id looked up in the local cache, then on the hub."""
+    local = Path(model_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotFoundError(f"--model-path {model_path} is a file; pass the model folder")
+        return local
+    if model_path.count("/") != 1 or model_path.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model folder {model_path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss in the local cache means "try the hub"
+        pass
+    try:
+        return Path(snapshot_download(model_path))
+    except Exception as exc:  # noqa: BLE001 - offline, gated or unknown id: one sentence for the user
+        raise ModelNotFoundError(
+            f"could not find {model_path!r} as a local folder, in the Hugging Face cache, or on the hub "
+            f"({type(exc).__name__}); download it elsewhere (e.g. `huggingface-cli download {model_path} "
+            f"--local-dir DIR`) and pass --model-path DIR"
+        ) from None
+
+
+def load_component(model_dir: Path, name: str, torch_dtype: torch.dtype | None = None) -> Any:
+    """Load ``model_dir/name`` with the class model_index.json names for it."""
+    index = json.loads((model_dir / "model_index.json").read_text())
+    if name not in index:
+        raise ModelNotFoundError(f"{model_dir}/model_index.json names no {name!r} component")
+    library, class_name = index[name]
+    if library not in _LOADABLE_LIBRARIES:
+        raise ModelNotFoundError(f"component {name} comes from unsupported library {library!r}")
+    module = importlib.import_module(library)
+    if library == "transformers":
+        module.utils.logging.disable_progress_bar()
+    cls = getattr(module, class_name)
+    sub = model_dir / name
+    if not sub.is_dir():
+        raise ModelNotFoundError(f"{model_dir} lacks the {name}/ folder that model_index.json lists")
+    kwargs: dict[str, Any] = {}
+    if torch_dtype is not None and hasattr(cls, "dtype"):
+        kwargs["dtype"] = torch_dtype
+    logger.debug("loading %s (%s.%s) from %s", name, library, class_name, sub)
+    component = cls.from_pretrained(sub, **kwargs)
+    if isinstance(component, torch.nn.Module):
+        component.eval().requires_grad_(False)
+    return component

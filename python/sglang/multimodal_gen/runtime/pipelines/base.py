@@ -1,0 +1,97 @@
+"""A pipeline is a list of stages run in order over one request object (``Req``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from sglang.multimodal_gen.configs.models import ModelInfo
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.runtime.cache.base import CacheStats, TimestepCache
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Req:
+    """The state of one generation as it moves through the stages."""
+
+    params: SamplingParams
+    progress: ProgressCallback | None = None
+    show_progress_bar: bool = False
+    cache: TimestepCache | None = None
+    calibrate: bool = False
+    prompt_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+    scheduler: Any = None
+    timesteps: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    frames: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationResult:
+    """What a generation returns: frames (F, H, W, 3) float32 in [0, 1], latents, timings, cache stats."""
+
+    params: SamplingParams
+    frames: np.ndarray
+    latents: torch.Tensor
+    timings: dict[str, float]
+    cache_stats: CacheStats | None
+    cache: TimestepCache | None = None
+    output_path: str | None = None
+
+
+class PipelineStage:
+    """One step of the data path. Subclasses validate what they read and fill what they produce."""
+
+    name: str = "stage"
+
+    def __call__(self, req: Req) -> Req:
+        raise NotImplementedError
+
+
+class Pipeline:
+    """Runs its stages in order, timing each."""
+
+    def __init__(self, model_info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+        self.model_info = model_info
+        self.device = device
+        self.dtype = dtype
+        self.stages: list[PipelineStage] = []
+
+    def validate(self, params: SamplingParams, calibrate: bool = False) -> Req:
+        """Run only the first stage (input validation): raises on bad input, cheap, no model work."""
+        return self.stages[0](Req(params=params, calibrate=calibrate))
+
+    def run(
+        self,
+        params: SamplingParams,
+        progress: ProgressCallback | None = None,
+        show_progress_bar: bool = False,
+        calibrate: bool = False,
+    ) -> GenerationResult:
+        req = Req(params=params, progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate)
+        for stage in self.stages:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                req = stage(req)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            req.timings[stage.name] = time.perf_counter() - start
+            logger.debug("stage %s took %.3fs", stage.name, req.timings[stage.name])
+        return GenerationResult(
+            params=req.params,
+            frames=req.frames,
+            latents=req.latents,
+            timings=req.timings,
+            cache_stats=req.cache.stats if req.cache is not None else None,
+            cache=req.cache,
+        )

@@ -1,0 +1,59 @@
+"""Wan2.1 text-to-video: validation -> T5 text encoding -> latents -> denoising -> VAE decoding."""
+
+from __future__ import annotations
+
+import torch
+
+from sglang.multimodal_gen.configs.models import ModelInfo
+from sglang.multimodal_gen.runtime.models.loader import load_component
+from sglang.multimodal_gen.runtime.models.wan import WanDiTAdapter
+from sglang.multimodal_gen.runtime.pipelines.base import Pipeline
+from sglang.multimodal_gen.runtime.stages.decoding import WanDecodingStage
+from sglang.multimodal_gen.runtime.stages.denoising import DenoisingStage
+from sglang.multimodal_gen.runtime.stages.input_validation import InputValidationStage, VideoGeometry
+from sglang.multimodal_gen.runtime.stages.latent_preparation import LatentPreparationStage
+from sglang.multimodal_gen.runtime.stages.text_encoding import T5TextEncodingStage
+
+# Wan's reference pipeline pads prompts to 512 tokens; tokenizers that cap lower (tiny models) win.
+WAN_TEXT_LENGTH = 512
+
+# Transformer width -> published cache preset key (MagCache ratios, TeaCache coefficients).
+_WAN_PRESET_BY_WIDTH = {1536: "wan21_t2v_1.3b", 5120: "wan21_t2v_14b"}
+
+
+def wan_cache_model_key(transformer_config) -> str:
+    """The preset key for a Wan transformer: by width; small custom models fall back to 1.3B's."""
+    width = transformer_config.num_attention_heads * transformer_config.attention_head_dim
+    return _WAN_PRESET_BY_WIDTH.get(width, "wan21_t2v_1.3b")
+
+
+class WanT2VPipeline(Pipeline):
+    def __init__(self, model_info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(model_info, device, dtype)
+        path = model_info.path
+        tokenizer = load_component(path, "tokenizer")
+        text_encoder = load_component(path, "text_encoder", dtype).to(device)
+        transformer = load_component(path, "transformer", dtype).to(device)
+        vae = load_component(path, "vae", torch.float32).to(device)
+        scheduler = load_component(path, "scheduler")
+        self.transformer = transformer
+        self.vae = vae
+
+        patch = transformer.config.patch_size
+        spatial = vae.config.scale_factor_spatial
+        temporal = vae.config.scale_factor_temporal
+        text_length = min(WAN_TEXT_LENGTH, tokenizer.model_max_length)
+        self.stages = [
+            InputValidationStage(
+                model_info.sampling_defaults,
+                VideoGeometry(spatial_multiple=spatial * max(patch[1], patch[2]), temporal_stride=temporal),
+                model_info.cache_model_key or wan_cache_model_key(transformer.config),
+            ),
+            T5TextEncodingStage(tokenizer, text_encoder, text_length, device, dtype),
+            LatentPreparationStage(scheduler, transformer.config.in_channels, spatial, temporal, device),
+            DenoisingStage(WanDiTAdapter(transformer)),
+            WanDecodingStage(vae),
+        ]
+
+
+PIPELINE_CLASS = WanT2VPipeline

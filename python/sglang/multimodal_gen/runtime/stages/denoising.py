@@ -1,0 +1,71 @@
+"""The denoising loop: per step and CFG branch, run the DiT blocks or reuse the cached residual."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures
+from sglang.multimodal_gen.runtime.models.base import DiTAdapter
+from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
+
+
+class DenoisingStage(PipelineStage):
+    """Knows caching only through ``TimestepCache``: one ``should_compute`` per step and branch.
+
+    cond and uncond run as separate transformer passes (as diffusers' WanPipeline does), so each
+    branch has its own cache decision and its own residual.
+    """
+
+    name = "denoising"
+
+    def __init__(self, adapter: DiTAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, req: Req) -> Req:
+        params, cache, scheduler = req.params, req.cache, req.scheduler
+        if cache is not None:
+            cache.reset()
+        latents = req.latents
+        model_dtype = self.adapter.dtype
+        timesteps = req.timesteps
+        bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not req.show_progress_bar)
+        for step, t in enumerate(timesteps):
+            model_input = latents.to(model_dtype)
+            timestep = t.expand(model_input.shape[0])
+            preds = {
+                branch: self._predict(step, branch, model_input, timestep, embeds, req)
+                for branch, embeds in req.prompt_embeds.items()
+            }
+            noise_pred = preds[COND]
+            if UNCOND in preds:
+                noise_pred = preds[UNCOND] + params.guidance_scale * (preds[COND] - preds[UNCOND])
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            bar.update()
+            if req.progress is not None:
+                req.progress(step + 1, len(timesteps))
+        bar.close()
+        req.latents = latents
+        return req
+
+    def _predict(
+        self,
+        step: int,
+        branch: str,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        req: Req,
+    ) -> torch.Tensor:
+        cache = req.cache
+        hidden, ctx = self.adapter.embed(model_input, timestep, encoder_hidden_states)
+        features = StepFeatures(
+            timestep=timestep, modulated_input=ctx.modulated_input, timestep_projection=ctx.timestep_projection
+        )
+        if cache is None or cache.should_compute(step, branch, features):
+            out = self.adapter.blocks(hidden, ctx)
+            if cache is not None:
+                cache.store(step, branch, out - hidden)
+        else:
+            out = hidden + cache.reuse(step, branch)
+        return self.adapter.head(out, ctx)

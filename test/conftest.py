@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models are built once per test session in the diffusers layout."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small request geometry every pipeline test shares: 64x48 pixels, 5 frames -> 2x8x6 latents.
+TINY_REQUEST = dict(height=64, width=48, num_frames=5, num_inference_steps=6, guidance_scale=5.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory) -> Path:
+    from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan
+
+    return build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan", seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_generator(tiny_wan_dir):
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+
+    return DiffGenerator.from_pretrained(str(tiny_wan_dir), device="cpu")

@@ -1,0 +1,216 @@
+"""TeaCache: decisions match the release algorithm, windows, presets, branch isolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sglang.multimodal_gen.configs.cache_params import CacheParams
+from sglang.multimodal_gen.runtime.cache import (
+    COND,
+    UNCOND,
+    CacheConfigError,
+    StepFeatures,
+    TeaCache,
+    TeaCacheConfig,
+    build_cache,
+)
+from sglang.multimodal_gen.runtime.cache.teacache import preset_table
+
+STEPS = 50
+WAN13 = preset_table()["wan21_t2v_1.3b"]
+
+
+def wan_like_embeddings(steps: int = STEPS, seed: int = 0, shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in for Wan's ``e`` / ``e0`` along a flow-shifted schedule: functions of t only.
+
+    Sinusoidal timestep features (Wan's ``sinusoidal_embedding_1d``, low-frequency part) through a
+    fixed random projection; relative changes of 1-8% per step, growing towards the end, the
+    range the published polynomials were fitted on.
+    """
+    sigmas = torch.linspace(1, 0, steps + 1)[:-1]
+    t = shift * sigmas / (1 + (shift - 1) * sigmas) * 1000
+    freqs = torch.pow(10000, -torch.arange(128, dtype=torch.float64) / 128)[80:]
+    x = t.double()[:, None] * freqs[None]
+    feats = torch.cat([torch.cos(x), torch.sin(x)], 1).float()
+    g = torch.Generator().manual_seed(seed)
+    e = torch.nn.functional.silu(feats @ torch.randn(feats.shape[1], 64, generator=g) / feats.shape[1] ** 0.5
+                                 + torch.randn(64, generator=g) * 0.5)
+    e0 = torch.nn.functional.silu(e) @ torch.randn(64, 6 * 64, generator=g) / 8
+    return e[:, None], e0.view(steps, 1, 6, 64)
+
+
+E, E0 = wan_like_embeddings()
+
+
+def features(step: int, e: torch.Tensor = E, e0: torch.Tensor = E0) -> StepFeatures:
+    return StepFeatures(timestep=torch.tensor([float(step)]), modulated_input=e[step], timestep_projection=e0[step])
+
+
+def release_teacache(seqs, steps, thresh, coefficients, ret_steps, cutoff_steps):
+    """The release ``teacache_forward`` (TeaCache4Wan2.1), reduced to its decisions.
+
+    ``seqs[b][i]`` is branch b's indicator at step i; one counter over interleaved calls.
+    """
+    acc, prev, plans = [0.0, 0.0], [None, None], [[], []]
+    rescale = np.poly1d(coefficients)
+    for cnt in range(2 * steps):
+        b = cnt % 2
+        inp = seqs[b][cnt // 2]
+        if cnt < ret_steps or cnt >= cutoff_steps:
+            calc = True
+            acc[b] = 0
+        else:
+            acc[b] += rescale(((inp - prev[b]).abs().mean() / prev[b].abs().mean()).cpu().item())
+            calc = not acc[b] < thresh
+            if calc:
+                acc[b] = 0
+        prev[b] = inp.clone()
+        plans[b].append(calc)
+    return {COND: plans[0], UNCOND: plans[1]}
+
+
+def run(cache: TeaCache, feats_by_branch, latents: torch.Tensor | None = None) -> dict[str, list[bool]]:
+    """Drive ``cache`` like the denoising stage; residuals come from ``latents``."""
+    latents = torch.zeros(1, 4, 8) if latents is None else latents
+    decisions: dict[str, list[bool]] = {b: [] for b in cache.branches}
+    for step in range(cache.num_inference_steps):
+        for branch in cache.branches:
+            compute = cache.should_compute(step, branch, feats_by_branch[branch](step))
+            if compute:
+                cache.store(step, branch, latents * (step + 1))
+            else:
+                cache.reuse(step, branch)
+            decisions[branch].append(compute)
+    return decisions
+
+
+def teacache(indicator="modulated_input", threshold=None, level="default", steps=STEPS, branches=(COND, UNCOND)):
+    options = {"indicator": indicator}
+    return build_cache(CacheParams("teacache", threshold=threshold, preset=level, options=options),
+                       steps, "wan21_t2v_1.3b", branches)
+
+
+UNCOND_E, UNCOND_E0 = wan_like_embeddings(seed=1)
+BRANCH_FEATURES = {COND: features, UNCOND: lambda i: features(i, UNCOND_E, UNCOND_E0)}
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.08, 0.2])
+def test_default_mode_matches_release_code(threshold):
+    cache = teacache(threshold=threshold)
+    expected = release_teacache([E, UNCOND_E], STEPS, threshold, WAN13["modulated_input"]["coefficients"],
+                                ret_steps=1 * 2, cutoff_steps=STEPS * 2 - 2)
+    assert run(cache, BRANCH_FEATURES) == expected
+    assert not all(expected[COND])
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.1, 0.2])
+def test_ret_steps_mode_matches_release_code(threshold):
+    cache = teacache("timestep_projection", threshold)
+    expected = release_teacache([E0, UNCOND_E0], STEPS, threshold, WAN13["timestep_projection"]["coefficients"],
+                                ret_steps=5 * 2, cutoff_steps=STEPS * 2)
+    assert run(cache, BRANCH_FEATURES) == expected
+    assert not all(expected[COND])
+
+
+@pytest.mark.parametrize("indicator", ["modulated_input", "timestep_projection"])
+def test_decisions_depend_only_on_the_schedule(indicator):
+    feats = {COND: features, UNCOND: features}
+    first = run(teacache(indicator, level="fast"), feats, torch.randn(1, 4, 8))
+    second = run(teacache(indicator, level="fast"), feats, 100 * torch.randn(1, 4, 8))
+    assert first == second
+    assert first[COND] == first[UNCOND]
+
+
+@pytest.mark.parametrize("indicator", ["modulated_input", "timestep_projection"])
+def test_higher_threshold_never_skips_fewer(indicator):
+    computed = []
+    for threshold in np.linspace(0.0, 0.5, 26):
+        decisions = run(teacache(indicator, float(threshold), branches=(COND,)), {COND: features})
+        computed.append(sum(decisions[COND]))
+    assert computed == sorted(computed, reverse=True)
+    assert computed[0] == STEPS and computed[-1] < STEPS // 2
+
+
+def test_warmup_and_end_windows():
+    default = run(teacache(threshold=1e9, branches=(COND,)), {COND: features})[COND]
+    assert [i for i, c in enumerate(default) if c] == [0, STEPS - 1]
+    ret = run(teacache("timestep_projection", 1e9, branches=(COND,)), {COND: features})[COND]
+    assert [i for i, c in enumerate(ret) if c] == [0, 1, 2, 3, 4]
+    short = run(teacache(threshold=1e9, steps=8, branches=(COND,)), {COND: features})[COND]
+    assert short == [True] + [False] * 6 + [True]
+
+
+def test_branch_isolation_and_reset():
+    alone = run(teacache(level="fast", branches=(COND,)), {COND: features})[COND]
+    noisy = {COND: features, UNCOND: lambda i: features(i, torch.randn(STEPS, 1, 64), torch.randn(STEPS, 1, 6, 64))}
+    cache = teacache(level="fast")
+    first = run(cache, noisy)
+    assert first[COND] == alone
+    assert first[UNCOND] != alone
+    cache.reset()
+    assert cache.stats.total_computed == 0
+    assert run(cache, noisy)[COND] == alone
+    assert cache.stats.branches[COND].num_computed == sum(alone)
+    assert cache.plan() is None
+
+
+def test_calibration_never_skips_and_records():
+    cache = TeaCache(TeaCacheConfig(), 20, (COND, UNCOND), calibrate=True)
+    decisions = run(cache, BRANCH_FEATURES)
+    assert all(all(d) for d in decisions.values())
+    for record in cache.calibration_records().values():
+        assert len(record.input_change) == len(record.output_change) == 20
+        assert record.input_change[0] == 0.0 and record.input_change[1] > 0
+
+
+def test_missing_indicator_is_reported():
+    cache = teacache("timestep_projection")
+    with pytest.raises(CacheConfigError, match="timestep_projection"):
+        cache.should_compute(0, COND, StepFeatures(timestep=torch.tensor([1.0]), modulated_input=E[0]))
+
+
+def test_presets():
+    for key in ("wan21_t2v_1.3b", "wan21_t2v_14b", "wan21_i2v_14b_480p", "wan21_i2v_14b_720p"):
+        for indicator, (warmup, end) in (("modulated_input", (1, 1)), ("timestep_projection", (5, 0))):
+            cfg = build_cache(CacheParams("teacache", options={"indicator": indicator}), 50, key).config
+            assert (cfg.indicator, cfg.warmup_steps, cfg.end_steps) == (indicator, warmup, end)
+            assert len(cfg.coefficients) == 5
+    slow = build_cache(CacheParams("teacache", preset="slow"), 50, "wan21_t2v_1.3b").config
+    fast = build_cache(CacheParams("teacache", preset="fast"), 50, "wan21_t2v_1.3b").config
+    assert (slow.threshold, fast.threshold) == (0.05, 0.08)
+    assert build_cache(CacheParams("teacache"), 50, "wan21_t2v_1.3b").config.threshold == 0.05
+    hunyuan = build_cache(CacheParams("teacache", preset="fast"), 50, "hunyuan_720p", branches=(COND,)).config
+    assert hunyuan.coefficients[0] == 733.226126 and hunyuan.threshold == 0.15
+    assert (hunyuan.warmup_steps, hunyuan.end_steps) == (1, 1)
+    with pytest.raises(CacheConfigError, match="indicator 'timestep_projection'"):
+        build_cache(CacheParams("teacache", options={"indicator": "timestep_projection"}), 50, "hunyuan")
+    override = build_cache(CacheParams("teacache", threshold=0.3, options={"end_steps": 0}), 50, "wan21_t2v_14b")
+    assert (override.config.threshold, override.config.end_steps) == (0.3, 0)
+
+
+def test_unknown_model_needs_coefficients():
+    with pytest.raises(CacheConfigError, match="wan21_t2v_1.3b"):
+        build_cache(CacheParams("teacache"), 20, "tiny-wan")
+    cache = build_cache(CacheParams("teacache", options={"coefficients": [1.0, 0.0]}), 20, "tiny-wan")
+    assert cache.config.coefficients == [1.0, 0.0]
+    with pytest.raises(CacheConfigError, match="threshold"):
+        build_cache(CacheParams("teacache", preset="fast", options={"coefficients": [1.0, 0.0]}), 20, "tiny-wan")
+    assert build_cache(CacheParams("teacache"), 20, "tiny-wan", calibrate=True).calibrate
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"threshold": -1.0}, "threshold"),
+        ({"indicator": "latents"}, "indicator"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"end_steps": 0.5}, "end_steps"),
+        ({"coefficients": []}, "coefficients"),
+        ({"coefficients": "1,2"}, "coefficients"),
+    ],
+)
+def test_invalid_config(kwargs, match):
+    with pytest.raises(CacheConfigError, match=match):
+        TeaCacheConfig(**kwargs)
