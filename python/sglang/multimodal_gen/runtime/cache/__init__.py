@@ -3,12 +3,12 @@
 Adding a strategy is one module plus one import line below. The module defines a config
 dataclass and a `TimestepCache` subclass decorated with `@register_cache` that has:
 
-- `name`: the value of `--cache-strategy`;
+- `name`: the value of `--cache`;
 - `config_class`: its config dataclass (the valid `--cache-params` keys are its fields);
-- `preset_levels`: the named levels `CacheParams.preset` may take;
-- `from_params(params, num_inference_steps, model_key, branches, calibrate)`: a classmethod that
-  resolves the model's presets, overlays the request's knobs and returns the instance;
-- optionally `preset_model_keys()`: the model keys it ships presets for.
+- `_decide(step, branch, features)`: True to run the DiT blocks.
+
+Strategies with per-model presets (MagCache, TeaCache) also set `preset_levels`, override the
+`from_params` classmethod and may offer `preset_model_keys()`. See docs/caching.md.
 """
 
 from __future__ import annotations
@@ -66,10 +66,7 @@ def build_cache(
             return None
         params = dataclasses.replace(params, strategy=CALIBRATION_STRATEGY)
     cls = get_cache_class(params.strategy)
-    from_params = getattr(cls, "from_params", None)
-    if from_params is None:
-        raise TypeError(f"cache strategy {cls.name!r} defines no from_params classmethod")
-    cache = from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
+    cache = cls.from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
     logger.debug("built %s for %s (%d steps, branches %s, calibrate=%s)", cls.name, model_key,
                  num_inference_steps, list(branches), calibrate)
     return cache

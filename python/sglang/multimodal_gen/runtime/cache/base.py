@@ -14,13 +14,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
+from sglang.multimodal_gen.errors import InvalidRequestError
+
 logger = logging.getLogger(__name__)
 
 COND = "cond"
 UNCOND = "uncond"
 
 
-class CacheConfigError(ValueError):
+class CacheConfigError(InvalidRequestError):
     """A user-supplied cache setting is invalid; the message says what to change."""
 
 
@@ -152,6 +154,10 @@ class TimestepCache(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    #: The strategy's config dataclass; its fields are the valid ``--cache-params`` keys.
+    config_class: ClassVar[type | None] = None
+    #: Named levels ``--cache-preset`` may take (strategies with model presets override this).
+    preset_levels: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -169,6 +175,23 @@ class TimestepCache(abc.ABC):
         self.branches: tuple[str, ...] = tuple(branches)
         self.calibrate = calibrate
         self.reset()
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Any,
+        num_inference_steps: int,
+        model_key: str | None,
+        branches: Sequence[str] = (COND, UNCOND),
+        calibrate: bool = False,
+    ) -> "TimestepCache":
+        """Build the request's instance from its ``CacheParams``.
+
+        The default ignores presets and builds ``config_class`` from the request's knobs; strategies
+        with per-model presets (MagCache, TeaCache) override it to start from those.
+        """
+        config = cls.config_class(**params.knob_overrides()) if cls.config_class is not None else None
+        return cls(config, num_inference_steps, branches, calibrate)
 
     # ----------------------------------------------------------------------------- lifecycle
     def reset(self) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache import build_cache
-from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, CacheConfigError
+from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 
 
@@ -20,14 +21,31 @@ class VideoGeometry:
 
 
 class InputValidationStage(PipelineStage):
-    """Fills model defaults, rejects what the model cannot take with one clear message."""
+    """Fills model defaults, rejects what the model cannot take with one clear message.
+
+    Args:
+        defaults: The model's sampling defaults.
+        geometry: The strides the video size must respect.
+        cache_model_key: The cache preset key, or a function of the (defaulted) request that picks
+            it, e.g. by resolution (HunyuanVideo ships 544p and 720p MagCache curves).
+        cfg: True (Wan): ``guidance_scale > 1`` adds the uncond branch, conditioned on the negative
+            prompt. False for guidance-distilled models (HunyuanVideo): one branch, "cond", the
+            guidance being a model input, so a negative prompt has nothing to condition.
+    """
 
     name = "input_validation"
 
-    def __init__(self, defaults: dict[str, Any], geometry: VideoGeometry, cache_model_key: str) -> None:
+    def __init__(
+        self,
+        defaults: dict[str, Any],
+        geometry: VideoGeometry,
+        cache_model_key: str | Callable[[SamplingParams], str],
+        cfg: bool = True,
+    ) -> None:
         self.defaults = defaults
         self.geometry = geometry
         self.cache_model_key = cache_model_key
+        self.cfg = cfg
 
     def __call__(self, req: Req) -> Req:
         check_prompt(req.params.prompt)
@@ -60,13 +78,15 @@ class InputValidationStage(PipelineStage):
                 f"(e.g. {lower} or {lower + stride})",
                 param="num_frames",
             )
-        branches = (COND, UNCOND) if params.guidance_scale > 1.0 else (COND,)
-        try:
-            req.cache = build_cache(
-                params.cache, params.num_inference_steps, self.cache_model_key, branches, calibrate=req.calibrate
+        if not self.cfg and str(params.negative_prompt).strip():
+            raise InvalidRequestError(
+                "this model uses embedded guidance (no CFG branch), so a negative prompt has no effect; "
+                "drop the negative prompt and steer with guidance_scale",
+                param="negative_prompt",
             )
-        except CacheConfigError as exc:
-            raise InvalidRequestError(str(exc), param=getattr(exc, "param", None) or "cache") from None
+        branches = (COND, UNCOND) if self.cfg and params.guidance_scale > 1.0 else (COND,)
+        model_key = self.cache_model_key(params) if callable(self.cache_model_key) else self.cache_model_key
+        req.cache = build_cache(params.cache, params.num_inference_steps, model_key, branches, calibrate=req.calibrate)
         req.params = params
         return req
 
