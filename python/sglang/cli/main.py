@@ -6,6 +6,7 @@ import argparse
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from sglang.multimodal_gen.errors import UserError
@@ -46,6 +47,8 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
                        help="fraction of first steps never skipped, in [0, 1]")
     group.add_argument("--cache-params", default=None,
                        help="JSON object or .json file with further strategy options (see docs/caching.md)")
+    group.add_argument("--cache-calibration", default=None,
+                       help="file written by `sglang calibrate`, used instead of the shipped presets")
 
 
 def cache_params_from_args(args: argparse.Namespace):
@@ -58,6 +61,7 @@ def cache_params_from_args(args: argparse.Namespace):
         retention_ratio=args.cache_retention_ratio,
         preset=args.cache_preset,
         options=parse_cache_params_arg(args.cache_params) if args.cache_params else {},
+        calibration_file=args.cache_calibration,
     )
 
 
@@ -92,6 +96,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+    from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate, read_prompts_file
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+
+    prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        print("error: give at least one --prompt or a --prompts-file", file=sys.stderr)
+        return 2
+    template = SamplingParams(
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        fps=args.fps,
+    )
+    generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
+    result = calibrate(generator, prompts, template, args.output, show_progress=True)
+    for name, branch in result.branches.items():
+        ratios = branch.mag_ratio
+        print(f"  {name:<7s} magnitude ratio: min {min(ratios):.4f}, last {ratios[-1]:.4f}")
+    print(f"saved {args.output} and {Path(args.output).with_suffix('.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang", description="sglang diffusion runtime with timestep caching")
     parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
@@ -105,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="where to save: .mp4 (default outputs/<prompt>_<seed>.mp4) or .npy (float frames)")
     add_cache_args(generate)
     generate.set_defaults(func=cmd_generate)
+
+    calibrate = sub.add_parser("calibrate", help="measure a model's cache statistics and save them for --cache-calibration")
+    add_model_args(calibrate)
+    calibrate.add_argument("--prompt", action="append", help="a calibration prompt (repeatable)")
+    calibrate.add_argument("--prompts-file", default=None, help="file with one prompt per line")
+    add_sampling_args(calibrate)
+    calibrate.add_argument("--output", required=True, help="calibration .json to write (a .png plot goes beside it)")
+    calibrate.set_defaults(func=cmd_calibrate)
+
     return parser
 
 

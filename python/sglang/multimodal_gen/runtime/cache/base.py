@@ -193,6 +193,11 @@ class TimestepCache(abc.ABC):
         config = cls.config_class(**params.knob_overrides()) if cls.config_class is not None else None
         return cls(config, num_inference_steps, branches, calibrate)
 
+    @classmethod
+    def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
+        """Config options a ``CalibrationResult`` supplies in place of the shipped presets."""
+        return {}
+
     # ----------------------------------------------------------------------------- lifecycle
     def reset(self) -> None:
         """Forget everything: residuals, accumulators, stats and calibration records."""

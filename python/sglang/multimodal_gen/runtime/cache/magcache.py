@@ -216,6 +216,10 @@ class MagCache(TimestepCache):
         return sorted(preset_ratio_table())
 
     @classmethod
+    def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
+        return {"mag_ratios": {name: list(b.mag_ratio) for name, b in calibration.branches.items()}}
+
+    @classmethod
     def from_params(
         cls,
         params: "CacheParams",

@@ -161,6 +161,13 @@ class TeaCache(TimestepCache):
         return sorted(preset_table())
 
     @classmethod
+    def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
+        """The polynomial fitted on the modulated input's change (the indicator calibration records)."""
+        if not calibration.teacache_coefficients:
+            return {}
+        return {"coefficients": list(calibration.teacache_coefficients), "indicator": "modulated_input"}
+
+    @classmethod
     def from_params(
         cls,
         params: "CacheParams",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from sglang.multimodal_gen.configs.models import read_model_info
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.runtime.cache.calibration import apply_calibration
 from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
@@ -66,11 +68,29 @@ class DiffGenerator:
         logger.info("loading %s model from %s on %s (%s)", info.family.name, info.path, torch_device, torch_dtype)
         return cls(pipeline_cls(info, torch_device, torch_dtype), model_path)
 
+    @property
+    def model_name(self) -> str:
+        """The hub id, or the folder name of a local model (no machine-specific absolute path)."""
+        path = Path(self.model_path)
+        return path.name if path.exists() else self.model_path
+
     def validate(self, params: SamplingParams) -> SamplingParams:
         """Check a request without running it; returns it with the model's defaults filled in."""
         if params.output_path is not None:
             check_output_path(params.output_path)
-        return self.pipeline.validate(params).params
+        return self.pipeline.validate(self._with_calibration(params)).params
+
+    def _with_calibration(self, params: SamplingParams) -> SamplingParams:
+        """Swap the shipped presets for a calibration file: the request's own, else the model's."""
+        info = self.pipeline.model_info
+        if not params.cache.enabled:
+            return params
+        calibration_file = params.cache.calibration_file or info.calibration_file
+        if calibration_file is None:
+            return params
+        steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
+        cache = apply_calibration(params.cache, calibration_file, info.family.name, steps)
+        return dataclasses.replace(params, cache=cache)
 
     def generate(
         self,
@@ -81,6 +101,7 @@ class DiffGenerator:
     ) -> GenerationResult:
         if params.output_path is not None:
             check_output_path(params.output_path)
+        params = self._with_calibration(params)
         result = self.pipeline.run(params, progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate)
         if params.output_path is not None:
             result.output_path = str(save_video(result.frames, params.output_path, result.params.fps))

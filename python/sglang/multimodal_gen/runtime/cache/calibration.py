@@ -1,0 +1,204 @@
+"""Calibration results: what a model's uncached runs measured, saved as JSON and used as presets.
+
+``sglang calibrate`` runs uncached generations with a strategy in calibration mode, averages the
+per-step records over prompts, fits TeaCache's polynomial, and saves one file. Strategies read
+what they need from it through ``TimestepCache.options_from_calibration`` (MagCache: the
+magnitude ratios; TeaCache: the fitted coefficients), so the file replaces the shipped presets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, CalibrationRecord
+
+if TYPE_CHECKING:
+    from sglang.multimodal_gen.configs.cache_params import CacheParams
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sglang-timestep-cache-calibration"
+FORMAT_VERSION = 1
+TEACACHE_POLY_DEGREE = 4
+# Resampling a curve to a step count this many times larger or smaller than calibrated is coarse.
+LARGE_STEP_RATIO = 1.5
+
+
+@dataclass
+class BranchCalibration:
+    """One CFG branch's per-step statistics, averaged over the calibration prompts.
+
+    Attributes:
+        mag_ratio: Mean over tokens of ``|r_t| / |r_{t-1}|`` (MagCache's curve; step 0 is 1.0).
+        mag_ratio_std: Its standard deviation over tokens, averaged over prompts.
+        cosine_distance: Mean ``1 - cos(r_t, r_{t-1})`` over tokens.
+        input_change: Relative L1 change of the modulated input (TeaCache's indicator).
+        output_change: Relative L1 change of the block residual.
+    """
+
+    mag_ratio: list[float]
+    mag_ratio_std: list[float]
+    cosine_distance: list[float]
+    input_change: list[float]
+    output_change: list[float]
+
+
+@dataclass
+class CalibrationResult:
+    """A saved calibration: enough provenance to refuse a file for another model, plus the arrays."""
+
+    model: str
+    model_family: str
+    num_inference_steps: int
+    dtype: str
+    device: str
+    num_prompts: int
+    seed: int
+    guidance_scale: float
+    size: list[int]
+    branches: dict[str, BranchCalibration]
+    teacache_coefficients: list[float] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_records(
+        cls, runs: Sequence[Mapping[str, CalibrationRecord]], **provenance: Any
+    ) -> "CalibrationResult":
+        """Average per-prompt records (one mapping branch -> record per prompt) and fit TeaCache."""
+        if not runs:
+            raise ValueError("calibration needs at least one run")
+        branches: dict[str, BranchCalibration] = {}
+        for branch in runs[0]:
+            stats = {
+                name.name: np.mean([getattr(run[branch], name.name) for run in runs], axis=0).tolist()
+                for name in dataclasses.fields(BranchCalibration)
+            }
+            branches[branch] = BranchCalibration(**stats)
+        result = cls(branches=branches, num_prompts=len(runs), **provenance)
+        result.teacache_coefficients = fit_teacache_polynomial(*result.teacache_pairs())
+        return result
+
+    def teacache_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indicator change, output change) of every branch, first step left out (no previous)."""
+        x = np.concatenate([b.input_change[1:] for b in self.branches.values()])
+        y = np.concatenate([b.output_change[1:] for b in self.branches.values()])
+        return x, y
+
+    # ------------------------------------------------------------------ use
+    def check_model(self, model_family: str) -> None:
+        if model_family != self.model_family:
+            raise CacheConfigError(
+                f"calibration file is for a {self.model_family} model, not {model_family}; "
+                "calibrate this model with `sglang calibrate`",
+                param="cache_calibration",
+            )
+
+    def warn_if_resampled_far(self, num_inference_steps: int) -> None:
+        ratio = num_inference_steps / self.num_inference_steps
+        if ratio > LARGE_STEP_RATIO or ratio < 1 / LARGE_STEP_RATIO:
+            logger.warning(
+                "calibration was made at %d steps and is resampled to %d; recalibrate at this step count "
+                "for reliable skipping", self.num_inference_steps, num_inference_steps,
+            )
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationResult":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CacheConfigError(f"calibration file {path} does not exist", param="cache_calibration") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+            raise CacheConfigError(f"{path} is not a calibration file (not JSON)", param="cache_calibration") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CacheConfigError(
+                f"{path} is not a calibration file written by `sglang calibrate`", param="cache_calibration"
+            )
+        try:
+            body = {k: v for k, v in data.items() if k not in ("format", "version")}
+            body["branches"] = {name: BranchCalibration(**b) for name, b in body["branches"].items()}
+            result = cls(**body)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CacheConfigError(f"calibration file {path} is damaged ({exc})", param="cache_calibration") from None
+        for name, branch in result.branches.items():
+            if len(branch.mag_ratio) != result.num_inference_steps:
+                raise CacheConfigError(
+                    f"calibration file {path}: branch {name} has {len(branch.mag_ratio)} ratios for "
+                    f"{result.num_inference_steps} steps", param="cache_calibration",
+                )
+        return result
+
+
+def fit_teacache_polynomial(x: np.ndarray, y: np.ndarray, degree: int = TEACACHE_POLY_DEGREE) -> list[float]:
+    """Least-squares polynomial (highest power first) mapping indicator change to output change."""
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = np.asarray(x)[finite], np.asarray(y)[finite]
+    if len(x) <= degree or np.ptp(x) == 0:
+        return []
+    coefficients = np.polyfit(x, y, degree)
+    return [float(c) for c in coefficients if math.isfinite(c)] if np.all(np.isfinite(coefficients)) else []
+
+
+def polynomial_fit_error(coefficients: Sequence[float], x: np.ndarray, y: np.ndarray) -> float:
+    """Mean squared error of a TeaCache polynomial on recorded (indicator, output) change pairs."""
+    return float(np.mean((np.polyval(coefficients, x) - y) ** 2))
+
+
+def plot_magnitude_ratios(result: CalibrationResult, path: str | Path) -> Path:
+    """PNG of the magnitude ratio per branch with a +-1 std band (over tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    steps = np.arange(result.num_inference_steps)
+    for name, branch in result.branches.items():
+        mean, std = np.asarray(branch.mag_ratio), np.asarray(branch.mag_ratio_std)
+        ax.plot(steps, mean, label=f"{name}", linewidth=1.6)
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("|r_t| / |r_{t-1}|")
+    ax.set_title(
+        f"magnitude ratio of the block residual: {Path(result.model).name}, "
+        f"{result.num_inference_steps} steps, {result.num_prompts} prompts",
+        fontsize=9,
+    )
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def apply_calibration(
+    params: "CacheParams", calibration_file: str | Path, model_family: str, num_inference_steps: int
+) -> "CacheParams":
+    """``params`` with the calibration's options for its strategy; the user's own options win."""
+    from sglang.multimodal_gen.runtime.cache.base import get_cache_class
+
+    calibration = CalibrationResult.load(calibration_file)
+    calibration.check_model(model_family)
+    calibration.warn_if_resampled_far(num_inference_steps)
+    options = {**get_cache_class(params.strategy).options_from_calibration(calibration), **params.options}
+    return dataclasses.replace(params, options=options, calibration_file=str(calibration_file))

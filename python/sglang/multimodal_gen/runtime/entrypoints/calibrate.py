@@ -1,0 +1,70 @@
+"""``sglang calibrate``: uncached runs in calibration mode, averaged over prompts, saved with a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from sglang.multimodal_gen.configs.cache_params import CacheParams
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, plot_magnitude_ratios
+from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read prompts file {path}: {exc}", param="prompts_file") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InvalidRequestError(f"prompts file {path} holds no prompts", param="prompts_file")
+    return prompts
+
+
+def calibrate(
+    generator: DiffGenerator,
+    prompts: Sequence[str],
+    template: SamplingParams,
+    output: str | Path,
+    show_progress: bool = False,
+) -> CalibrationResult:
+    """Run each prompt uncached (seed ``template.seed + index``), save the averaged result and its plot."""
+    output = Path(output)
+    if output.suffix.lower() != ".json":
+        raise InvalidRequestError(f"calibration output {output} must be a .json file", param="output")
+    for prompt in prompts:
+        check_prompt(prompt)
+    runs = []
+    resolved = None
+    for index, prompt in enumerate(tqdm(prompts, desc="calibrating", unit="prompt", disable=not show_progress)):
+        params = dataclasses.replace(
+            template, prompt=prompt, seed=template.seed + index, cache=CacheParams(), output_path=None
+        )
+        result = generator.generate(params, show_progress_bar=show_progress, calibrate=True)
+        runs.append(dict(result.cache.calibration_records()))
+        resolved = result.params
+    pipeline = generator.pipeline
+    calibration = CalibrationResult.from_records(
+        runs,
+        model=generator.model_name,
+        model_family=pipeline.model_info.family.name,
+        num_inference_steps=resolved.num_inference_steps,
+        dtype=str(pipeline.dtype).removeprefix("torch."),
+        device=pipeline.device.type,
+        seed=template.seed,
+        guidance_scale=float(resolved.guidance_scale),
+        size=[resolved.num_frames, resolved.height, resolved.width],
+    )
+    calibration.save(output)
+    plot_magnitude_ratios(calibration, output.with_suffix(".png"))
+    return calibration

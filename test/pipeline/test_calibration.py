@@ -1,0 +1,105 @@
+"""`sglang calibrate`: reproducible files, a fitted TeaCache polynomial, and the file in use."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from sglang.cli.main import main
+from sglang.multimodal_gen.configs.cache_params import CacheParams
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, polynomial_fit_error
+from sglang.multimodal_gen.runtime.cache.teacache import preset_table
+
+SIZE = ["--height", "32", "--width", "32", "--num-frames", "5"]
+PROMPTS = ["a red circle moving left on a blue background", "a yellow square moving down on a green background"]
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tiny_wan_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibration") / "tiny.json"
+    args = ["calibrate", "--model-path", str(tiny_wan_dir), "--num-inference-steps", str(STEPS), "--seed", "4",
+            "--output", str(out), *SIZE]
+    for prompt in PROMPTS:
+        args += ["--prompt", prompt]
+    assert main(args) == 0
+    return out
+
+
+def test_calibration_file_contents_and_plot(calibration_file):
+    result = CalibrationResult.load(calibration_file)
+    assert result.model_family == "wan" and result.num_prompts == 2 and result.num_inference_steps == STEPS
+    assert result.dtype == "float32" and result.device == "cpu" and result.size == [5, 32, 32]
+    assert set(result.branches) == {"cond", "uncond"}
+    for branch in result.branches.values():
+        assert len(branch.mag_ratio) == len(branch.mag_ratio_std) == len(branch.cosine_distance) == STEPS
+        assert branch.mag_ratio[0] == 1.0 and all(r > 0 for r in branch.mag_ratio)
+        assert any(d > 0 for d in branch.cosine_distance[1:])
+    assert len(result.teacache_coefficients) == 5
+    png = calibration_file.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrating_twice_with_the_same_seed_writes_identical_files(tiny_wan_dir, calibration_file, tmp_path):
+    again = tmp_path / "again.json"
+    args = ["calibrate", "--model-path", str(tiny_wan_dir), "--num-inference-steps", str(STEPS), "--seed", "4",
+            "--output", str(again), *SIZE, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
+    assert main(args) == 0
+    assert again.read_bytes() == calibration_file.read_bytes()
+
+
+def test_fitted_polynomial_beats_published_wan_coefficients_on_this_model(calibration_file):
+    result = CalibrationResult.load(calibration_file)
+    x, y = result.teacache_pairs()
+    published = preset_table()["wan21_t2v_1.3b"]["modulated_input"]["coefficients"]
+    fitted_error = polynomial_fit_error(result.teacache_coefficients, x, y)
+    assert fitted_error < polynomial_fit_error(published, x, y) / 10
+
+
+def test_generate_uses_the_calibration_file(wan_generator, calibration_file, caplog):
+    params = SamplingParams(prompt=PROMPTS[0], seed=1, height=32, width=32, num_frames=5, num_inference_steps=STEPS,
+                            cache=CacheParams(strategy="magcache", threshold=0.2, max_skip_steps=3,
+                                              calibration_file=str(calibration_file)))
+    result = wan_generator.generate(params)
+    calibrated = CalibrationResult.load(calibration_file).branches
+    assert result.cache.config.mag_ratios == {b: calibrated[b].mag_ratio for b in ("cond", "uncond")}
+    with caplog.at_level(logging.WARNING):
+        params.num_inference_steps = 40
+        wan_generator.generate(params)
+    assert "resampled to 40" in caplog.text
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json at all", "is not a calibration file"),
+    (json.dumps({"magcache": [1, 2, 3]}), "is not a calibration file written by `sglang calibrate`"),
+])
+def test_not_a_calibration_file_is_refused(tiny_wan_dir, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    code = main(["generate", "--model-path", str(tiny_wan_dir), "--prompt", "a cat", "--cache", "magcache",
+                 "--cache-calibration", str(bad), "--num-inference-steps", "4", *SIZE])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_calibration_of_another_family_is_refused(tiny_wan_dir, calibration_file, tmp_path, capsys):
+    data = json.loads(calibration_file.read_text())
+    data["model_family"] = "hunyuan"
+    other = tmp_path / "hunyuan.json"
+    other.write_text(json.dumps(data))
+    code = main(["generate", "--model-path", str(tiny_wan_dir), "--prompt", "a cat", "--cache", "teacache",
+                 "--cache-calibration", str(other), "--num-inference-steps", "4", *SIZE])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "calibration file is for a hunyuan model, not wan" in err
+
+
+def test_fitted_coefficients_reach_teacache(wan_generator, calibration_file):
+    params = SamplingParams(prompt=PROMPTS[1], seed=1, height=32, width=32, num_frames=5, num_inference_steps=STEPS,
+                            cache=CacheParams(strategy="teacache", calibration_file=str(calibration_file)))
+    result = wan_generator.generate(params)
+    fitted = CalibrationResult.load(calibration_file).teacache_coefficients
+    assert np.allclose(result.cache.config.coefficients, fitted)
