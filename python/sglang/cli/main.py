@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--output", required=True, help="calibration .json to write (a .png plot goes beside it)")
     calibrate.set_defaults(func=cmd_calibrate)
 
+    from sglang.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,362 @@
+"""Turn a ``POST /v1/videos`` body into validated ``SamplingParams``, with errors naming the field.
+
+The official ``openai`` client always sends multipart/form-data: every value is a string,
+``extra_body`` keys become top-level fields, nested dicts become ``name[key]`` fields, lists
+``name[key][]`` (repeated) and booleans ``"true"``/``"false"``. A JSON body carries typed values.
+Both are reduced to one flat mapping by :func:`form_to_fields` (forms) and then checked by
+:func:`parse_create_request`, so a field means the same thing whichever way it arrives.
+
+Duration: ``seconds`` is turned into a frame count with the request's ``fps`` (or the model's),
+rounded to the nearest count the model can take (Wan: 4k+1); the Video object then reports the
+real duration ``num_frames / fps``. ``seconds`` and ``num_frames`` together are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from sglang.multimodal_gen.configs.cache_params import CacheParams
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.runtime.cache.base import CacheConfigError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_INTEGER = re.compile(r"^[+-]?\d+$")
+_FORM_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+
+
+@dataclass
+class VideoCreateRequest:
+    """The fields of ``POST /v1/videos``, type-checked; ``None`` means "not given".
+
+    OpenAI's fields are ``prompt``, ``model``, ``size`` ("WIDTHxHEIGHT") and ``seconds``; the rest
+    are this server's extensions with the meaning of the ``sglang generate`` flags of the same name.
+    """
+
+    prompt: str
+    model: str | None = None
+    size: tuple[int, int] | None = None
+    seconds: float | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    cache: str | None = None
+    cache_preset: str | None = None
+    cache_threshold: float | None = None
+    cache_max_skip_steps: int | None = None
+    cache_retention_ratio: float | None = None
+    cache_params: dict[str, Any] = field(default_factory=dict)
+
+
+_UNSUPPORTED = {
+    "input_reference": "input_reference is not supported: this server does text-to-video only",
+}
+
+
+# --------------------------------------------------------------------------- form bodies
+def form_to_fields(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Rebuild the mapping the client flattened: ``a[b][c]=v`` -> ``{"a": {"b": {"c": v}}}``.
+
+    Top-level values stay strings (the field parsers convert them); values inside nested fields
+    are decoded as JSON scalars ("true", "0.5", "null"), since nothing else says their type.
+    Uploaded files are refused: text-to-video takes none.
+    """
+    fields: dict[str, Any] = {}
+    for key, value in items:
+        match = _FORM_KEY.match(key)
+        if match is None:
+            raise InvalidRequestError(f"malformed form field name {key!r}", param=key)
+        root, rest = match.group(1), match.group(2)
+        if not isinstance(value, str):
+            raise InvalidRequestError(
+                _UNSUPPORTED.get(root, f"field {root!r} is a file upload; this server takes none"), param=root
+            )
+        parts = re.findall(r"\[([^\[\]]*)\]", rest)
+        if not parts:
+            if root in fields:
+                raise InvalidRequestError(f"parameter {root!r} was given more than once", param=root)
+            fields[root] = value
+            continue
+        _insert_nested(fields, root, parts, _form_scalar(value))
+    return fields
+
+
+def _insert_nested(fields: dict[str, Any], root: str, parts: list[str], value: Any) -> None:
+    node = fields.setdefault(root, {})
+    path = [root]
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if not isinstance(node, dict):
+            raise InvalidRequestError(
+                f"form field {'.'.join(path)} is given both as a value and as nested fields", param=root
+            )
+        if part == "":
+            raise InvalidRequestError(
+                f"form field {root!r}: lists are only taken as 'name[key][]'; "
+                f"for other structures send {root} as a JSON string",
+                param=root,
+            )
+        path.append(part)
+        if last:
+            if part in node and not isinstance(node[part], list):
+                raise InvalidRequestError(f"form field {'.'.join(path)} was given more than once", param=root)
+            node[part] = value
+        elif index + 1 < len(parts) and parts[index + 1] == "" and index + 2 == len(parts):
+            existing = node.setdefault(part, [])
+            if not isinstance(existing, list):
+                raise InvalidRequestError(
+                    f"form field {'.'.join(path)} is given both as a value and as a list", param=root
+                )
+            existing.append(value)
+            return
+        else:
+            node = node.setdefault(part, {})
+
+
+def _form_scalar(text: str) -> Any:
+    """A nested form value as the JSON scalar it spells, else the string itself."""
+    stripped = text.strip()
+    if stripped == "":
+        return None
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError:
+        return text
+    return value if not isinstance(value, (dict, list)) else text
+
+
+# --------------------------------------------------------------------------- field parsing
+def parse_create_request(fields: Mapping[str, Any]) -> VideoCreateRequest:
+    """Check names and types of every field; ranges the model decides are checked later."""
+    if not isinstance(fields, Mapping):
+        raise InvalidRequestError("the request body must be a JSON object or a form", param=None)
+    known = {f.name for f in dataclasses.fields(VideoCreateRequest)}
+    for name in fields:
+        if name in _UNSUPPORTED:
+            raise InvalidRequestError(_UNSUPPORTED[name], param=name)
+        if name not in known:
+            raise InvalidRequestError(
+                f"unknown parameter {name!r}; this server takes: {', '.join(sorted(known))}", param=name
+            )
+    if "prompt" not in fields or fields["prompt"] is None:
+        raise InvalidRequestError("missing required parameter 'prompt'", param="prompt")
+    size = _optional_str(fields, "size")
+    return VideoCreateRequest(
+        prompt=_required_str(fields, "prompt"),
+        model=_optional_str(fields, "model"),
+        size=parse_size(size) if size is not None else None,
+        seconds=_as_positive_float(fields.get("seconds"), "seconds"),
+        negative_prompt=_plain_str(fields, "negative_prompt"),
+        num_inference_steps=_as_int(fields.get("num_inference_steps"), "num_inference_steps"),
+        guidance_scale=_as_float(fields.get("guidance_scale"), "guidance_scale"),
+        seed=_as_int(fields.get("seed"), "seed"),
+        num_frames=_as_int(fields.get("num_frames"), "num_frames"),
+        fps=_as_int(fields.get("fps"), "fps"),
+        cache=_optional_str(fields, "cache"),
+        cache_preset=_optional_str(fields, "cache_preset"),
+        cache_threshold=_as_float(fields.get("cache_threshold"), "cache_threshold"),
+        cache_max_skip_steps=_as_int(fields.get("cache_max_skip_steps"), "cache_max_skip_steps"),
+        cache_retention_ratio=_as_float(fields.get("cache_retention_ratio"), "cache_retention_ratio"),
+        cache_params=_as_object(fields.get("cache_params"), "cache_params"),
+    )
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """``"832x480"`` -> ``(832, 480)``: width first, as OpenAI's ``size`` is written."""
+    match = _SIZE.match(value)
+    if match is None:
+        raise InvalidRequestError(f"size must be 'WIDTHxHEIGHT' such as '832x480', got {value!r}", param="size")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width <= 0 or height <= 0:
+        raise InvalidRequestError(f"size must be positive, got {value!r}", param="size")
+    return width, height
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _required_str(fields: Mapping[str, Any], name: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a string, got {value!r}", param=name)
+    return value
+
+
+def _plain_str(fields: Mapping[str, Any], name: str) -> str | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    return _required_str(fields, name)
+
+
+def _optional_str(fields: Mapping[str, Any], name: str) -> str | None:
+    """A selector (model, size, cache, ...): blank means not given, as the client sends ``None``."""
+    value = fields.get(name)
+    if _is_blank(value):
+        return None
+    return _required_str(fields, name).strip()
+
+
+def _as_int(value: Any, name: str) -> int | None:
+    if _is_blank(value):
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be an integer, got {json.dumps(value)}", param=name)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INTEGER.match(value.strip()):
+        return int(value.strip())
+    raise InvalidRequestError(f"{name} must be an integer, got {value!r}", param=name)
+
+
+def _as_float(value: Any, name: str) -> float | None:
+    if _is_blank(value):
+        return None
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", param=name)
+    return number
+
+
+def _as_positive_float(value: Any, name: str) -> float | None:
+    number = _as_float(value, name)
+    if number is not None and number <= 0:
+        raise InvalidRequestError(f"{name} must be > 0, got {value!r}", param=name)
+    return number
+
+
+def _as_object(value: Any, name: str) -> dict[str, Any]:
+    """A JSON object, given as one (JSON body, nested form fields) or as a JSON string."""
+    if _is_blank(value):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(
+                f"{name} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                "write e.g. '{\"sqrt_ratios\": true}' with double quotes",
+                param=name,
+            ) from None
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{name} must be a JSON object of knob -> value, got {value!r}", param=name)
+    return value
+
+
+# --------------------------------------------------------------------------- to SamplingParams
+def build_cache_params(request: VideoCreateRequest) -> CacheParams:
+    """Merge ``cache_params`` with the explicit ``cache*`` fields (which win), naming the bad one.
+
+    The knobs are added one at a time, so the first that ``CacheParams`` refuses is the
+    parameter the error names.
+    """
+    data: dict[str, Any] = dict(request.cache_params)
+    if "calibration_file" in data:
+        raise InvalidRequestError(
+            "calibration_file cannot be set over HTTP (it would be a path on the server); name the file in the "
+            "model folder's sglang_config.json as cache_calibration_file, or pass the calibration's ratios in "
+            "cache_params",
+            param="cache_params",
+        )
+    strategy = request.cache if request.cache is not None else data.pop("strategy", "none")
+    data.pop("strategy", None)
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("cache", {"strategy": strategy}),
+        ("cache_params", data),
+        ("cache_preset", {"preset": request.cache_preset}),
+        ("cache_threshold", {"threshold": request.cache_threshold}),
+        ("cache_max_skip_steps", {"max_skip_steps": request.cache_max_skip_steps}),
+        ("cache_retention_ratio", {"retention_ratio": request.cache_retention_ratio}),
+    ]
+    merged: dict[str, Any] = {}
+    params = CacheParams()
+    for param, extra in steps:
+        extra = {k: v for k, v in extra.items() if v is not None}
+        if not extra and param != "cache":
+            continue
+        merged.update(extra)
+        try:
+            params = CacheParams.from_dict(merged)
+        except CacheConfigError as exc:
+            raise InvalidRequestError(str(exc), param=getattr(exc, "param", None) or param) from None
+    return params
+
+
+def frames_for_seconds(seconds: float, fps: int, temporal_stride: int) -> int:
+    """The frame count nearest to ``seconds * fps`` that the model takes (``stride * k + 1``)."""
+    k = max(0, math.floor((seconds * fps - 1) / temporal_stride + 0.5))
+    return k * temporal_stride + 1
+
+
+def format_seconds(num_frames: int, fps: int) -> str:
+    """The clip's real duration as OpenAI writes ``seconds``: a string, e.g. ``"1.125"``."""
+    return f"{num_frames / fps:.3f}".rstrip("0").rstrip(".")
+
+
+def temporal_stride(generator: Any) -> int:
+    """How many frames the model's VAE folds into one latent frame (1 when it does not say)."""
+    for stage in getattr(getattr(generator, "pipeline", None), "stages", ()):
+        geometry = getattr(stage, "geometry", None)
+        if geometry is not None:
+            return int(geometry.temporal_stride)
+    return 1
+
+
+def build_sampling_params(request: VideoCreateRequest, generator: Any) -> SamplingParams:
+    """Validated params with the model's defaults filled in; raises ``InvalidRequestError``.
+
+    Runs the pipeline's input validation (which also builds the request's cache), so everything
+    a generation would refuse is refused here, before the request is queued.
+    """
+    if request.seconds is not None and request.num_frames is not None:
+        raise InvalidRequestError("give either seconds or num_frames, not both", param="seconds")
+    width, height = request.size if request.size is not None else (None, None)
+    params = SamplingParams(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        seed=request.seed if request.seed is not None else 0,
+        height=height,
+        width=width,
+        num_frames=request.num_frames,
+        fps=request.fps,
+        cache=build_cache_params(request),
+    )
+    validated = _validate(generator, params, request)
+    if request.seconds is not None:
+        num_frames = frames_for_seconds(request.seconds, validated.fps, temporal_stride(generator))
+        validated = _validate(generator, dataclasses.replace(params, num_frames=num_frames), request)
+    return validated
+
+
+def _validate(generator: Any, params: SamplingParams, request: VideoCreateRequest) -> SamplingParams:
+    try:
+        return generator.validate(params)
+    except CacheConfigError as exc:
+        raise InvalidRequestError(str(exc), param=getattr(exc, "param", None) or "cache") from None
+    except InvalidRequestError as exc:
+        if exc.param in ("height", "width") and request.size is not None:
+            width, height = request.size
+            raise InvalidRequestError(f"size {width}x{height}: {exc}", param="size") from None
+        if exc.param == "num_frames" and request.seconds is not None:
+            raise InvalidRequestError(f"seconds {request.seconds:g}: {exc}", param="seconds") from None
+        raise

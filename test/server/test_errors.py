@@ -1,0 +1,128 @@
+"""Every bad input is a 4xx with an OpenAI-shaped body naming the parameter, as JSON and as a form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+BASE = {"prompt": "a red circle", "size": "48x32", "num_frames": 5, "num_inference_steps": 2}
+
+
+def _form_items(fields: dict[str, Any], prefix: str = "") -> list[tuple[str, tuple[None, str]]]:
+    """Flatten as the openai client does: ``name[key]`` for dicts, "true"/"false" for booleans."""
+    items = []
+    for key, value in fields.items():
+        name = f"{prefix}[{key}]" if prefix else key
+        if isinstance(value, dict):
+            items.extend(_form_items(value, name))
+        else:
+            text = {True: "true", False: "false"}.get(value, value) if isinstance(value, bool) else str(value)
+            items.append((name, (None, text)))
+    return items
+
+
+def _post(http: httpx.Client, fields: dict[str, Any], as_form: bool) -> httpx.Response:
+    if as_form:
+        return http.post("/v1/videos", files=_form_items(fields))
+    return http.post("/v1/videos", json=fields)
+
+
+def _assert_error(response: httpx.Response, status: int, param: str | None, fragment: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert fragment in error["message"], error["message"]
+
+
+CASES = [
+    ({"cache": "fastcache"}, "cache", "unknown cache strategy 'fastcache'; choose one of: none, magcache"),
+    ({"cache": "magcache", "cache_threshold": -0.5}, "cache_threshold", "threshold must be a number >= 0"),
+    ({"cache": "magcache", "cache_threshold": "abc"}, "cache_threshold", "cache_threshold must be a finite number"),
+    ({"cache": "magcache", "cache_retention_ratio": 1.5}, "cache_retention_ratio", "retention_ratio must be in [0, 1]"),
+    ({"cache": "magcache", "cache_max_skip_steps": "two"}, "cache_max_skip_steps", "must be an integer"),
+    ({"cache": "magcache", "cache_preset": "turbo"}, "cache_preset", "unknown magcache preset 'turbo'"),
+    ({"cache": "magcache", "cache_params": {"warp_speed": 1}}, "cache_params", "unknown magcache option(s)"),
+    ({"cache": "teacache", "cache_max_skip_steps": 2}, "cache_max_skip_steps", "teacache has no 'max_skip_steps'"),
+    ({"cache_threshold": 0.1}, "cache_threshold", "the cache strategy is 'none'"),
+    ({"cache": "magcache", "cache_params": "{bad json"}, "cache_params", "cache_params is not valid JSON"),
+    ({"cache": "magcache", "cache_params": {"calibration_file": "/etc/passwd"}}, "cache_params",
+     "calibration_file cannot be set over HTTP"),
+    ({"size": "50x32"}, "size", "size 50x32: width 50 is not a multiple of 16"),
+    ({"size": "48x40"}, "size", "size 48x40: height 40 is not a multiple of 16"),
+    ({"size": "huge"}, "size", "size must be 'WIDTHxHEIGHT'"),
+    ({"seed": "abc"}, "seed", "seed must be an integer, got 'abc'"),
+    ({"seed": -1}, "seed", "seed must be an integer >= 0"),
+    ({"num_inference_steps": "2.5"}, "num_inference_steps", "num_inference_steps must be an integer"),
+    ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps must be an integer >= 1"),
+    ({"guidance_scale": "lots"}, "guidance_scale", "guidance_scale must be a finite number"),
+    ({"fps": "fast"}, "fps", "fps must be an integer"),
+    ({"num_frames": 6}, "num_frames", "num_frames 6 cannot be taken by the VAE: it must be 4k+1"),
+    ({"num_frames": None, "seconds": "0"}, "seconds", "seconds must be > 0"),
+    ({"num_frames": None, "seconds": "soon"}, "seconds", "seconds must be a finite number"),
+    ({"seconds": "1"}, "seconds", "give either seconds or num_frames, not both"),
+    ({"prompt": "   "}, "prompt", "the prompt is empty"),
+    ({"prompt": None}, "prompt", "missing required parameter 'prompt'"),
+    ({"model": "sora-2"}, "model", "model 'sora-2' is not served here; this server serves 'wan2.1-t2v-tiny'"),
+    ({"cache_treshold": 0.1}, "cache_treshold", "unknown parameter 'cache_treshold'"),
+    ({"input_reference": "x"}, "input_reference", "text-to-video only"),
+]
+
+
+@pytest.mark.parametrize("as_form", [False, True], ids=["json", "form"])
+@pytest.mark.parametrize("change, param, fragment", CASES, ids=[c[1] + "-" + str(i) for i, c in enumerate(CASES)])
+def test_bad_create_is_400_naming_the_param(http, change, param, fragment, as_form):
+    fields = {k: v for k, v in {**BASE, **change}.items() if v is not None}
+    _assert_error(_post(http, fields, as_form), 400, param, fragment)
+
+
+@pytest.mark.parametrize(
+    "value, fragment", [(True, "seed must be an integer, got true"), ([1], "seed must be an integer")]
+)
+def test_json_types_are_checked(http, value, fragment):
+    _assert_error(http.post("/v1/videos", json={**BASE, "seed": value}), 400, "seed", fragment)
+
+
+def test_bad_bodies(http):
+    _assert_error(http.post("/v1/videos", content=b"{not json", headers={"content-type": "application/json"}),
+                  400, None, "not valid JSON")
+    _assert_error(http.post("/v1/videos", json=["a list"]), 400, None, "must be a JSON object")
+    _assert_error(http.post("/v1/videos", content=b"prompt", headers={"content-type": "text/plain"}),
+                  415, None, "unsupported content type 'text/plain'")
+    nested_twice = [("prompt", (None, "x")), ("cache_params", (None, "{}")), ("cache_params[a]", (None, "1"))]
+    _assert_error(http.post("/v1/videos", files=nested_twice), 400, "cache_params", "both as a value and as nested")
+    _assert_error(http.post("/v1/videos", files=[("prompt", (None, "x")), ("prompt", (None, "y"))]),
+                  400, "prompt", "given more than once")
+
+
+def test_unknown_video_id_is_404(http):
+    for method, path in [("GET", "/v1/videos/video_nope"), ("DELETE", "/v1/videos/video_nope"),
+                         ("GET", "/v1/videos/video_nope/content")]:
+        response = http.request(method, path)
+        _assert_error(response, 404, "video_id", "no video with id 'video_nope'")
+        assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    "query, param, fragment",
+    [
+        ({"limit": 0}, "limit", "limit must be in [1, 100]"),
+        ({"limit": "many"}, "limit", "limit must be an integer"),
+        ({"order": "sideways"}, "order", "order must be 'asc' or 'desc'"),
+        ({"after": "video_nope"}, "after", "no video with id 'video_nope'"),
+        ({"page": 2}, "page", "unknown query parameter 'page'"),
+    ],
+)
+def test_bad_list_query_is_400(http, query, param, fragment):
+    _assert_error(http.get("/v1/videos", params=query), 400, param, fragment)
+
+
+def test_unknown_route_and_variant(http):
+    _assert_error(http.get("/v1/nothing"), 404, None, "GET /v1/nothing: Not Found")
+    _assert_error(http.get("/v1/videos/video_nope/content", params={"variant": "thumbnail"}), 400, "variant",
+                  "variant 'thumbnail' is not available")
