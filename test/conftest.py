@@ -29,3 +29,17 @@ def wan_generator(tiny_wan_dir):
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 
     return DiffGenerator.from_pretrained(str(tiny_wan_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_hunyuan_dir(tmp_path_factory) -> Path:
+    from sglang.multimodal_gen.tools.tiny_models import build_tiny_hunyuan
+
+    return build_tiny_hunyuan(tmp_path_factory.mktemp("models") / "tiny-hunyuan", seed=0)
+
+
+@pytest.fixture(scope="session")
+def hunyuan_generator(tiny_hunyuan_dir):
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+
+    return DiffGenerator.from_pretrained(str(tiny_hunyuan_dir), device="cpu")

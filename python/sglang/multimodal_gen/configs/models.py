@@ -3,7 +3,8 @@
 The family is read from ``model_index.json``'s ``_class_name`` (the diffusers pipeline name), so
 any folder in the diffusers layout of a supported checkpoint is recognised. A folder may carry an
 ``sglang_config.json`` that overrides sampling defaults and names its cache preset key (the
-built-in model does).
+built-in model does), and may pass ``pipeline_options`` to its family's pipeline (HunyuanVideo:
+``{"prompt_template": {"crop_start": N}}`` for a tokenizer other than the published one).
 """
 
 from __future__ import annotations
@@ -50,6 +51,22 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
             fps=16,
         ),
     ),
+    ModelFamily(
+        name="hunyuan",
+        diffusers_pipelines=("HunyuanVideoPipeline",),
+        pipeline_module="sglang.multimodal_gen.runtime.pipelines.hunyuan",
+        # diffusers' HunyuanVideoPipeline defaults; fps 24 as the HunyuanVideo release saves its videos.
+        # guidance_scale is the embedded (distilled) guidance; there is no negative-prompt branch.
+        sampling_defaults=dict(
+            negative_prompt="",
+            num_inference_steps=50,
+            guidance_scale=6.0,
+            height=720,
+            width=1280,
+            num_frames=129,
+            fps=24,
+        ),
+    ),
 )
 
 
@@ -62,6 +79,7 @@ class ModelInfo:
     sampling_defaults: dict[str, Any]
     cache_model_key: str | None
     calibration_file: Path | None
+    pipeline_options: dict[str, Any] = field(default_factory=dict)
 
 
 def read_model_info(path: Path) -> ModelInfo:
@@ -89,4 +107,5 @@ def read_model_info(path: Path) -> ModelInfo:
         sampling_defaults={**family.sampling_defaults, **overrides.get("sampling_defaults", {})},
         cache_model_key=overrides.get("cache_model_key"),
         calibration_file=(path / calibration) if calibration else None,
+        pipeline_options=overrides.get("pipeline_options", {}),
     )

@@ -1,9 +1,10 @@
-"""Build small Wan2.1-architecture pipelines in the diffusers folder layout.
+"""Build small Wan2.1- and HunyuanVideo-architecture pipelines in the diffusers folder layout.
 
 No weights can be downloaded on our machines, so tests and the built-in default model are made
 here: the real diffusers/transformers classes (WanTransformer3DModel, AutoencoderKLWan,
 UMT5EncoderModel, a T5 tokenizer trained with the ``tokenizers`` library, UniPC flow scheduler),
-only with tiny shapes, saved exactly as Wan-AI/Wan2.1-T2V-1.3B-Diffusers is laid out.
+only with tiny shapes, saved exactly as Wan-AI/Wan2.1-T2V-1.3B-Diffusers is laid out; and
+likewise HunyuanVideo (``build_tiny_hunyuan``) as hunyuanvideo-community/HunyuanVideo is laid out.
 """
 
 from __future__ import annotations
@@ -153,5 +154,204 @@ def write_model_index(out: Path) -> None:
         "tokenizer": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- HunyuanVideo
+# Shapes of a random tiny HunyuanVideo T2V pipeline: the real classes with dimensions small enough
+# for CPU tests. The transformer's text widths follow the encoders (Llama hidden, CLIP pooled).
+TINY_HUNYUAN_TRANSFORMER: dict[str, Any] = dict(
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=2,
+    num_single_layers=2,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    patch_size=2,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=True,
+    rope_theta=256.0,
+    rope_axes_dim=(4, 6, 6),
+)
+TINY_HUNYUAN_VAE: dict[str, Any] = dict(
+    latent_channels=16,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+)
+TINY_LLAMA: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+TINY_CLIP_TEXT: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    projection_dim=32,
+    max_position_embeddings=77,
+)
+# hunyuanvideo-community/HunyuanVideo's scheduler: flow-matching Euler with the published shift 7.
+HUNYUAN_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, shift=7.0)
+LLAMA_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+]
+CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
+
+
+def train_llama_tokenizer(output_dir: Path, prompt_template: str, text_length: int = TINY_TEXT_LENGTH) -> int:
+    """Train a Llama-3-style byte-level BPE tokenizer; returns the token count of the template's prefix.
+
+    That count is the ``crop_start`` of this tokenizer: the embeddings of the system prompt that
+    HunyuanVideo's text path drops (95 for the published Llama 3 tokenizer). The tokenizer's
+    ``model_max_length`` is prefix + ``text_length``, so the prompt part is ``text_length`` tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=LLAMA_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(caption_corpus() + [prompt_template.format(c) for c in caption_corpus()[:50]], trainer)
+    bos = LLAMA_SPECIAL_TOKENS[0]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    crop_start = len(tok.encode(prompt_template.split("{}")[0]).ids)
+    LlamaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+        unk_token=None,
+        padding_side="right",
+        model_max_length=crop_start + text_length,
+    ).save_pretrained(output_dir)
+    return crop_start
+
+
+def train_clip_tokenizer(output_dir: Path, vocab_size: int = 320) -> None:
+    """Train a BPE in CLIP's scheme (lower-cased, byte-level, ``</w>`` word ends) and save it as CLIPTokenizer."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CLIP_SPECIAL_TOKENS,
+        end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(caption_corpus(), trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77).save_pretrained(output_dir)
+
+
+def build_tiny_hunyuan(
+    output_dir: str | Path,
+    seed: int = 0,
+    transformer_config: dict[str, Any] | None = None,
+    vae_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a random-weight tiny HunyuanVideo T2V pipeline to ``output_dir``.
+
+    Laid out as hunyuanvideo-community/HunyuanVideo: transformer/, vae/, text_encoder/ (LlamaModel),
+    tokenizer/ (Llama BPE), text_encoder_2/ (CLIPTextModel), tokenizer_2/ (CLIP BPE), scheduler/ and
+    model_index.json. An sglang_config.json records the template crop of this tokenizer.
+    """
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        LlamaConfig,
+        LlamaModel,
+        PreTrainedTokenizerFast,
+    )
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    crop_start = train_llama_tokenizer(out / "tokenizer", DEFAULT_PROMPT_TEMPLATE["template"])
+    train_clip_tokenizer(out / "tokenizer_2")
+    # Loaded as saved: transformers 5's LlamaTokenizerFast would rebuild it SentencePiece-style.
+    llama_tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    clip_tok = CLIPTokenizer.from_pretrained(out / "tokenizer_2")
+
+    torch.manual_seed(seed)
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(llama_tok),
+            bos_token_id=llama_tok.bos_token_id,
+            eos_token_id=llama_tok.eos_token_id,
+            pad_token_id=llama_tok.pad_token_id,
+            **TINY_LLAMA,
+        )
+    )
+    text_encoder_2 = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+            **TINY_CLIP_TEXT,
+        )
+    )
+    transformer = HunyuanVideoTransformer3DModel(
+        **{
+            **TINY_HUNYUAN_TRANSFORMER,
+            **(transformer_config or {}),
+            "text_embed_dim": text_encoder.config.hidden_size,
+            "pooled_projection_dim": text_encoder_2.config.hidden_size,
+        }
+    )
+    vae = AutoencoderKLHunyuanVideo(**{**TINY_HUNYUAN_VAE, **(vae_config or {})})
+
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    text_encoder_2.save_pretrained(out / "text_encoder_2", safe_serialization=True)
+    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER).save_pretrained(out / "scheduler")
+    write_hunyuan_model_index(out)
+    overrides = {"pipeline_options": {"prompt_template": {"crop_start": crop_start}}}
+    (out / "sglang_config.json").write_text(json.dumps(overrides, indent=2) + "\n")
+    return out
+
+
+def write_hunyuan_model_index(out: Path) -> None:
+    """model_index.json as hunyuanvideo-community/HunyuanVideo ships it."""
+    import diffusers
+
+    index = {
+        "_class_name": "HunyuanVideoPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "LlamaModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "LlamaTokenizerFast"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

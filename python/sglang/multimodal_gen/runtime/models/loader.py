@@ -57,6 +57,8 @@ def load_component(model_dir: Path, name: str, torch_dtype: torch.dtype | None =
     sub = model_dir / name
     if not sub.is_dir():
         raise ModelNotFoundError(f"{model_dir} lacks the {name}/ folder that model_index.json lists")
+    if library == "transformers" and _is_byte_level_llama_tokenizer(class_name, sub):
+        cls = module.PreTrainedTokenizerFast
     kwargs: dict[str, Any] = {}
     if torch_dtype is not None and hasattr(cls, "dtype"):
         kwargs["dtype"] = torch_dtype
@@ -65,3 +67,19 @@ def load_component(model_dir: Path, name: str, torch_dtype: torch.dtype | None =
     if isinstance(component, torch.nn.Module):
         component.eval().requires_grad_(False)
     return component
+
+
+def _is_byte_level_llama_tokenizer(class_name: str, folder: Path) -> bool:
+    """A Llama 3 (byte-level BPE) tokenizer that model_index.json calls ``LlamaTokenizerFast``.
+
+    transformers 5's ``LlamaTokenizer`` rebuilds a SentencePiece-style (Metaspace) pipeline around
+    the vocabulary, which garbles byte-level vocabularies such as HunyuanVideo's Llama 3 tokenizer;
+    the generic tokenizer loads ``tokenizer.json`` as saved (transformers' AutoTokenizer does the same).
+    """
+    tokenizer_file = folder / "tokenizer.json"
+    if class_name.removesuffix("Fast") != "LlamaTokenizer" or not tokenizer_file.is_file():
+        return False
+    pipeline = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    parts = [pipeline.get("pre_tokenizer") or {}]
+    parts += parts[0].get("pretokenizers", [])
+    return any(part.get("type") == "ByteLevel" for part in parts)

@@ -21,7 +21,12 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass
 class Req:
-    """The state of one generation as it moves through the stages."""
+    """The state of one generation as it moves through the stages.
+
+    ``prompt_embeds`` maps each CFG branch to its text embeddings; ``conditioning`` maps a branch to
+    any further model inputs (attention masks, pooled embeddings, embedded guidance) that the
+    denoising stage passes to the adapter's ``embed`` as keyword arguments. Wan has none.
+    """
 
     params: SamplingParams
     progress: ProgressCallback | None = None
@@ -29,6 +34,7 @@ class Req:
     cache: TimestepCache | None = None
     calibrate: bool = False
     prompt_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+    conditioning: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     scheduler: Any = None
     timesteps: torch.Tensor | None = None
     latents: torch.Tensor | None = None

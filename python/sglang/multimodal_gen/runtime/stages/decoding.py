@@ -27,3 +27,21 @@ class WanDecodingStage(PipelineStage):
         frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
         req.frames = frames.cpu().numpy()
         return req
+
+
+class HunyuanDecodingStage(PipelineStage):
+    """Undo HunyuanVideo's single latent scaling factor, decode, map [-1, 1] to [0, 1]."""
+
+    name = "decoding"
+
+    def __init__(self, vae) -> None:
+        self.vae = vae
+        self.scaling_factor = vae.config.scaling_factor
+
+    def __call__(self, req: Req) -> Req:
+        vae_param = next(self.vae.parameters())
+        latents = req.latents.to(vae_param.device, vae_param.dtype) / self.scaling_factor
+        video = self.vae.decode(latents, return_dict=False)[0]
+        frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
+        req.frames = frames.cpu().numpy()
+        return req

@@ -14,13 +14,22 @@ class DenoisingStage(PipelineStage):
     """Knows caching only through ``TimestepCache``: one ``should_compute`` per step and branch.
 
     cond and uncond run as separate transformer passes (as diffusers' WanPipeline does), so each
-    branch has its own cache decision and its own residual.
+    branch has its own cache decision and its own residual. ``req.conditioning[branch]`` holds any
+    further model inputs of a branch and reaches ``adapter.embed`` as keyword arguments.
+
+    Args:
+        adapter: The model's embed / blocks / head split.
+        embedded_guidance_scale: For guidance-distilled models (HunyuanVideo), which take the
+            guidance as a model input rather than from a second CFG branch: every branch then gets
+            ``guidance = guidance_scale * embedded_guidance_scale`` (1000 for HunyuanVideo, as its
+            diffusers pipeline passes it). ``None`` (Wan) passes no guidance input.
     """
 
     name = "denoising"
 
-    def __init__(self, adapter: DiTAdapter) -> None:
+    def __init__(self, adapter: DiTAdapter, embedded_guidance_scale: float | None = None) -> None:
         self.adapter = adapter
+        self.embedded_guidance_scale = embedded_guidance_scale
 
     def __call__(self, req: Req) -> Req:
         params, cache, scheduler = req.params, req.cache, req.scheduler
@@ -29,12 +38,19 @@ class DenoisingStage(PipelineStage):
         latents = req.latents
         model_dtype = self.adapter.dtype
         timesteps = req.timesteps
+        conditioning = {branch: dict(req.conditioning.get(branch, {})) for branch in req.prompt_embeds}
+        if self.embedded_guidance_scale is not None:
+            guidance = torch.tensor(
+                [params.guidance_scale] * latents.shape[0], dtype=model_dtype, device=latents.device
+            ) * self.embedded_guidance_scale
+            for kwargs in conditioning.values():
+                kwargs["guidance"] = guidance
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not req.show_progress_bar)
         for step, t in enumerate(timesteps):
             model_input = latents.to(model_dtype)
             timestep = t.expand(model_input.shape[0])
             preds = {
-                branch: self._predict(step, branch, model_input, timestep, embeds, req)
+                branch: self._predict(step, branch, model_input, timestep, embeds, conditioning[branch], req)
                 for branch, embeds in req.prompt_embeds.items()
             }
             noise_pred = preds[COND]
@@ -55,10 +71,11 @@ class DenoisingStage(PipelineStage):
         model_input: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
         req: Req,
     ) -> torch.Tensor:
         cache = req.cache
-        hidden, ctx = self.adapter.embed(model_input, timestep, encoder_hidden_states)
+        hidden, ctx = self.adapter.embed(model_input, timestep, encoder_hidden_states, **conditioning)
         features = StepFeatures(
             timestep=timestep, modulated_input=ctx.modulated_input, timestep_projection=ctx.timestep_projection
         )
