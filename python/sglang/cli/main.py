@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
@@ -51,6 +52,22 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
                        help="file written by `sglang calibrate`, used instead of the shipped presets")
 
 
+def sampling_params_from_args(args: argparse.Namespace):
+    """The sampling flags of `add_sampling_args` as SamplingParams (no prompt, no cache)."""
+    from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+
+    return SamplingParams(
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        fps=args.fps,
+    )
+
+
 def cache_params_from_args(args: argparse.Namespace):
     from sglang.multimodal_gen.configs.cache_params import CacheParams, parse_cache_params_arg
 
@@ -66,26 +83,17 @@ def cache_params_from_args(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sglang.multimodal_gen.configs.sampling_params import SamplingParams
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
     from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
 
     check_prompt(args.prompt)
-    params = SamplingParams(
+    params = dataclasses.replace(
+        sampling_params_from_args(args),
         prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        fps=args.fps,
         output_path=args.output_path or _default_output_path(args.prompt, args.seed),
         cache=cache_params_from_args(args),
     )
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
-    generator.validate(params)
     result = generator.generate(params, show_progress_bar=True)
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20s} {seconds:8.3f} s")
@@ -97,7 +105,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from sglang.multimodal_gen.configs.sampling_params import SamplingParams
     from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate, read_prompts_file
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 
@@ -105,16 +112,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not prompts:
         print("error: give at least one --prompt or a --prompts-file", file=sys.stderr)
         return 2
-    template = SamplingParams(
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        fps=args.fps,
-    )
+    template = sampling_params_from_args(args)
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
     result = calibrate(generator, prompts, template, args.output, show_progress=True)
     for name, branch in result.branches.items():

@@ -194,6 +194,16 @@ class TimestepCache(abc.ABC):
         return cls(config, num_inference_steps, branches, calibrate)
 
     @classmethod
+    def preset_level(cls, params: Any) -> str:
+        """The request's named preset level (``default`` when unset), checked against ``preset_levels``."""
+        level = params.preset or "default"
+        if level not in cls.preset_levels:
+            raise CacheConfigError(
+                f"unknown {cls.name} preset {level!r}; choose one of: {', '.join(cls.preset_levels)}", param="cache_preset"
+            )
+        return level
+
+    @classmethod
     def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
         """Config options a ``CalibrationResult`` supplies in place of the shipped presets."""
         return {}

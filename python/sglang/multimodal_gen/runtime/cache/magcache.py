@@ -229,9 +229,7 @@ class MagCache(TimestepCache):
         calibrate: bool = False,
     ) -> "MagCache":
         """Resolve the preset of ``model_key`` at level ``params.preset``, overlay the user's knobs."""
-        level = params.preset or "default"
-        if level not in cls.preset_levels:
-            raise CacheConfigError(f"unknown magcache preset {level!r}; choose one of: {', '.join(cls.preset_levels)}")
+        level = cls.preset_level(params)
         key = resolve_model_key(model_key)
         overrides = params.knob_overrides()
         kwargs: dict[str, Any] = dict(_LEVELS.get(key, {}).get(level) or _LEVELS["*"][level])

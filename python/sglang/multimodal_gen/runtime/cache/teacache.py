@@ -177,9 +177,7 @@ class TeaCache(TimestepCache):
         calibrate: bool = False,
     ) -> "TeaCache":
         """Resolve the preset of ``model_key`` for the requested indicator and level, overlay the knobs."""
-        level = params.preset or "default"
-        if level not in cls.preset_levels:
-            raise CacheConfigError(f"unknown teacache preset {level!r}; choose one of: {', '.join(cls.preset_levels)}")
+        level = cls.preset_level(params)
         overrides = params.knob_overrides()
         indicator = overrides.get("indicator", "modulated_input")
         if indicator not in INDICATORS:
