@@ -103,3 +103,21 @@ def test_fitted_coefficients_reach_teacache(wan_generator, calibration_file):
     result = wan_generator.generate(params)
     fitted = CalibrationResult.load(calibration_file).teacache_coefficients
     assert np.allclose(result.cache.config.coefficients, fitted)
+
+
+def test_server_wide_calibration_applies_to_cached_requests(tiny_wan_dir, calibration_file):
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+
+    generator = DiffGenerator.from_pretrained(str(tiny_wan_dir), device="cpu", cache_calibration=str(calibration_file))
+    params = SamplingParams(prompt=PROMPTS[0], seed=1, height=32, width=32, num_frames=5, num_inference_steps=STEPS,
+                            cache=CacheParams(strategy="magcache"))
+    calibrated = CalibrationResult.load(calibration_file).branches
+    assert generator.generate(params).cache.config.mag_ratios["cond"] == calibrated["cond"].mag_ratio
+
+
+def test_serve_refuses_a_bad_calibration_file_before_listening(tiny_wan_dir, tmp_path, capsys):
+    bad = tmp_path / "notes.json"
+    bad.write_text("{}")
+    code = main(["serve", "--model-path", str(tiny_wan_dir), "--port", "0", "--cache-calibration", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is not a calibration file" in err and len(err.splitlines()) == 1

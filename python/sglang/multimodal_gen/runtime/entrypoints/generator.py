@@ -12,7 +12,7 @@ import torch
 from sglang.multimodal_gen.configs.models import read_model_info
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
-from sglang.multimodal_gen.runtime.cache.calibration import apply_calibration
+from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration
 from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
@@ -52,21 +52,30 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 class DiffGenerator:
     """A loaded pipeline. ``generate`` runs one request; requests never share cache state."""
 
-    def __init__(self, pipeline: Pipeline, model_path: str) -> None:
+    def __init__(self, pipeline: Pipeline, model_path: str, cache_calibration: str | None = None) -> None:
         self.pipeline = pipeline
         self.model_path = model_path
+        self.cache_calibration = cache_calibration
 
     @classmethod
     def from_pretrained(
-        cls, model_path: str | None = None, device: str | None = None, dtype: str | None = None
+        cls,
+        model_path: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        cache_calibration: str | None = None,
     ) -> "DiffGenerator":
+        """Load a model. ``cache_calibration``: a calibration file every cached request uses unless
+        it names its own (it takes precedence over the model folder's own calibration)."""
         model_path = str(model_path or BUILTIN_MODEL_PATH)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         info = read_model_info(resolve_model_path(model_path))
         pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
         logger.info("loading %s model from %s on %s (%s)", info.family.name, info.path, torch_device, torch_dtype)
-        return cls(pipeline_cls(info, torch_device, torch_dtype), model_path)
+        if cache_calibration is not None:
+            CalibrationResult.load(cache_calibration).check_model(info.family.name)
+        return cls(pipeline_cls(info, torch_device, torch_dtype), model_path, cache_calibration)
 
     @property
     def model_name(self) -> str:
@@ -81,11 +90,11 @@ class DiffGenerator:
         return self.pipeline.validate(self._with_calibration(params)).params
 
     def _with_calibration(self, params: SamplingParams) -> SamplingParams:
-        """Swap the shipped presets for a calibration file: the request's own, else the model's."""
+        """Swap the shipped presets for a calibration file: the request's, the server's, the model's."""
         info = self.pipeline.model_info
         if not params.cache.enabled:
             return params
-        calibration_file = params.cache.calibration_file or info.calibration_file
+        calibration_file = params.cache.calibration_file or self.cache_calibration or info.calibration_file
         if calibration_file is None:
             return params
         steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
