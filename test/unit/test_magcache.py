@@ -253,3 +253,25 @@ def test_unknown_model_needs_ratios():
     cache = build_cache(CacheParams("magcache", options={"mag_ratios": ratios}, preset="fast"), 12, "tiny-wan")
     assert cache.config.threshold == 0.24 and len(cache.plan()[COND]) == 12
     assert build_cache(CacheParams("magcache"), 12, "tiny-wan", calibrate=True).calibrate
+
+
+@pytest.mark.parametrize("thresh, K", [(0.06, 2), (0.12, 2), (0.12, 4), (0.24, 6)])
+def test_unsynced_branches_are_exactly_the_release_per_branch_plans(thresh, K):
+    cache = magcache(threshold=thresh, max_skip_steps=K, retention_ratio=0.2, sync_branches=False)
+    assert cache.plan() == release_magcache(WAN13, 50, thresh, K, 0.2)
+
+
+def test_synced_branches_share_one_plan_where_calibrated_curves_diverge():
+    # Two curves whose own plans drift apart: uncond falls a little faster mid-way.
+    cond = [1.0] + [0.99] * 49
+    uncond = [1.0] + [0.99] * 20 + [0.975] * 29
+    ratios = {COND: cond, UNCOND: uncond}
+    apart = magcache(threshold=0.06, max_skip_steps=3, mag_ratios=ratios, sync_branches=False).plan()
+    assert apart[COND] != apart[UNCOND]
+    together = magcache(threshold=0.06, max_skip_steps=3, mag_ratios=ratios).plan()
+    assert together[COND] == together[UNCOND]
+    assert 0 < together[COND].count(False) <= min(apart[COND].count(False), apart[UNCOND].count(False))
+    # One branch, or identical curves: syncing changes nothing.
+    single = magcache(threshold=0.06, max_skip_steps=3, mag_ratios={COND: cond}, branches=(COND,)).plan()
+    same = magcache(threshold=0.06, max_skip_steps=3, mag_ratios={COND: cond, UNCOND: cond}).plan()
+    assert same[COND] == same[UNCOND] == single[COND] == apart[COND]
