@@ -6,7 +6,7 @@ The reference model is trained on these, so that its outputs can be checked from
 - six well separated colours (a subset of ``tiny_models.COLORS``), three shapes, four directions;
 - the shape travels about half the frame (2 px per frame over 17 frames), and starts on the side
   it moves away from, so every frame, not only the motion, tells the direction;
-- size (16-22 px), speed and the position across the motion jitter per video, from a seeded generator.
+- size (14-20 px), speed and the position across the motion jitter per video (seeded).
 
 A fixed tenth of the (colour, shape, direction, background) combinations never appears in training
 (:data:`HELD_OUT`), so adherence can be measured on captions the model has not seen.
@@ -93,7 +93,7 @@ def render(
     scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE
 ) -> np.ndarray:
     """One video of ``scene``, uint8 of shape (frames, size, size, 3), jittered by ``rng``."""
-    half = rng.uniform(8.0, 11.0) * size / 64
+    half = rng.uniform(7.0, 10.0) * size / 64
     travel = rng.uniform(28.0, 36.0) * size / 64 * (num_frames - 1) / (VIDEO_FRAMES - 1)
     dx, dy = DIRECTION_VECTORS[scene.direction]
     margin = half + 2

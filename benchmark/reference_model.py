@@ -1,0 +1,225 @@
+"""Measure the built-in reference model for docs/reference-model.md.
+
+    python benchmark/reference_model.py [--model-path DIR] [--out benchmark/results/reference_model.json]
+
+Writes the numbers (JSON) and two figures to docs/images/: a strip of frames for a few held-out
+prompts and the per-step magnitude-ratio curve next to the published Wan2.1 T2V 1.3B one.
+
+- adherence per attribute (tools/adherence.py) of the trained model and of random weights of the
+  same shape (``build_tiny_wan``), on the held-out captions with unused seeds;
+- the model's own magnitude ratios (a calibration run, averaged over prompts);
+- PSNR against the uncached output of the same seed for MagCache with its own ratios and with the
+  published 1.3B ratios at about half the steps skipped, for even skipping of the same number of
+  steps, and for broken caches (tools/probe_caches.py); and the same MagCache on random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+from sglang.multimodal_gen.configs.cache_params import CacheParams  # noqa: E402
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
+from sglang.multimodal_gen.runtime.cache.magcache import preset_ratio_table  # noqa: E402
+from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
+from sglang.multimodal_gen.tools import adherence  # noqa: E402
+from sglang.multimodal_gen.tools.probe_caches import register_probe_caches  # noqa: E402
+from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, TRAIN_SCENES  # noqa: E402
+
+logger = logging.getLogger("reference_model")
+STEPS = 50
+K = 4
+RETENTION = 0.2
+THRESHOLDS = [round(float(x), 3) for x in np.arange(0.005, 0.6, 0.005)]
+GEOMETRY = dict(height=64, width=64, num_frames=17, num_inference_steps=STEPS, guidance_scale=5.0)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return 10 * math.log10(1.0 / max(mse, 1e-20))
+
+
+def run(gen: DiffGenerator, prompt: str, seed: int, cache: CacheParams | None = None, calibrate: bool = False):
+    params = SamplingParams(prompt=prompt, seed=seed, cache=cache or CacheParams(), **GEOMETRY)
+    return gen.generate(params, calibrate=calibrate)
+
+
+def own_ratios(gen: DiffGenerator, prompts: list[str]) -> dict[str, list[float]]:
+    """Mean per-step magnitude ratio per branch over calibration runs of ``prompts``."""
+    curves: dict[str, list[list[float]]] = {}
+    for i, prompt in enumerate(prompts):
+        records = run(gen, prompt, seed=i, calibrate=True).cache.calibration_records()
+        for branch, record in records.items():
+            curves.setdefault(branch, []).append(record.mag_ratio)
+    return {b: [round(float(v), 5) for v in np.mean(c, axis=0)] for b, c in curves.items()}
+
+
+def magcache_params(threshold: float, ratios: dict[str, list[float]] | None, strategy: str = "magcache") -> CacheParams:
+    options = {"mag_ratios": ratios} if ratios is not None else {}
+    return CacheParams(strategy=strategy, threshold=threshold, max_skip_steps=K, retention_ratio=RETENTION, options=options)
+
+
+def skipped_per_branch(threshold: float, ratios: dict[str, list[float]] | None) -> float:
+    """Mean skipped steps per branch of MagCache's plan (known up front, no generation needed)."""
+    from sglang.multimodal_gen.runtime.cache import build_cache
+
+    cache = build_cache(magcache_params(threshold, ratios), STEPS, "wan21_t2v_1.3b", ("cond", "uncond"))
+    plan = cache.plan()
+    return float(np.mean([p.count(False) for p in plan.values()]))
+
+
+def threshold_for_half(ratios: dict[str, list[float]] | None) -> tuple[float, float]:
+    """The smallest threshold whose plan skips at least half the steps per branch."""
+    for t in THRESHOLDS:
+        skipped = skipped_per_branch(t, ratios)
+        if skipped >= STEPS / 2:
+            return t, skipped
+    return THRESHOLDS[-1], skipped_per_branch(THRESHOLDS[-1], ratios)
+
+
+def fidelity(gen: DiffGenerator, prompts: list[str], variants: dict[str, CacheParams]) -> dict[str, dict]:
+    """Mean PSNR (dB) vs the uncached output of the same seed, and skipped steps, per variant."""
+    out: dict[str, dict] = {name: {"psnr": [], "skipped": []} for name in variants}
+    for i, prompt in enumerate(prompts):
+        seed = adherence.SEED_OFFSET + i
+        reference = run(gen, prompt, seed).frames
+        for name, cache in variants.items():
+            result = run(gen, prompt, seed, cache)
+            out[name]["psnr"].append(psnr(result.frames, reference))
+            out[name]["skipped"].append(result.cache_stats.total_skipped / len(result.cache_stats.branches))
+    return {
+        name: {"psnr_db": round(float(np.mean(v["psnr"])), 2), "psnr_min_db": round(float(np.min(v["psnr"])), 2),
+               "skipped_per_branch": round(float(np.mean(v["skipped"])), 1)}
+        for name, v in out.items()
+    }
+
+
+def frame_strip(gen: DiffGenerator, scenes, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [0, 4, 8, 12, 16]
+    fig, axes = plt.subplots(len(scenes), len(shown), figsize=(1.3 * len(shown), 1.45 * len(scenes)))
+    for r, scene in enumerate(scenes):
+        frames = run(gen, scene.caption, adherence.SEED_OFFSET).frames
+        for c, f in enumerate(shown):
+            ax = axes[r, c]
+            ax.imshow(frames[f], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"frame {f}", fontsize=7)
+        axes[r, 0].set_ylabel(scene.caption.replace(" moving", "\nmoving").replace("a ", "", 1), fontsize=5.5)
+    fig.suptitle("held-out prompts (never seen in training), seed 10000, 50 steps, CFG 5", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def ratio_plot(ratios: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    published = preset_ratio_table()["wan21_t2v_1.3b"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    steps = np.arange(STEPS)
+    for branch, ours, theirs in (("cond", "tab:blue", "black"), ("uncond", "tab:orange", "tab:gray")):
+        ax.plot(steps, published[branch], "--", color=theirs, label=f"Wan2.1 T2V 1.3B (published), {branch}")
+        ax.plot(steps, ratios[branch], "-", color=ours, label=f"reference model, {branch}")
+    ax.axhline(1.0, color="black", lw=0.5)
+    ax.set_xlabel("denoising step (50 UniPC steps)")
+    ax.set_ylabel("|r_t| / |r_t-1|")
+    ax.set_title("MagCache magnitude ratio of the block residual", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmark" / "results" / "reference_model.json")
+    parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per held-out caption for adherence")
+    parser.add_argument("--psnr-prompts", type=int, default=8)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("sglang").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    register_probe_caches()
+    start = time.time()
+    args.images.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    trained = DiffGenerator.from_pretrained(args.model_path, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan
+
+        random_gen = DiffGenerator.from_pretrained(str(build_tiny_wan(Path(tmp) / "random", seed=0)), device="cpu")
+    seeds = [adherence.SEED_OFFSET + i for i in range(args.seeds)]
+    results: dict = {}
+    logger.info("adherence")
+    results["adherence"] = {
+        "trained_held_out": _strip(adherence.evaluate(trained, HELD_OUT, seeds)),
+        "trained_train_captions": _strip(adherence.evaluate(trained, TRAIN_SCENES[::9], seeds[:1])),
+        "random_held_out": _strip(adherence.evaluate(random_gen, HELD_OUT, seeds)),
+    }
+    logger.info("%s", json.dumps(results["adherence"]))
+
+    logger.info("magnitude ratios")
+    ratios = own_ratios(trained, [s.caption for s in TRAIN_SCENES[::27]])
+    random_ratios = own_ratios(random_gen, [s.caption for s in TRAIN_SCENES[::54]])
+    results["mag_ratios"] = {"trained": ratios, "random": random_ratios}
+    ratio_plot(ratios, args.images / "reference-model-mag-ratios.png")
+    frame_strip(trained, [HELD_OUT[i] for i in (0, 9, 18, 27, 35)], args.images / "reference-model-frames.png")
+
+    logger.info("fidelity")
+    own_t, own_skip = threshold_for_half(ratios)
+    pub_t, pub_skip = threshold_for_half(None)
+    num_skip = int(round(own_skip))
+    variants = {
+        f"magcache own ratios (E{own_t}K{K}R{RETENTION})": magcache_params(own_t, ratios),
+        f"magcache published 1.3B ratios (E{pub_t}K{K}R{RETENTION})": magcache_params(pub_t, None),
+        f"even skipping of {num_skip} steps": CacheParams(strategy="probe_even_skip", options={"num_skip": num_skip, "start_step": int(RETENTION * STEPS + 0.5)}),
+        "zero residual (magcache own plan)": magcache_params(own_t, ratios, "probe_zero_residual"),
+        "stale residual (magcache own plan)": magcache_params(own_t, ratios, "probe_stale_residual"),
+        "swapped cond/uncond residuals (magcache own plan)": magcache_params(own_t, ratios, "probe_swapped_residual"),
+    }
+    prompts = [s.caption for s in HELD_OUT[:: max(1, len(HELD_OUT) // args.psnr_prompts)]][: args.psnr_prompts]
+    results["fidelity"] = {"trained": fidelity(trained, prompts, variants)}
+    random_t, _ = threshold_for_half(random_ratios)
+    results["fidelity"]["random"] = fidelity(
+        random_gen, prompts[:4],
+        {f"magcache own ratios (E{random_t}K{K}R{RETENTION})": magcache_params(random_t, random_ratios),
+         f"even skipping of {num_skip} steps": variants[f"even skipping of {num_skip} steps"]},
+    )
+    results["thresholds"] = {"own": own_t, "published": pub_t, "random_own": random_t}
+    results["minutes"] = round((time.time() - start) / 60, 1)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in results.items() if k != "mag_ratios"}, indent=2))
+    return 0
+
+
+def _strip(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "readings"}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
