@@ -299,6 +299,11 @@ def build_configs(
                             threshold=t) for t in sweep.magcache_thresholds]
     configs += [BenchConfig(f"magcache preset {p}", mag, "preset", CacheParams("magcache", preset=p, **cal))
                 for p in ("default", "fast")]
+    # The release code plans each CFG branch alone; our default plans them together (sync_branches).
+    apart = {"sync_branches": False}
+    configs += [BenchConfig(f"magcache t={t} per-branch plans", "ours magcache, per-branch plans (release)",
+                            cache=CacheParams("magcache", threshold=t, options=apart, **knobs, **cal), threshold=t)
+                for t in sweep.magcache_thresholds]
     if teacache:
         never = CacheParams("teacache", threshold=0.0, **cal)
         configs.append(BenchConfig("teacache never-skip", tea, "never-skip", never))
