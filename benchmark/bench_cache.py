@@ -706,9 +706,10 @@ def plot_frontier(report: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    rows = [r for r in report["sections"]["main"] if math.isfinite(r.get("psnr", math.inf))]
-    styles = {"ours magcache": "o-", "ours teacache": "s-", "ours magcache, diffusers' settings": "^--",
-              "diffusers magcache hook": "v:"}
+    # PSNR is inf (None once saved as JSON) for configurations identical to uncached.
+    rows = [r for r in report["sections"]["main"] if r.get("psnr") is not None and math.isfinite(r["psnr"])]
+    styles = {"ours magcache": "o-", "ours magcache, per-branch plans (release)": "x-.", "ours teacache": "s-",
+              "ours magcache, diffusers' settings": "^--", "diffusers magcache hook": "v:"}
     for strategy, style in styles.items():
         line = sorted((r for r in rows if r["strategy"] == strategy and r["kind"] == "sweep"),
                       key=lambda r: r["threshold"])
