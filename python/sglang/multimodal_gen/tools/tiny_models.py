@@ -143,18 +143,31 @@ def save_wan_components(out: Path, text_encoder, transformer, vae) -> None:
     write_model_index(out)
 
 
-def write_model_index(out: Path) -> None:
+# model_index.json components as the published checkpoints list them (library, class).
+WAN_COMPONENTS: dict[str, list[str]] = {
+    "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "tokenizer": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "WanTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLWan"],
+}
+HUNYUAN_COMPONENTS: dict[str, list[str]] = {
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "LlamaModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "LlamaTokenizerFast"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
+}
+
+
+def write_model_index(out: Path, pipeline_class: str = "WanPipeline", components: dict | None = None) -> None:
+    """model_index.json as Wan-AI/Wan2.1-T2V-1.3B-Diffusers (or the given pipeline) ships it."""
     import diffusers
 
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-    }
+    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
+             **(components or WAN_COMPONENTS)}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -333,25 +346,7 @@ def build_tiny_hunyuan(
     transformer.save_pretrained(out / "transformer", safe_serialization=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER).save_pretrained(out / "scheduler")
-    write_hunyuan_model_index(out)
+    write_model_index(out, "HunyuanVideoPipeline", HUNYUAN_COMPONENTS)
     overrides = {"pipeline_options": {"prompt_template": {"crop_start": crop_start}}}
     (out / "sglang_config.json").write_text(json.dumps(overrides, indent=2) + "\n")
     return out
-
-
-def write_hunyuan_model_index(out: Path) -> None:
-    """model_index.json as hunyuanvideo-community/HunyuanVideo ships it."""
-    import diffusers
-
-    index = {
-        "_class_name": "HunyuanVideoPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "LlamaModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "LlamaTokenizerFast"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
