@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.entrypoints.http_server import create_app
+from sglang.multimodal_gen.runtime.pipelines.base import VideoGeometry
 from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
 
 DEFAULTS = dict(negative_prompt="", num_inference_steps=3, guidance_scale=5.0, height=16, width=16, num_frames=5,
@@ -23,6 +24,8 @@ class StubGenerator:
     """Validates like a model with DEFAULTS; "boom" crashes, "late" is refused late, "hold" waits."""
 
     model_path = "stub-model"
+    # A model without temporal compression: every frame is a latent frame.
+    geometry = VideoGeometry(spatial_multiple=16, temporal_stride=1)
 
     def __init__(self) -> None:
         self.holding = threading.Event()
@@ -111,7 +114,7 @@ def test_progress_and_defaults_reported(client):
     video = client.post("/v1/videos", json={"prompt": "fine", "seconds": "2", "fps": 4}).json()
     assert video["object"] == "video" and video["model"] == "stub" and video["status"] in ("queued", "in_progress",
                                                                                           "completed")
-    # the stub's VAE stride is unknown (no pipeline): stride 1, so 2 s at 4 fps is 8 frames.
+    # the stub's temporal stride is 1, so 2 s at 4 fps is 8 frames.
     assert video["num_frames"] == 8 and video["seconds"] == "2" and video["size"] == "16x16"
     assert client.post("/v1/videos", json={"prompt": "x", "model": "stub-model"}).status_code == 200
     models = client.get("/v1/models").json()

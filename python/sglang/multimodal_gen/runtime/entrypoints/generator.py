@@ -14,7 +14,7 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration
 from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
-from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback
+from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback, VideoGeometry
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,11 @@ class DiffGenerator:
         if cache_calibration is not None:
             CalibrationResult.load(cache_calibration).check_model(info.family.name)
         return cls(pipeline_cls(info, torch_device, torch_dtype), model_path, cache_calibration)
+
+    @property
+    def geometry(self) -> VideoGeometry:
+        """The size and frame-count strides this model's requests must respect."""
+        return self.pipeline.geometry
 
     @property
     def model_name(self) -> str:

@@ -311,15 +311,6 @@ def format_seconds(num_frames: int, fps: int) -> str:
     return f"{num_frames / fps:.3f}".rstrip("0").rstrip(".")
 
 
-def temporal_stride(generator: Any) -> int:
-    """How many frames the model's VAE folds into one latent frame (1 when it does not say)."""
-    for stage in getattr(getattr(generator, "pipeline", None), "stages", ()):
-        geometry = getattr(stage, "geometry", None)
-        if geometry is not None:
-            return int(geometry.temporal_stride)
-    return 1
-
-
 def build_sampling_params(request: VideoCreateRequest, generator: Any) -> SamplingParams:
     """Validated params with the model's defaults filled in; raises ``InvalidRequestError``.
 
@@ -343,7 +334,7 @@ def build_sampling_params(request: VideoCreateRequest, generator: Any) -> Sampli
     )
     validated = _validate(generator, params, request)
     if request.seconds is not None:
-        num_frames = frames_for_seconds(request.seconds, validated.fps, temporal_stride(generator))
+        num_frames = frames_for_seconds(request.seconds, validated.fps, generator.geometry.temporal_stride)
         validated = _validate(generator, dataclasses.replace(params, num_frames=num_frames), request)
     return validated
 

@@ -19,6 +19,14 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class VideoGeometry:
+    """The strides a request's size must respect: VAE compression times the DiT patch size."""
+
+    spatial_multiple: int
+    temporal_stride: int
+
+
 @dataclass
 class Req:
     """The state of one generation as it moves through the stages.
@@ -72,6 +80,7 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.stages: list[PipelineStage] = []
+        self.geometry: VideoGeometry | None = None
 
     def validate(self, params: SamplingParams, calibrate: bool = False) -> Req:
         """Run only the first stage (input validation): raises on bad input, cheap, no model work."""

@@ -14,11 +14,11 @@ from sglang.multimodal_gen.configs.models import ModelInfo
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.models.hunyuan import HunyuanDiTAdapter
 from sglang.multimodal_gen.runtime.models.loader import load_component
-from sglang.multimodal_gen.runtime.pipelines.base import Pipeline
+from sglang.multimodal_gen.runtime.pipelines.base import Pipeline, VideoGeometry
 from sglang.multimodal_gen.runtime.stages.decoding import HunyuanDecodingStage
 from sglang.multimodal_gen.runtime.stages.denoising import DenoisingStage
 from sglang.multimodal_gen.runtime.stages.hunyuan_text_encoding import HUNYUAN_PROMPT_TEMPLATE, HunyuanTextEncodingStage
-from sglang.multimodal_gen.runtime.stages.input_validation import InputValidationStage, VideoGeometry
+from sglang.multimodal_gen.runtime.stages.input_validation import InputValidationStage
 from sglang.multimodal_gen.runtime.stages.latent_preparation import LatentPreparationStage
 
 # Llama tokens of the prompt after the template's system part (diffusers' max_sequence_length);
@@ -60,10 +60,11 @@ class HunyuanVideoT2VPipeline(Pipeline):
         spatial = vae.spatial_compression_ratio
         temporal = vae.temporal_compression_ratio
         config = transformer.config
+        self.geometry = VideoGeometry(spatial_multiple=spatial * config.patch_size, temporal_stride=temporal)
         self.stages = [
             InputValidationStage(
                 model_info.sampling_defaults,
-                VideoGeometry(spatial_multiple=spatial * config.patch_size, temporal_stride=temporal),
+                self.geometry,
                 model_info.cache_model_key or hunyuan_cache_model_key,
                 cfg=False,
             ),

@@ -7,10 +7,10 @@ import torch
 from sglang.multimodal_gen.configs.models import ModelInfo
 from sglang.multimodal_gen.runtime.models.loader import load_component
 from sglang.multimodal_gen.runtime.models.wan import WanDiTAdapter
-from sglang.multimodal_gen.runtime.pipelines.base import Pipeline
+from sglang.multimodal_gen.runtime.pipelines.base import Pipeline, VideoGeometry
 from sglang.multimodal_gen.runtime.stages.decoding import WanDecodingStage
 from sglang.multimodal_gen.runtime.stages.denoising import DenoisingStage
-from sglang.multimodal_gen.runtime.stages.input_validation import InputValidationStage, VideoGeometry
+from sglang.multimodal_gen.runtime.stages.input_validation import InputValidationStage
 from sglang.multimodal_gen.runtime.stages.latent_preparation import LatentPreparationStage
 from sglang.multimodal_gen.runtime.stages.text_encoding import T5TextEncodingStage
 
@@ -43,10 +43,11 @@ class WanT2VPipeline(Pipeline):
         spatial = vae.config.scale_factor_spatial
         temporal = vae.config.scale_factor_temporal
         text_length = min(WAN_TEXT_LENGTH, tokenizer.model_max_length)
+        self.geometry = VideoGeometry(spatial_multiple=spatial * max(patch[1], patch[2]), temporal_stride=temporal)
         self.stages = [
             InputValidationStage(
                 model_info.sampling_defaults,
-                VideoGeometry(spatial_multiple=spatial * max(patch[1], patch[2]), temporal_stride=temporal),
+                self.geometry,
                 model_info.cache_model_key or wan_cache_model_key(transformer.config),
             ),
             T5TextEncodingStage(tokenizer, text_encoder, text_length, device, dtype),

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache import build_cache
 from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND
-from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
-
-
-@dataclass(frozen=True)
-class VideoGeometry:
-    """The strides a request's size must respect: VAE compression times the DiT patch size."""
-
-    spatial_multiple: int
-    temporal_stride: int
+from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req, VideoGeometry
 
 
 class InputValidationStage(PipelineStage):
