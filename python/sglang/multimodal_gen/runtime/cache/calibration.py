@@ -9,6 +9,7 @@ magnitude ratios; TeaCache: the fitted coefficients), so the file replaces the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -101,13 +102,9 @@ class CalibrationResult:
                 param="cache_calibration",
             )
 
-    def warn_if_resampled_far(self, num_inference_steps: int) -> None:
+    def resampled_far(self, num_inference_steps: int) -> bool:
         ratio = num_inference_steps / self.num_inference_steps
-        if ratio > LARGE_STEP_RATIO or ratio < 1 / LARGE_STEP_RATIO:
-            logger.warning(
-                "calibration was made at %d steps and is resampled to %d; recalibrate at this step count "
-                "for reliable skipping", self.num_inference_steps, num_inference_steps,
-            )
+        return ratio > LARGE_STEP_RATIO or ratio < 1 / LARGE_STEP_RATIO
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
@@ -197,8 +194,32 @@ def apply_calibration(
     """``params`` with the calibration's options for its strategy; the user's own options win."""
     from sglang.multimodal_gen.runtime.cache.base import get_cache_class
 
-    calibration = CalibrationResult.load(calibration_file)
+    calibration = load_calibration(calibration_file)
     calibration.check_model(model_family)
-    calibration.warn_if_resampled_far(num_inference_steps)
+    if calibration.resampled_far(num_inference_steps):
+        _warn_resampled_once(str(calibration_file), calibration.num_inference_steps, num_inference_steps)
     options = {**get_cache_class(params.strategy).options_from_calibration(calibration), **params.options}
     return dataclasses.replace(params, options=options, calibration_file=str(calibration_file))
+
+
+def load_calibration(path: str | Path) -> CalibrationResult:
+    """``CalibrationResult.load``, parsed once per file version: a server applies the same file to
+    every cached request, at validation and again at generation."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return CalibrationResult.load(path)  # raises the user-facing error for a missing file
+    return _load_version(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _load_version(path: str, mtime_ns: int, size: int) -> CalibrationResult:
+    return CalibrationResult.load(path)
+
+
+@functools.lru_cache(maxsize=256)
+def _warn_resampled_once(path: str, calibrated_steps: int, requested_steps: int) -> None:
+    logger.warning(
+        "calibration %s was made at %d steps and is resampled to %d; recalibrate at this step count "
+        "for reliable skipping", path, calibrated_steps, requested_steps,
+    )

@@ -12,7 +12,7 @@ import torch
 from sglang.multimodal_gen.configs.models import read_model_info
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
-from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration
+from sglang.multimodal_gen.runtime.cache.calibration import apply_calibration, load_calibration
 from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback, VideoGeometry
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
@@ -74,7 +74,7 @@ class DiffGenerator:
         pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
         logger.info("loading %s model from %s on %s (%s)", info.family.name, info.path, torch_device, torch_dtype)
         if cache_calibration is not None:
-            CalibrationResult.load(cache_calibration).check_model(info.family.name)
+            load_calibration(cache_calibration).check_model(info.family.name)
         return cls(pipeline_cls(info, torch_device, torch_dtype), model_path, cache_calibration)
 
     @property
