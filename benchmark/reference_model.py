@@ -171,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     trained = DiffGenerator.from_pretrained(args.model_path, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan
+        from sglang.multimodal_gen.tools.train_reference import REFERENCE_TRANSFORMER, REFERENCE_VAE_BASE_DIM
 
-        random_gen = DiffGenerator.from_pretrained(str(build_tiny_wan(Path(tmp) / "random", seed=0)), device="cpu")
+        random_dir = build_tiny_wan(
+            Path(tmp) / "random", seed=0, transformer_config=REFERENCE_TRANSFORMER,
+            vae_config={"base_dim": REFERENCE_VAE_BASE_DIM},
+        )
+        random_gen = DiffGenerator.from_pretrained(str(random_dir), device="cpu")
     seeds = [adherence.SEED_OFFSET + i for i in range(args.seeds)]
     results: dict = {}
     logger.info("adherence")

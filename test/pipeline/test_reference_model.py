@@ -17,7 +17,7 @@ from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.cache import build_cache
 from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
-from sglang.multimodal_gen.tools.adherence import SEED_OFFSET, read_video, score
+from sglang.multimodal_gen.tools.adherence import SEED_OFFSET, evaluate_vae_round_trip, read_video, score
 from sglang.multimodal_gen.tools.probe_caches import even_skip_plan, register_probe_caches
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, TRAIN_SCENES, all_scenes, parse_caption, render
 
@@ -66,7 +66,7 @@ def test_builtin_model_is_the_small_trained_reference():
     summary = json.loads((BUILTIN_MODEL_PATH / "training_summary.json").read_text())
     assert summary["dit_final_flow_matching_loss"] < 1.0
     size = sum(f.stat().st_size for f in BUILTIN_MODEL_PATH.rglob("*") if f.is_file())
-    assert size < 6 * 2**20
+    assert size < 8 * 2**20
 
 
 def test_pixel_reader_reads_rendered_videos_exactly():
@@ -76,19 +76,35 @@ def test_pixel_reader_reads_rendered_videos_exactly():
         assert all(score(read_video(render(scene, rng) / 255.0), scene).values()), scene
 
 
-def test_held_out_prompts_get_their_colours(reference):
-    """Three captions never seen in training: both colours must be read back from the pixels.
+def _box_blur(video: np.ndarray, width: int) -> np.ndarray:
+    pad = width // 2
+    padded = np.pad(video.astype(np.float32), ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    height, length = video.shape[1:3]
+    windows = [padded[:, dy : dy + height, dx : dx + length] for dy in range(width) for dx in range(width)]
+    return np.mean(windows, axis=0)
 
-    Shape and direction are not learned by this model (docs/reference-model.md), so not checked.
+
+def test_pixel_reader_tolerates_the_softened_edges_a_decoder_produces():
+    """A 5x5 box blur softens every edge and corner, as a small VAE decoder does; the reading holds."""
+    rng = np.random.default_rng(1)
+    for scene in all_scenes()[::11]:
+        assert all(score(read_video(_box_blur(render(scene, rng), 5) / 255.0), scene).values()), scene
+
+
+def test_held_out_prompts_get_their_colours_and_direction(reference):
+    """Six captions never seen in training, spread over the held-out list, one unused seed each.
+
+    Colours and direction must be read back from most of them (chance: 1 in 6 per colour, 1 in 4
+    for the direction). Shape is not checked: the VAE blurs it (docs/reference-model.md).
     """
-    hits = {"color": 0, "background": 0}
-    scenes = [HELD_OUT[i] for i in (2, 13, 24)]
+    hits = {"color": 0, "background": 0, "direction": 0}
+    scenes = HELD_OUT[::7]
     for scene in scenes:
         frames = reference.generate(SamplingParams(prompt=scene.caption, seed=SEED_OFFSET)).frames
         result = score(read_video(frames), scene)
         for attribute in hits:
             hits[attribute] += result[attribute]
-    assert hits["color"] == hits["background"] == len(scenes), hits
+    assert len(scenes) == 6 and min(hits.values()) >= 4, hits
 
 
 def test_magnitude_ratio_is_near_one_then_falls(own_ratios):
@@ -125,3 +141,11 @@ def test_random_weights_hide_what_caching_costs(wan_generator):
     threshold, _ = _half_threshold(ratios)
     cached = wan_generator.generate(SamplingParams(**request, cache=_magcache(threshold, ratios))).frames
     assert _psnr(cached, calibration.frames) > 50
+
+
+def test_vae_round_trip_ceiling_reads_rendered_videos_through_the_shipped_vae():
+    """The ceiling docs/reference-model.md compares the transformer with: colours and motion survive the VAE."""
+    scenes = [HELD_OUT[0], HELD_OUT[35]]
+    result = evaluate_vae_round_trip(str(BUILTIN_MODEL_PATH / "vae"), scenes, [SEED_OFFSET])
+    assert result["samples"] == 2
+    assert result["accuracy"]["background"] == result["accuracy"]["direction"] == 1.0, result["readings"]

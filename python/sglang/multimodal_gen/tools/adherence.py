@@ -6,7 +6,9 @@ read back from the frames, without any learned classifier:
 - background colour: the palette colour most pixels are nearest to;
 - shape colour: the palette colour most of the remaining (non-background) pixels are nearest to;
 - direction: the displacement of the shape's centroid from the first frames to the last ones;
-- shape: how much of its bounding box the shape fills (square ~1, circle ~0.79, triangle ~0.5).
+- shape: which of the three shapes, drawn with the same area and centroid, overlaps the shape's
+  pixels best (intersection over union, averaged over the frames); unlike a ratio of the bounding
+  box, this does not flip when a decoder softens a corner.
 
     python -m sglang.multimodal_gen.tools.adherence --model-path DIR
 
@@ -31,8 +33,11 @@ from sglang.multimodal_gen.tools.synthetic_videos import (
     PALETTE,
     TRAIN_SCENES,
     VIDEO_FRAMES,
+    VIDEO_SHAPES,
     VIDEO_SIZE,
     Scene,
+    render,
+    shape_mask,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,9 +49,8 @@ _RGB = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32) / 255.0
 # Smallest shape (in pixels per frame) and travel (in pixels) that count as "a shape that moves".
 MIN_SHAPE_PIXELS = 12
 MIN_TRAVEL = 6.0
-# Bounding-box fill ratios between the shapes: triangle 0.5 < circle 0.79 < square 1.
-TRIANGLE_BELOW = 0.65
-SQUARE_ABOVE = 0.89
+# Area of each shape over its half-width squared, to draw a template of a given pixel count.
+_AREA_PER_HALF_SQUARED = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
 SEED_OFFSET = 10_000
 
 
@@ -72,19 +76,30 @@ def read_video(frames: np.ndarray) -> Reading:
         return Reading(None, None, None, _NAMES[background])
     color = int(counts.argmax())
     mask = labels == color
-    centroids, fills = [], []
+    centroids, overlaps = [], []
     for f in range(mask.shape[0]):
         ys, xs = np.nonzero(mask[f])
         if len(ys) < MIN_SHAPE_PIXELS:
             continue
         centroids.append((f, xs.mean(), ys.mean()))
-        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-        fills.append(len(ys) / box)
+        overlaps.append(_template_overlaps(mask[f], len(ys), xs.mean() + 0.5, ys.mean() + 0.5))
     shape = None
-    if fills:
-        fill = float(np.median(fills))
-        shape = "triangle" if fill < TRIANGLE_BELOW else "square" if fill > SQUARE_ABOVE else "circle"
+    if overlaps:
+        mean = np.mean(overlaps, axis=0)
+        shape = VIDEO_SHAPES[int(mean.argmax())]
     return Reading(_NAMES[color], shape, _direction(centroids), _NAMES[background])
+
+
+def _template_overlaps(mask: np.ndarray, pixels: int, cx: float, cy: float) -> list[float]:
+    """IoU of ``mask`` with each of :data:`VIDEO_SHAPES` drawn with its pixel count and centroid."""
+    ious = []
+    for shape in VIDEO_SHAPES:
+        half = float(np.sqrt(pixels / _AREA_PER_HALF_SQUARED[shape]))
+        # shape_mask centres the bounding box; a triangle's centroid lies a third of half below it.
+        box_cy = cy - half / 3 if shape == "triangle" else cy
+        template = shape_mask(shape, cx, box_cy, half, mask.shape[0])
+        ious.append(float((mask & template).sum() / (mask | template).sum()))
+    return ious
 
 
 def _direction(centroids: Sequence[tuple[int, float, float]]) -> str | None:
@@ -119,26 +134,53 @@ def evaluate(
     """
     from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 
+    def videos():
+        for scene in scenes:
+            for seed in seeds:
+                params = SamplingParams(
+                    prompt=scene.caption,
+                    seed=seed,
+                    height=VIDEO_SIZE,
+                    width=VIDEO_SIZE,
+                    num_frames=VIDEO_FRAMES,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                )
+                yield scene, seed, generator.generate(params).frames
+
+    return _tally(videos())
+
+
+def evaluate_vae_round_trip(vae_path: str, scenes: Iterable[Scene], seeds: Sequence[int]) -> dict:
+    """Accuracy on rendered videos passed through the VAE alone: the ceiling a transformer can reach."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(vae_path).eval()
+
+    def videos():
+        for scene in scenes:
+            for seed in seeds:
+                video = render(scene, np.random.default_rng(seed))
+                x = torch.from_numpy(video.transpose(3, 0, 1, 2)[None].astype(np.float32) / 127.5 - 1)
+                with torch.no_grad():
+                    decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+                yield scene, seed, (decoded[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+
+    return _tally(videos())
+
+
+def _tally(videos: Iterable[tuple[Scene, int, np.ndarray]]) -> dict:
     hits = {a: 0 for a in ATTRIBUTES}
     all_hit, total, samples = 0, 0, []
-    for scene in scenes:
-        for seed in seeds:
-            params = SamplingParams(
-                prompt=scene.caption,
-                seed=seed,
-                height=VIDEO_SIZE,
-                width=VIDEO_SIZE,
-                num_frames=VIDEO_FRAMES,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-            )
-            reading = read_video(generator.generate(params).frames)
-            result = score(reading, scene)
-            for a, ok in result.items():
-                hits[a] += ok
-            all_hit += all(result.values())
-            total += 1
-            samples.append({"caption": scene.caption, "seed": seed, "read": asdict(reading)})
+    for scene, seed, frames in videos:
+        reading = read_video(frames)
+        result = score(reading, scene)
+        for a, ok in result.items():
+            hits[a] += ok
+        all_hit += all(result.values())
+        total += 1
+        samples.append({"caption": scene.caption, "seed": seed, "read": asdict(reading)})
     return {
         "samples": total,
         "accuracy": {a: hits[a] / total for a in ATTRIBUTES},
@@ -157,17 +199,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-inference-steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument(
+        "--vae-round-trip",
+        action="store_true",
+        help="read rendered videos passed through the model's VAE instead of generating (the VAE's ceiling)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+    from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
+    from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 
     scenes = list(HELD_OUT) if args.split == "held-out" else list(TRAIN_SCENES[::9])
     if args.num_prompts is not None:
         scenes = scenes[: args.num_prompts]
-    generator = DiffGenerator.from_pretrained(args.model_path, device="cpu")
     seeds = [SEED_OFFSET + i for i in range(args.seeds)]
-    result = evaluate(generator, scenes, seeds, args.num_inference_steps, args.guidance_scale)
+    if args.vae_round_trip:
+        model_path = resolve_model_path(str(args.model_path or BUILTIN_MODEL_PATH))
+        result = evaluate_vae_round_trip(str(model_path / "vae"), scenes, seeds)
+    else:
+        generator = DiffGenerator.from_pretrained(args.model_path, device="cpu")
+        result = evaluate(generator, scenes, seeds, args.num_inference_steps, args.guidance_scale)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

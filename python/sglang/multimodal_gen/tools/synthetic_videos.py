@@ -4,9 +4,10 @@ The reference model is trained on these, so that its outputs can be checked from
 (see ``tools/adherence.py``). The world is chosen to be learnable by a tiny model in minutes:
 
 - six well separated colours (a subset of ``tiny_models.COLORS``), three shapes, four directions;
-- the shape travels about half the frame (2 px per frame over 17 frames), and starts on the side
-  it moves away from, so every frame, not only the motion, tells the direction;
-- size (14-20 px), speed and the position across the motion jitter per video (seeded).
+- the shape crosses the middle half of the frame (2 px per frame over 17 frames), starting on the
+  side it moves away from, so every frame, not only the motion, tells the direction;
+- its size (16-18 px) and its position across the motion (+-6 px) jitter per video (seeded); the
+  VAE also sees a more varied version (``render(varied=True)``).
 
 A fixed tenth of the (colour, shape, direction, background) combinations never appears in training
 (:data:`HELD_OUT`), so adherence can be measured on captions the model has not seen.
@@ -76,7 +77,8 @@ def parse_caption(caption: str) -> Scene:
     return Scene(color=words[1], shape=words[2], direction=words[4], background=words[7])
 
 
-def _shape_mask(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, half: float, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of ``shape`` centred on its bounding box (cx, cy), ``half`` its half-width."""
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     if shape == "circle":
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
@@ -90,30 +92,53 @@ def _shape_mask(shape: str, cx: float, cy: float, half: float, size: int) -> np.
 
 
 def render(
-    scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE
+    scene: Scene,
+    rng: np.random.Generator,
+    num_frames: int = VIDEO_FRAMES,
+    size: int = VIDEO_SIZE,
+    varied: bool = False,
 ) -> np.ndarray:
-    """One video of ``scene``, uint8 of shape (frames, size, size, 3), jittered by ``rng``."""
-    half = rng.uniform(7.0, 10.0) * size / 64
-    travel = rng.uniform(28.0, 36.0) * size / 64 * (num_frames - 1) / (VIDEO_FRAMES - 1)
+    """One video of ``scene``, uint8 of shape (frames, size, size, 3), jittered by ``rng``.
+
+    The captioned world (``varied=False``, what the transformer learns and adherence is read on)
+    keeps the path fixed per direction: the shape, 16-18 px wide, crosses the middle 32 px at
+    2 px per frame, and only its size and its position across the motion (+-6 px) vary. A tiny
+    model learns that in minutes, and every seed still gives a different video. ``varied=True``
+    draws size (14-20 px), travel (28-36 px) and both positions from wide ranges; the VAE trains
+    on those, so it reconstructs whatever the transformer draws, not only the captioned paths.
+    """
+    scale = size / 64
+    if varied:
+        half = rng.uniform(7.0, 10.0) * scale
+        travel = rng.uniform(28.0, 36.0) * scale * (num_frames - 1) / (VIDEO_FRAMES - 1)
+        margin = half + 2
+        # Along the motion: start so the whole path stays inside the frame, near the side it leaves.
+        along_start = rng.uniform(margin, max(margin, size - margin - travel))
+        across = rng.uniform(margin, size - margin)
+    else:
+        half = rng.uniform(8.0, 9.0) * scale
+        travel = 32.0 * scale * (num_frames - 1) / (VIDEO_FRAMES - 1)
+        along_start = (size - travel) / 2
+        across = size / 2 + rng.uniform(-6.0, 6.0) * scale
     dx, dy = DIRECTION_VECTORS[scene.direction]
-    margin = half + 2
-    # Along the motion: start so the whole path stays inside the frame, near the side it leaves.
-    along_start = rng.uniform(margin, max(margin, size - margin - travel))
-    across = rng.uniform(margin, size - margin)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     frames[:] = PALETTE[scene.background]
     for f in range(num_frames):
         along = along_start + travel * f / max(1, num_frames - 1)
         pos = along if (dx + dy) > 0 else size - along
         cx, cy = (pos, across) if dx else (across, pos)
-        frames[f][_shape_mask(scene.shape, cx, cy, half, size)] = PALETTE[scene.color]
+        frames[f][shape_mask(scene.shape, cx, cy, half, size)] = PALETTE[scene.color]
     return frames
 
 
 def sample_batch(
-    rng: np.random.Generator, batch_size: int, scenes: tuple[Scene, ...] = TRAIN_SCENES, num_frames: int = VIDEO_FRAMES
+    rng: np.random.Generator,
+    batch_size: int,
+    scenes: tuple[Scene, ...] = TRAIN_SCENES,
+    num_frames: int = VIDEO_FRAMES,
+    varied: bool = False,
 ) -> tuple[np.ndarray, list[Scene]]:
     """``batch_size`` random scenes and their videos as float32 (B, 3, F, H, W) in [-1, 1]."""
     picked = [scenes[i] for i in rng.integers(0, len(scenes), size=batch_size)]
-    videos = np.stack([render(s, rng, num_frames) for s in picked])
+    videos = np.stack([render(s, rng, num_frames, varied=varied) for s in picked])
     return videos.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0, picked
