@@ -73,7 +73,8 @@ def test_pixel_reader_reads_rendered_videos_exactly():
     rng = np.random.default_rng(0)
     for scene in all_scenes()[::11]:
         assert parse_caption(scene.caption) == scene
-        assert all(score(read_video(render(scene, rng) / 255.0), scene).values()), scene
+        for varied in (False, True):
+            assert all(score(read_video(render(scene, rng, varied=varied) / 255.0), scene).values()), scene
 
 
 def _box_blur(video: np.ndarray, width: int) -> np.ndarray:

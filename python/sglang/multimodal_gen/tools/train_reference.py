@@ -5,8 +5,9 @@ than 1e-3), so the built-in model is trained until it behaves like a real one: i
 evolve over the steps and skipping them costs fidelity. Three phases, all with fixed seeds and a
 fixed number of steps so that a rerun reproduces the weights:
 
-1. the VAE (``AutoencoderKLWan``, tiny config) on 32x32 crops (it is convolutional), first of
-   5-frame clips, then of whole 17-frame videos: L1 + MSE reconstruction of the posterior mean
+1. the VAE (``AutoencoderKLWan``, tiny config with base dim 16) on 32x32 crops (it is
+   convolutional) of the varied videos (``render(varied=True)``), first of 5-frame clips, then of
+   whole 17-frame videos: L1 + MSE reconstruction of the posterior mean
    and a small KL term; then ``latents_mean`` / ``latents_std`` are set from the encoded training set,
    so the pipeline's latent normalisation is right;
 2. the encoding of a fixed set of 17-frame training videos into normalised latents;
@@ -18,7 +19,8 @@ fixed number of steps so that a rerun reproduces the weights:
 
     python -m sglang.multimodal_gen.tools.train_reference --output python/sglang/multimodal_gen/builtin/wan2.1-t2v-tiny
 
-About 35 minutes on one CPU thread. See docs/reference-model.md.
+About 57 minutes on one CPU thread (22 of them the VAE; ``--vae-from`` skips it). See
+docs/reference-model.md.
 """
 
 from __future__ import annotations
