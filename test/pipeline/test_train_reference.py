@@ -54,3 +54,8 @@ def test_few_step_training_writes_a_loadable_pipeline_and_reusing_its_vae_reprod
         ours, theirs = load_file(full / component / name), load_file(resumed / component / name)
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), component
+
+
+def test_reusing_a_folder_that_is_not_a_vae_fails_with_one_line(tmp_path, restore_threads):
+    with pytest.raises(SystemExit, match="no config.json there; pass the vae/ folder of a finished run"):
+        train_reference.main(["--output", str(tmp_path / "out"), "--vae-from", str(tmp_path), *SMOKE])

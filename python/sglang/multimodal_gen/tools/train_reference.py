@@ -244,6 +244,8 @@ def load_trained_vae(folder: Path, cfg: TrainConfig):
     """A VAE saved by an earlier run, checked against ``cfg`` so a mismatch fails before the long phase."""
     from diffusers import AutoencoderKLWan
 
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--vae-from {folder}: no config.json there; pass the vae/ folder of a finished run")
     vae = AutoencoderKLWan.from_pretrained(folder)
     if vae.config.base_dim != cfg.vae_base_dim:
         raise SystemExit(f"--vae-from {folder}: base dim {vae.config.base_dim}, but this run's --vae-base-dim is {cfg.vae_base_dim}")
@@ -282,7 +284,7 @@ def train(output: Path, cfg: TrainConfig, vae_from: Path | None = None) -> dict:
         "vae_from": None if vae_from is None else str(vae_from),
         **vae_metrics,
         "dit_final_flow_matching_loss": round(dit_loss, 5),
-        "vae_minutes": round(vae_time / 60, 1),
+        "vae_minutes": None if vae_from is not None else round(vae_time / 60, 1),
         "total_minutes": round((time.time() - start) / 60, 1),
         "torch_threads": torch.get_num_threads(),
     }
