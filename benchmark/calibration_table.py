@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
@@ -26,6 +24,8 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa
 from sglang.multimodal_gen.runtime.cache.magcache import preset_ratio_table  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT  # noqa: E402
+
+from metrics import psnr  # noqa: E402  (benchmark/metrics.py, next to this script)
 
 PROMPTS = [HELD_OUT[0].caption, HELD_OUT[20].caption]
 SEED = 11
@@ -54,11 +54,6 @@ def rows() -> list[tuple[str, CacheParams]]:
         tea(0.10),
         tea(0.20),
     ]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return 10 * math.log10(1.0 / max(mse, 1e-20))
 
 
 def main(argv: list[str] | None = None) -> int:

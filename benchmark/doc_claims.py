@@ -10,7 +10,7 @@ from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate, read_
 from sglang.multimodal_gen.runtime.utils.video_io import save_video, read_video
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan
-def psnr(a, b): return 10*np.log10(1/np.mean((a-b)**2))
+from metrics import psnr  # benchmark/metrics.py, next to this script
 d = tempfile.mkdtemp()
 for name, path in (("built-in (trained)", None), ("random tiny", build_tiny_wan(d + "/rand"))):
     g = DiffGenerator.from_pretrained(path and str(path))

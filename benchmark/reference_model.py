@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -38,17 +37,14 @@ from sglang.multimodal_gen.tools import adherence  # noqa: E402
 from sglang.multimodal_gen.tools.probe_caches import register_probe_caches  # noqa: E402
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, TRAIN_SCENES  # noqa: E402
 
+from metrics import psnr  # noqa: E402  (benchmark/metrics.py, next to this script)
+
 logger = logging.getLogger("reference_model")
 STEPS = 50
 K = 4
 RETENTION = 0.2
 THRESHOLDS = [round(float(x), 3) for x in np.arange(0.005, 0.6, 0.005)]
 GEOMETRY = dict(height=64, width=64, num_frames=17, num_inference_steps=STEPS, guidance_scale=5.0)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return 10 * math.log10(1.0 / max(mse, 1e-20))
 
 
 def run(gen: DiffGenerator, prompt: str, seed: int, cache: CacheParams | None = None, calibrate: bool = False):
