@@ -53,6 +53,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from metrics import PeakMemory, fidelity  # noqa: E402
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams  # noqa: E402
+from sglang.multimodal_gen.configs.models import read_model_info  # noqa: E402
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
 from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND  # noqa: E402
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult  # noqa: E402
@@ -229,7 +230,8 @@ class DiffusersRunner:
             tokenizer=self.plain.tokenizer, text_encoder=self.plain.text_encoder, vae=self.plain.vae,
             scheduler=copy.deepcopy(self.plain.scheduler), transformer=transformer.to(device),
         )
-        self.text_length = min(512, self.plain.tokenizer.model_max_length)
+        # The prompt length our pipeline pads to (the folder's text_max_length or the family's 512).
+        self.text_length = read_model_info(Path(model_path)).text_max_length
         for pipe in (self.plain, self.hooked):
             pipe.set_progress_bar_config(disable=True)
             pipe.transformer.register_forward_pre_hook(self._on_transformer_call)

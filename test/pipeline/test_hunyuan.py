@@ -88,7 +88,6 @@ def _diffusers_run(pipe, text_stage: HunyuanTextEncodingStage, seed: int, output
         generator=torch.Generator().manual_seed(seed),
         output_type=output_type,
         prompt_template={"template": text_stage.template, "crop_start": text_stage.crop_start},
-        max_sequence_length=text_stage.max_length,
         **REQUEST,
     ).frames
 

@@ -29,7 +29,6 @@ def _diffusers_run(pipe, seed: int, output_type: str):
         negative_prompt=NEGATIVE,
         generator=torch.Generator().manual_seed(seed),
         output_type=output_type,
-        max_sequence_length=pipe.tokenizer.model_max_length,
         **TINY_REQUEST,
     ).frames
 

@@ -3,8 +3,10 @@
 The family is read from ``model_index.json``'s ``_class_name`` (the diffusers pipeline name), so
 any folder in the diffusers layout of a supported checkpoint is recognised. A folder may carry an
 ``sglang_config.json`` that overrides sampling defaults and names its cache preset key (the
-built-in model does), and may pass ``pipeline_options`` to its family's pipeline (HunyuanVideo:
-``{"prompt_template": {"crop_start": N}}`` for a tokenizer other than the published one).
+built-in model does), may declare the prompt length its text path was trained with
+(``text_max_length``, default: the family's, as diffusers' pipelines pad to it), and may pass
+``pipeline_options`` to its family's pipeline (HunyuanVideo: ``{"prompt_template": {"crop_start":
+N}}`` for a tokenizer other than the published one).
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ class ModelFamily:
         diffusers_pipelines: ``_class_name`` values of model_index.json that mean this family.
         pipeline_module: Module of ``runtime/pipelines`` that builds the stages for it.
         sampling_defaults: Defaults of the published checkpoints (overridable per folder).
+        text_max_length: Prompt tokens the text encoder's output is padded to, the
+            ``max_sequence_length`` default of the family's diffusers pipeline (Wan 512;
+            HunyuanVideo 256 after the template's ``crop_start``). It never depends on the
+            tokenizer's ``model_max_length``, since diffusers' pipelines ignore that too.
     """
 
     name: str
     diffusers_pipelines: tuple[str, ...]
     pipeline_module: str
+    text_max_length: int
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
 
@@ -41,6 +48,7 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
         name="wan",
         diffusers_pipelines=("WanPipeline",),
         pipeline_module="sglang.multimodal_gen.runtime.pipelines.wan",
+        text_max_length=512,
         sampling_defaults=dict(
             negative_prompt="",
             num_inference_steps=50,
@@ -55,6 +63,7 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
         name="hunyuan",
         diffusers_pipelines=("HunyuanVideoPipeline",),
         pipeline_module="sglang.multimodal_gen.runtime.pipelines.hunyuan",
+        text_max_length=256,
         # diffusers' HunyuanVideoPipeline defaults; fps 24 as the HunyuanVideo release saves its videos.
         # guidance_scale is the embedded (distilled) guidance; there is no negative-prompt branch.
         sampling_defaults=dict(
@@ -77,6 +86,7 @@ class ModelInfo:
     path: Path
     family: ModelFamily
     sampling_defaults: dict[str, Any]
+    text_max_length: int
     cache_model_key: str | None
     calibration_file: Path | None
     pipeline_options: dict[str, Any] = field(default_factory=dict)
@@ -101,10 +111,16 @@ def read_model_info(path: Path) -> ModelInfo:
     if (path / OVERRIDES_FILE).is_file():
         overrides = json.loads((path / OVERRIDES_FILE).read_text())
     calibration = overrides.get("cache_calibration_file")
+    text_max_length = overrides.get("text_max_length", family.text_max_length)
+    if isinstance(text_max_length, bool) or not isinstance(text_max_length, int) or text_max_length < 1:
+        raise ModelNotFoundError(
+            f"{path / OVERRIDES_FILE}: text_max_length must be a whole number of tokens >= 1, got {text_max_length!r}"
+        )
     return ModelInfo(
         path=path,
         family=family,
         sampling_defaults={**family.sampling_defaults, **overrides.get("sampling_defaults", {})},
+        text_max_length=text_max_length,
         cache_model_key=overrides.get("cache_model_key"),
         calibration_file=(path / calibration) if calibration else None,
         pipeline_options=overrides.get("pipeline_options", {}),

@@ -277,7 +277,9 @@ def train(output: Path, cfg: TrainConfig, vae_from: Path | None = None) -> dict:
     text_encoder, transformer, dit_loss = train_dit(cfg, latents, captions, tokenizer)
 
     save_wan_components(output, text_encoder, transformer, vae)
-    (output / "sglang_config.json").write_text(json.dumps({"sampling_defaults": SAMPLING_DEFAULTS}, indent=2) + "\n")
+    # The prompt length it was trained with, so our pipeline (and a parity run) pad to it.
+    overrides = {"sampling_defaults": SAMPLING_DEFAULTS, "text_max_length": TINY_TEXT_LENGTH}
+    (output / "sglang_config.json").write_text(json.dumps(overrides, indent=2) + "\n")
     summary = {
         "config": asdict(cfg),
         "vae_final_reconstruction_loss": None if vae_loss is None else round(vae_loss, 5),

@@ -30,14 +30,15 @@ class DiTStepContext:
 
 
 class DiTAdapter(abc.ABC):
-    """Wraps one diffusers transformer. ``head(blocks(*embed(...)))`` equals its own forward."""
+    """Wraps one diffusers transformer. ``head(blocks(*embed(...)))`` equals its own forward.
+
+    An adapter has no dtype of its own: diffusers keeps some modules of a half-precision model in
+    fp32 (Wan's time embedder and norms), so no parameter tells the compute dtype. The pipeline,
+    which chose it, hands it to the stage that prepares the adapter's inputs.
+    """
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
 
     @abc.abstractmethod
     def embed(

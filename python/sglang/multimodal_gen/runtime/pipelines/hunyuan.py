@@ -21,9 +21,6 @@ from sglang.multimodal_gen.runtime.stages.hunyuan_text_encoding import HUNYUAN_P
 from sglang.multimodal_gen.runtime.stages.input_validation import InputValidationStage
 from sglang.multimodal_gen.runtime.stages.latent_preparation import LatentPreparationStage
 
-# Llama tokens of the prompt after the template's system part (diffusers' max_sequence_length);
-# tokenizers that cap lower (tiny models) win.
-HUNYUAN_TEXT_LENGTH = 256
 # The transformer takes guidance as an embedding of guidance_scale * 1000.
 EMBEDDED_GUIDANCE_MULTIPLIER = 1000.0
 # The published cache presets were calibrated at 544x960 and 720x1280 (MagCache4HunyuanVideo picks
@@ -56,7 +53,6 @@ class HunyuanVideoT2VPipeline(Pipeline):
         self.vae = vae
 
         template = {**HUNYUAN_PROMPT_TEMPLATE, **model_info.pipeline_options.get("prompt_template", {})}
-        text_length = min(HUNYUAN_TEXT_LENGTH, tokenizer.model_max_length - template["crop_start"])
         spatial = vae.spatial_compression_ratio
         temporal = vae.temporal_compression_ratio
         config = transformer.config
@@ -69,10 +65,15 @@ class HunyuanVideoT2VPipeline(Pipeline):
                 cfg=False,
             ),
             HunyuanTextEncodingStage(
-                tokenizer, text_encoder, tokenizer_2, text_encoder_2, text_length, device, dtype, template
+                tokenizer, text_encoder, tokenizer_2, text_encoder_2, model_info.text_max_length, device, dtype, template
             ),
             LatentPreparationStage(scheduler, config.in_channels, spatial, temporal, device, sigmas=hunyuan_sigmas),
-            DenoisingStage(HunyuanDiTAdapter(transformer), embedded_guidance_scale=EMBEDDED_GUIDANCE_MULTIPLIER),
+            DenoisingStage(
+                HunyuanDiTAdapter(transformer),
+                dtype,
+                embedded_guidance_scale=EMBEDDED_GUIDANCE_MULTIPLIER,
+                timestep_in_latent_dtype=True,
+            ),
             HunyuanDecodingStage(vae),
         ]
 

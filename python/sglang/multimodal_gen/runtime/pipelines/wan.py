@@ -14,9 +14,6 @@ from sglang.multimodal_gen.runtime.stages.input_validation import InputValidatio
 from sglang.multimodal_gen.runtime.stages.latent_preparation import LatentPreparationStage
 from sglang.multimodal_gen.runtime.stages.text_encoding import T5TextEncodingStage
 
-# Wan's reference pipeline pads prompts to 512 tokens; tokenizers that cap lower (tiny models) win.
-WAN_TEXT_LENGTH = 512
-
 # Transformer width -> published cache preset key (MagCache ratios, TeaCache coefficients).
 _WAN_PRESET_BY_WIDTH = {1536: "wan21_t2v_1.3b", 5120: "wan21_t2v_14b"}
 
@@ -42,7 +39,6 @@ class WanT2VPipeline(Pipeline):
         patch = transformer.config.patch_size
         spatial = vae.config.scale_factor_spatial
         temporal = vae.config.scale_factor_temporal
-        text_length = min(WAN_TEXT_LENGTH, tokenizer.model_max_length)
         self.geometry = VideoGeometry(spatial_multiple=spatial * max(patch[1], patch[2]), temporal_stride=temporal)
         self.stages = [
             InputValidationStage(
@@ -50,9 +46,9 @@ class WanT2VPipeline(Pipeline):
                 self.geometry,
                 model_info.cache_model_key or wan_cache_model_key(transformer.config),
             ),
-            T5TextEncodingStage(tokenizer, text_encoder, text_length, device, dtype),
+            T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
             LatentPreparationStage(scheduler, transformer.config.in_channels, spatial, temporal, device),
-            DenoisingStage(WanDiTAdapter(transformer)),
+            DenoisingStage(WanDiTAdapter(transformer), dtype),
             WanDecodingStage(vae),
         ]
 

@@ -19,24 +19,37 @@ class DenoisingStage(PipelineStage):
 
     Args:
         adapter: The model's embed / blocks / head split.
+        dtype: The compute dtype the pipeline loaded the transformer in: latents and guidance
+            enter the model in it, as diffusers' pipelines cast them to ``transformer.dtype``.
         embedded_guidance_scale: For guidance-distilled models (HunyuanVideo), which take the
             guidance as a model input rather than from a second CFG branch: every branch then gets
             ``guidance = guidance_scale * embedded_guidance_scale`` (1000 for HunyuanVideo, as its
             diffusers pipeline passes it). ``None`` (Wan) passes no guidance input.
+        timestep_in_latent_dtype: HunyuanVideo's pipeline casts the timestep to the latents' dtype,
+            which its scheduler turns into the model dtype after the first step (so in bf16 the
+            timestep is rounded to bf16, e.g. 996.5 -> 996); Wan's passes it in fp32. We follow each.
     """
 
     name = "denoising"
 
-    def __init__(self, adapter: DiTAdapter, embedded_guidance_scale: float | None = None) -> None:
+    def __init__(
+        self,
+        adapter: DiTAdapter,
+        dtype: torch.dtype,
+        embedded_guidance_scale: float | None = None,
+        timestep_in_latent_dtype: bool = False,
+    ) -> None:
         self.adapter = adapter
+        self.dtype = dtype
         self.embedded_guidance_scale = embedded_guidance_scale
+        self.timestep_in_latent_dtype = timestep_in_latent_dtype
 
     def __call__(self, req: Req) -> Req:
         params, cache, scheduler = req.params, req.cache, req.scheduler
         if cache is not None:
             cache.reset()
         latents = req.latents
-        model_dtype = self.adapter.dtype
+        model_dtype = self.dtype
         timesteps = req.timesteps
         conditioning = {branch: dict(req.conditioning.get(branch, {})) for branch in req.prompt_embeds}
         if self.embedded_guidance_scale is not None:
@@ -49,6 +62,8 @@ class DenoisingStage(PipelineStage):
         for step, t in enumerate(timesteps):
             model_input = latents.to(model_dtype)
             timestep = t.expand(model_input.shape[0])
+            if self.timestep_in_latent_dtype:
+                timestep = timestep.to(latents.dtype)
             preds = {
                 branch: self._predict(step, branch, model_input, timestep, embeds, conditioning[branch], req)
                 for branch, embeds in req.prompt_embeds.items()

@@ -1,0 +1,258 @@
+"""Our pipelines against diffusers' own on folders configured unlike our fixtures, one factor at a time.
+
+Each cell copies a base tiny folder, changes one thing a real checkpoint may ship differently
+(the scheduler, the tokenizer's ``model_max_length``, a transformer config field) or runs it in
+another dtype, and compares our latents and frames with diffusers' WanPipeline /
+HunyuanVideoPipeline on that same folder, with diffusers' default ``max_sequence_length``.
+
+Tolerance: 1e-5 in every dtype, on latents (unit scale) and on frames in [0, 1] (decoded by an
+fp32 VAE on both sides). In bf16 and fp16 that is below half an ulp (2**-9 = 0.002 for bf16,
+2**-12 for fp16 at 1.0), so a half-precision cell must agree bit for bit where values are
+stored in half precision. That is what we measured (a difference of exactly 0 in every cell): both
+sides run the same modules on the same inputs in the same order in one process, so any real
+divergence (an input cast in another place, a timestep rounded differently, a VAE whose weights
+went through bf16) shows up as whole ulps, e.g. 0.03 on the latents when the HunyuanVideo
+timestep was not rounded to bf16 as diffusers rounds it, and 0.006 on the frames with a VAE cast
+to bf16 and back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_REQUEST
+
+from sglang.multimodal_gen.configs.cache_params import CacheParams
+from sglang.multimodal_gen.configs.models import read_model_info
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.runtime.cache.base import COND
+from sglang.multimodal_gen.runtime.cache.magcache import preset_ratio_table
+from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+from sglang.multimodal_gen.runtime.stages.hunyuan_text_encoding import HUNYUAN_PROMPT_TEMPLATE
+
+PROMPT = "a red circle moving left on a blue background"
+NEGATIVE = "blurry, low quality"
+HUNYUAN_REQUEST = {**TINY_REQUEST, "guidance_scale": 6.0}
+HUNYUAN_TEMPLATE = HUNYUAN_PROMPT_TEMPLATE["template"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (rtol, atol); see the module docstring.
+TOLERANCE = (1e-5, 1e-5)
+
+# A cell: (family, factor, change). A change is applied to a copy of the family's base folder.
+WAN_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Wan2.1-T2V checkpoints ship UniPC over flow sigmas (the base folder already has it).
+    "unipc": ("UniPCMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              flow_shift=3.0, solver_order=2, predict_x0=True, solver_type="bh2",
+                                              lower_order_final=True)),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+    "dpm_flow": ("DPMSolverMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                     flow_shift=3.0, solver_order=2)),
+}
+HUNYUAN_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=7.0)),
+    # The HunyuanVideo pipeline hands the scheduler explicit sigmas; UniPC takes them over flow sigmas.
+    "unipc_flow": ("UniPCMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                   flow_shift=7.0)),
+}
+
+CELLS = [
+    *[("wan", "scheduler", name) for name in WAN_SCHEDULERS],
+    ("wan", "tokenizer_cap", 16),      # below the 512 text length (the base tokenizer caps at 32)
+    ("wan", "tokenizer_cap", 1024),    # above it
+    ("wan", "transformer", {"cross_attn_norm": False}),
+    ("wan", "transformer", {"eps": 1e-5, "num_layers": 3}),
+    ("wan", "dtype", "bf16"),
+    ("wan", "dtype", "fp16"),
+    *[("hunyuan", "scheduler", name) for name in HUNYUAN_SCHEDULERS],
+    ("hunyuan", "tokenizer_cap", "below_crop"),  # model_max_length under the template's crop_start
+    ("hunyuan", "tokenizer_cap", 1024),
+    ("hunyuan", "transformer", {"qk_norm": "layer_norm"}),
+    ("hunyuan", "transformer", {"num_layers": 1, "num_single_layers": 3}),
+    ("hunyuan", "dtype", "bf16"),
+    ("hunyuan", "dtype", "fp16"),
+]
+
+
+def _cell_id(cell) -> str:
+    family, factor, change = cell
+    if isinstance(change, dict):
+        change = "-".join(f"{k}={v}" for k, v in change.items())
+    return f"{family}-{factor}-{change}"
+
+
+def _set_scheduler(folder: Path, class_name: str, kwargs: dict[str, Any]) -> None:
+    import diffusers
+
+    shutil.rmtree(folder / "scheduler")
+    getattr(diffusers, class_name)(num_train_timesteps=1000, **kwargs).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", class_name]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _set_tokenizer_cap(folder: Path, cap: int) -> None:
+    config_file = folder / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["model_max_length"] = cap
+    config_file.write_text(json.dumps(config, indent=2))
+
+
+def _set_transformer_config(folder: Path, family: str, changes: dict[str, Any]) -> None:
+    import diffusers
+
+    class_name = "WanTransformer3DModel" if family == "wan" else "HunyuanVideoTransformer3DModel"
+    cls = getattr(diffusers, class_name)
+    config = {**cls.load_config(folder / "transformer"), **changes}
+    torch.manual_seed(1)
+    shutil.rmtree(folder / "transformer")
+    cls.from_config(config).save_pretrained(folder / "transformer", safe_serialization=True)
+
+
+def _hunyuan_crop_start(folder: Path) -> int:
+    return read_model_info(folder).pipeline_options["prompt_template"]["crop_start"]
+
+
+@pytest.fixture(scope="module")
+def variant_folder(tmp_path_factory, tiny_wan_dir, tiny_hunyuan_dir):
+    """Builds (once per module) the folder of a cell: the base folder with one factor changed."""
+    made: dict[str, Path] = {}
+
+    def build(cell) -> Path:
+        family, factor, change = cell
+        base = tiny_wan_dir if family == "wan" else tiny_hunyuan_dir
+        if factor == "dtype":
+            return base
+        key = _cell_id(cell)
+        if key not in made:
+            folder = tmp_path_factory.mktemp("variants") / key
+            shutil.copytree(base, folder)
+            if factor == "scheduler":
+                _set_scheduler(folder, *(WAN_SCHEDULERS if family == "wan" else HUNYUAN_SCHEDULERS)[change])
+            elif factor == "tokenizer_cap":
+                _set_tokenizer_cap(folder, _hunyuan_crop_start(folder) // 2 if change == "below_crop" else change)
+            else:
+                _set_transformer_config(folder, family, change)
+            made[key] = folder
+        return made[key]
+
+    return build
+
+
+def _diffusers_pipeline(family: str, folder: Path, dtype: torch.dtype, ours: DiffGenerator):
+    """diffusers' own pipeline on ``folder`` in ``dtype``, its VAE loaded in fp32 as ours is.
+
+    (Loading the VAE in half precision and casting it back would round its weights.)
+    """
+    from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan, HunyuanVideoPipeline, WanPipeline
+
+    if family == "wan":
+        vae = AutoencoderKLWan.from_pretrained(folder / "vae", dtype=torch.float32)
+        pipe = WanPipeline.from_pretrained(folder, vae=vae, dtype=dtype)
+    else:
+        # transformers 5 rebuilds a byte-level Llama vocabulary SentencePiece-style under its
+        # LlamaTokenizerFast name; diffusers gets the tokenizer as our loader reads it.
+        text_stage = next(s for s in ours.pipeline.stages if s.name == "text_encoding")
+        vae = AutoencoderKLHunyuanVideo.from_pretrained(folder / "vae", dtype=torch.float32)
+        pipe = HunyuanVideoPipeline.from_pretrained(folder, tokenizer=text_stage.tokenizer, vae=vae, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _diffusers_run(family: str, pipe, folder: Path, seed: int, output_type: str, steps: int | None = None):
+    if family == "wan":
+        kwargs = dict(negative_prompt=NEGATIVE, **TINY_REQUEST)
+    else:
+        template = {"template": HUNYUAN_TEMPLATE, "crop_start": _hunyuan_crop_start(folder)}
+        kwargs = dict(prompt_template=template, **HUNYUAN_REQUEST)
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    return pipe(
+        prompt=PROMPT, generator=torch.Generator().manual_seed(seed), output_type=output_type, **kwargs
+    ).frames
+
+
+def _our_params(family: str, seed: int, cache: CacheParams | None = None, steps: int | None = None) -> SamplingParams:
+    if family == "wan":
+        request = dict(negative_prompt=NEGATIVE, **TINY_REQUEST)
+    else:
+        request = dict(HUNYUAN_REQUEST)
+    if steps is not None:
+        request["num_inference_steps"] = steps
+    return SamplingParams(prompt=PROMPT, seed=seed, cache=cache or CacheParams(), **request)
+
+
+def _assert_match(ours, reference_latents, reference_frames) -> None:
+    rtol, atol = TOLERANCE
+    assert ours.latents.shape == reference_latents.shape
+    torch.testing.assert_close(ours.latents, reference_latents.to(ours.latents.dtype), rtol=rtol, atol=atol)
+    assert ours.frames.shape == reference_frames.shape
+    np.testing.assert_allclose(ours.frames, reference_frames, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=_cell_id)
+def test_pipeline_matches_diffusers(cell, variant_folder):
+    family, factor, change = cell
+    dtype_name = change if factor == "dtype" else "fp32"
+    folder = variant_folder(cell)
+    ours = DiffGenerator.from_pretrained(str(folder), device="cpu", dtype=dtype_name)
+    pipe = _diffusers_pipeline(family, folder, DTYPES[dtype_name], ours)
+
+    result = ours.generate(_our_params(family, seed=5))
+    assert np.isfinite(result.frames).all()
+    reference_latents = _diffusers_run(family, pipe, folder, seed=5, output_type="latent")
+    reference_frames = _diffusers_run(family, pipe, folder, seed=5, output_type="np")[0]
+    _assert_match(result, reference_latents, reference_frames)
+
+
+# --------------------------------------------------------------------------- MagCache vs diffusers' hook
+MAG_STEPS = 12
+MAG_SETTINGS = dict(threshold=0.3, max_skip_steps=3, retention_ratio=0.2)
+
+
+def _mag_ratios(family: str) -> list[float]:
+    key = "wan21_t2v_1.3b" if family == "wan" else "hunyuan_544p"
+    return list(preset_ratio_table()[key][COND])
+
+
+def _record_block_runs(transformer, family: str) -> list[bool]:
+    """True per transformer call when a middle block really ran (the hook skips whole blocks)."""
+    ran: list[bool] = []
+    middle = transformer.blocks[1].attn1 if family == "wan" else transformer.transformer_blocks[1].attn
+    transformer.register_forward_pre_hook(lambda module, args: ran.append(False))
+    middle.register_forward_hook(lambda module, args, out: ran.__setitem__(-1, True))
+    return ran
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_magcache_matches_diffusers_hook(family, dtype_name, tiny_wan_dir, tiny_hunyuan_dir):
+    """Same skips and output as diffusers' MagCache hook, with one ratio curve for every branch."""
+    from diffusers.hooks import MagCacheConfig as HookConfig
+    from diffusers.hooks import apply_mag_cache
+
+    folder = tiny_wan_dir if family == "wan" else tiny_hunyuan_dir
+    ours = DiffGenerator.from_pretrained(str(folder), device="cpu", dtype=dtype_name)
+    pipe = _diffusers_pipeline(family, folder, DTYPES[dtype_name], ours)
+    ratios = _mag_ratios(family)
+    apply_mag_cache(
+        pipe.transformer,
+        HookConfig(mag_ratios=torch.tensor(ratios), num_inference_steps=MAG_STEPS, **MAG_SETTINGS),
+    )
+    ran = _record_block_runs(pipe.transformer, family)
+    reference_latents = _diffusers_run(family, pipe, folder, seed=3, output_type="latent", steps=MAG_STEPS)
+
+    cache = CacheParams(strategy="magcache", options={"mag_ratios": {b: ratios for b in ("cond", "uncond")}},
+                        **MAG_SETTINGS)
+    result = ours.generate(_our_params(family, seed=3, cache=cache, steps=MAG_STEPS))
+    branches = list(result.cache_stats.branches)
+    assert result.cache.plan() == {b: ran[i :: len(branches)] for i, b in enumerate(branches)}
+    assert result.cache_stats.total_skipped >= 3
+    rtol, atol = TOLERANCE
+    torch.testing.assert_close(result.latents, reference_latents.to(result.latents.dtype), rtol=rtol, atol=atol)
