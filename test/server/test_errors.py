@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -58,6 +59,7 @@ CASES = [
     ({"size": "huge"}, "size", "size must be 'WIDTHxHEIGHT'"),
     ({"seed": "abc"}, "seed", "seed must be an integer, got 'abc'"),
     ({"seed": -1}, "seed", "seed must be an integer >= 0"),
+    ({"seed": 2**64}, "seed", f"seed must be at most {2**64 - 1}"),
     ({"num_inference_steps": "2.5"}, "num_inference_steps", "num_inference_steps must be an integer"),
     ({"num_inference_steps": 0}, "num_inference_steps", "num_inference_steps must be an integer >= 1"),
     ({"guidance_scale": "lots"}, "guidance_scale", "guidance_scale must be a finite number"),
@@ -86,6 +88,23 @@ def test_bad_create_is_400_naming_the_param(http, change, param, fragment, as_fo
 )
 def test_json_types_are_checked(http, value, fragment):
     _assert_error(http.post("/v1/videos", json={**BASE, "seed": value}), 400, "seed", fragment)
+
+
+@pytest.mark.parametrize(
+    "param, escaped, fragment",
+    [
+        ("prompt", r"caf\udce9 \udcff", "prompt is not valid UTF-8: character 3 is the undecodable byte 0xe9"),
+        ("prompt", r"a \ud800 cat", "prompt is not valid UTF-8: character 2 is the lone surrogate U+D800"),
+        ("negative_prompt", r"blurry \udcff", "negative_prompt is not valid UTF-8"),
+    ],
+)
+def test_lone_surrogates_in_json_text_are_400(http, param, escaped, fragment):
+    """JSON may spell a lone surrogate ("\\ud800"); it decodes to a str no tokenizer takes."""
+    fields = {**BASE, "prompt": "a cat", param: "@TEXT@"}
+    body = json.dumps(fields).replace("@TEXT@", escaped).encode()
+    assert any(0xD800 <= ord(c) <= 0xDFFF for c in json.loads(body)[param])  # what the server decodes
+    response = http.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+    _assert_error(response, 400, param, fragment)
 
 
 def test_bad_bodies(http):

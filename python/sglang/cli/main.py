@@ -8,11 +8,13 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from sglang.multimodal_gen.errors import UserError
 
 logger = logging.getLogger("sglang")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def _default_output_path(prompt: str, seed: int) -> str:
@@ -82,17 +84,35 @@ def cache_params_from_args(args: argparse.Namespace):
     )
 
 
+def check_before_load(args: argparse.Namespace, requests: Sequence[Any]) -> None:
+    """Everything that needs no model, so a mistake costs no model load (minutes, for a real one):
+    the requests' values (``SamplingParams``), the device and dtype names, a calibration file's format."""
+    from sglang.multimodal_gen.runtime.cache.calibration import load_calibration
+    from sglang.multimodal_gen.runtime.entrypoints.generator import resolve_device, resolve_dtype
+    from sglang.multimodal_gen.runtime.stages.input_validation import check_model_free
+
+    for params in requests:
+        check_model_free(params)
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    calibration_file = getattr(args, "cache_calibration", None)
+    if calibration_file is not None:
+        load_calibration(calibration_file)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
     from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
+    from sglang.multimodal_gen.runtime.utils.video_io import check_output_path
 
-    check_prompt(args.prompt)
+    check_prompt(args.prompt)  # before the default output path is made from it
     params = dataclasses.replace(
         sampling_params_from_args(args),
         prompt=args.prompt,
         output_path=args.output_path or _default_output_path(args.prompt, args.seed),
         cache=cache_params_from_args(args),
     )
+    check_before_load(args, [params])
+    check_output_path(params.output_path)
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
     result = generator.generate(params, show_progress_bar=True)
     for stage, seconds in result.timings.items():
@@ -105,14 +125,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate, read_prompts_file
+    from sglang.multimodal_gen.runtime.entrypoints.calibrate import (
+        calibrate,
+        check_calibration_output,
+        read_prompts_file,
+    )
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
-        print("error: give at least one --prompt or a --prompts-file", file=sys.stderr)
-        return 2
+        raise UserError("give at least one --prompt or a --prompts-file")
     template = sampling_params_from_args(args)
+    check_before_load(args, [dataclasses.replace(template, prompt=prompt, seed=template.seed + index)
+                             for index, prompt in enumerate(prompts)])  # seeds as calibrate() draws them
+    check_calibration_output(args.output)
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
     result = calibrate(generator, prompts, template, args.output, show_progress=True)
     for name, branch in result.branches.items():
@@ -124,7 +150,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang", description="sglang diffusion runtime with timestep caching")
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    parser.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
+                        help="debug, info, warning, error or critical (default warning)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     generate = sub.add_parser("generate", help="generate one video from a prompt")

@@ -15,7 +15,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve = subparsers.add_parser("serve", help="serve the OpenAI-style /v1/videos API")
     add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    serve.add_argument("--port", type=int, default=30000, help="port to bind (default 30000; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=30000, help="port to bind (default 30000; 0 picks a free one)")
     serve.add_argument("--served-model-name", default=None,
                        help="model name in responses and /v1/models (default: the model folder's name)")
     serve.add_argument("--cache-calibration", default=None,
@@ -24,10 +24,26 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return serve
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
-    from sglang.multimodal_gen.runtime.entrypoints.http_server import run_server
+def _port(text: str) -> int:
+    """argparse type: a TCP port, refused as a usage error (before anything loads) when out of range."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}; use a number 0-65535") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range; use 0-65535 (0 picks a free port)")
+    return port
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sglang.multimodal_gen.runtime.cache.calibration import load_calibration
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+    from sglang.multimodal_gen.runtime.entrypoints.http_server import check_listen_address, run_server
+
+    # What can be checked without the model first: a load can take minutes.
+    check_listen_address(args.host, args.port)
+    if args.cache_calibration is not None:
+        load_calibration(args.cache_calibration)
     generator = DiffGenerator.from_pretrained(
         args.model_path, device=args.device, dtype=args.dtype, cache_calibration=args.cache_calibration
     )

@@ -92,6 +92,8 @@ class CacheParams:
 
         if self.strategy == "none":
             given = [k for k in TOP_LEVEL_KNOBS if getattr(self, k) is not None] + sorted(self.options)
+            if self.calibration_file is not None:  # it would be silently unused
+                given.append("calibration_file")
             if given or self.preset is not None:
                 raise CacheConfigError(
                     f"cache settings {given or ['preset']} were given but the cache strategy is 'none'; "
@@ -167,7 +169,11 @@ def parse_cache_params_arg(value: str) -> dict[str, Any]:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise CacheConfigError(f"cannot read --cache-params file {str(path)!r}: {exc}") from None
+            raise CacheConfigError(f"cannot read --cache-params file {str(path)!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise CacheConfigError(
+                f"--cache-params file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
         source = f"--cache-params file {str(path)!r}"
     try:
         data = json.loads(text)

@@ -109,7 +109,12 @@ def read_model_info(path: Path) -> ModelInfo:
         raise ModelNotFoundError(f"{path} holds a {class_name}, which is not supported; supported: {supported}")
     overrides: dict[str, Any] = {}
     if (path / OVERRIDES_FILE).is_file():
-        overrides = json.loads((path / OVERRIDES_FILE).read_text())
+        try:
+            overrides = json.loads((path / OVERRIDES_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelNotFoundError(f"{path / OVERRIDES_FILE} is not valid JSON ({exc})") from None
+        if not isinstance(overrides, dict):
+            raise ModelNotFoundError(f"{path / OVERRIDES_FILE} must hold a JSON object")
     calibration = overrides.get("cache_calibration_file")
     text_max_length = overrides.get("text_max_length", family.text_max_length)
     if isinstance(text_max_length, bool) or not isinstance(text_max_length, int) or text_max_length < 1:

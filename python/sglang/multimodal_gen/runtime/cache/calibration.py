@@ -125,6 +125,9 @@ class CalibrationResult:
             raise CacheConfigError(f"calibration file {path} does not exist", param="cache_calibration") from None
         except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
             raise CacheConfigError(f"{path} is not a calibration file (not JSON)", param="cache_calibration") from None
+        except OSError as exc:
+            raise CacheConfigError(f"cannot read calibration file {path}: {exc.strerror or exc}",
+                                   param="cache_calibration") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CacheConfigError(
                 f"{path} is not a calibration file written by `sglang calibrate`", param="cache_calibration"

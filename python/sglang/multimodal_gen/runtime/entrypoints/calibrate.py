@@ -15,6 +15,7 @@ from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, plot_magnitude_ratios
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
+from sglang.multimodal_gen.runtime.utils.video_io import check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +24,29 @@ def read_prompts_file(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"cannot read prompts file {path}: {exc}", param="prompts_file") from None
+    except FileNotFoundError:
+        raise InvalidRequestError(f"prompts file {path} does not exist", param="prompts_file") from None
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read prompts file {path}: {exc.strerror or exc}",
+                                  param="prompts_file") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"prompts file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                  param="prompts_file") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise InvalidRequestError(f"prompts file {path} holds no prompts", param="prompts_file")
     return prompts
+
+
+def check_calibration_output(output: str | Path) -> Path:
+    """A .json path that can be written, with room for the .png beside it: checked before any run,
+    since a calibration takes many generations."""
+    output = Path(output)
+    if output.suffix.lower() != ".json":
+        raise InvalidRequestError(f"calibration output {output} must be a .json file", param="output")
+    check_writable_file(output, "output", "calibration output")
+    check_writable_file(output.with_suffix(".png"), "output", "calibration plot")
+    return output
 
 
 def calibrate(
@@ -39,9 +57,7 @@ def calibrate(
     show_progress: bool = False,
 ) -> CalibrationResult:
     """Run each prompt uncached (seed ``template.seed + index``), save the averaged result and its plot."""
-    output = Path(output)
-    if output.suffix.lower() != ".json":
-        raise InvalidRequestError(f"calibration output {output} must be a .json file", param="output")
+    output = check_calibration_output(output)
     for prompt in prompts:
         check_prompt(prompt)
     runs = []

@@ -35,6 +35,12 @@ def resolve_device(device: str | None) -> torch.device:
         raise InvalidRequestError(f"unknown device {device!r}; use cpu, cuda or cuda:N", param="device") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InvalidRequestError(f"device {device!r} requested but CUDA is not available here", param="device")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InvalidRequestError(
+            f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}",
+            param="device",
+        )
     if resolved.type not in ("cpu", "cuda"):
         raise InvalidRequestError(f"device type {resolved.type!r} is not supported; use cpu or cuda", param="device")
     return resolved

@@ -405,6 +405,27 @@ def create_app(generator: Any, model_name: str) -> FastAPI:
     return app
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``; a bad host or a taken port is one ``UserError`` line."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is out of range; use 0-65535 (0 picks a free port)")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UserError(f"cannot listen on {host}:{port}: {reason}; pick another --port") from None
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Bind and release ``host:port`` at once, so a taken port is reported before the model loads
+    (minutes, for a real one) rather than after; ``run_server`` binds again for real."""
+    bind_socket(host, port).close()
+
+
 def run_server(generator: Any, model_name: str, host: str, port: int, log_level: str = "warning") -> None:
     """Serve until interrupted (Ctrl+C / SIGTERM stop uvicorn, which stops the worker).
 
@@ -413,15 +434,7 @@ def run_server(generator: Any, model_name: str, host: str, port: int, log_level:
     """
     import uvicorn
 
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as exc:
-        raise UserError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
-    try:
-        sock = socket.create_server((host, port), family=family)
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise UserError(f"cannot listen on {host}:{port}: {reason}; pick another --port") from None
+    sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
     app = create_app(generator, model_name)
     config = uvicorn.Config(app, host=host, port=bound_port, log_level=log_level.lower(), timeout_graceful_shutdown=5)

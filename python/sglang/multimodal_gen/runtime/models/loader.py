@@ -47,13 +47,18 @@ def load_component(model_dir: Path, name: str, torch_dtype: torch.dtype | None =
     index = json.loads((model_dir / "model_index.json").read_text())
     if name not in index:
         raise ModelNotFoundError(f"{model_dir}/model_index.json names no {name!r} component")
-    library, class_name = index[name]
+    entry = index[name]
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
+        raise ModelNotFoundError(f"{model_dir}/model_index.json: {name} must be [library, class name], got {entry!r}")
+    library, class_name = entry
     if library not in _LOADABLE_LIBRARIES:
         raise ModelNotFoundError(f"component {name} comes from unsupported library {library!r}")
     module = importlib.import_module(library)
     if library == "transformers":
         module.utils.logging.disable_progress_bar()
-    cls = getattr(module, class_name)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ModelNotFoundError(f"component {name}: {library} has no class {class_name!r} (too old a version?)")
     sub = model_dir / name
     if not sub.is_dir():
         raise ModelNotFoundError(f"{model_dir} lacks the {name}/ folder that model_index.json lists")
@@ -63,7 +68,11 @@ def load_component(model_dir: Path, name: str, torch_dtype: torch.dtype | None =
     if torch_dtype is not None and hasattr(cls, "dtype"):
         kwargs["dtype"] = torch_dtype
     logger.debug("loading %s (%s.%s) from %s", name, library, class_name, sub)
-    component = cls.from_pretrained(sub, **kwargs)
+    try:
+        component = cls.from_pretrained(sub, **kwargs)
+    except OSError as exc:  # diffusers and transformers say "missing weights / config" this way
+        reason = " ".join(str(exc).split())  # their messages may span lines; the CLI prints one
+        raise ModelNotFoundError(f"cannot load the {name} of {model_dir}: {reason}") from None
     if isinstance(component, torch.nn.Module):
         component.eval().requires_grad_(False)
     return component

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
@@ -39,17 +40,14 @@ class InputValidationStage(PipelineStage):
         self.cfg = cfg
 
     def __call__(self, req: Req) -> Req:
-        check_prompt(req.params.prompt)
         params = req.params.with_defaults(self.defaults)
         if params.negative_prompt is None:
             params.negative_prompt = ""
+        check_model_free(params)
+        # None if neither the request nor the model's defaults set them: check_model_free skips those.
         _require_int(params.num_inference_steps, "num_inference_steps", minimum=1)
-        _require_int(params.seed, "seed", minimum=0)
         _require_int(params.fps, "fps", minimum=1)
-        if not isinstance(params.guidance_scale, (int, float)) or params.guidance_scale < 0:
-            raise InvalidRequestError(
-                f"guidance_scale must be a number >= 0, got {params.guidance_scale!r}", param="guidance_scale"
-            )
+        _require_guidance_scale(params.guidance_scale)
         multiple = self.geometry.spatial_multiple
         for name in ("height", "width"):
             value = getattr(params, name)
@@ -82,12 +80,67 @@ class InputValidationStage(PipelineStage):
         return req
 
 
+# torch.Generator.manual_seed takes at most an unsigned 64-bit seed.
+MAX_SEED = 2**64 - 1
+
+
 def check_prompt(prompt: object) -> None:
-    """Model-independent, so callers can refuse an empty prompt before loading any weights."""
+    """Model-independent, so callers can refuse an empty or undecodable prompt before loading any weights."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequestError("the prompt is empty; pass a non-empty prompt", param="prompt")
+    _require_utf8(prompt, "prompt")
 
 
-def _require_int(value: Any, name: str, minimum: int) -> None:
+def check_negative_prompt(negative_prompt: object) -> None:
+    """``None`` or text the tokenizer can take; model-independent like :func:`check_prompt`."""
+    if negative_prompt is None:
+        return
+    if not isinstance(negative_prompt, str):
+        raise InvalidRequestError(
+            f"negative_prompt must be a string, got {negative_prompt!r}", param="negative_prompt"
+        )
+    _require_utf8(negative_prompt, "negative_prompt")
+
+
+def check_model_free(params: SamplingParams) -> None:
+    """The checks that need no model, on the fields that are set: the CLI runs them before loading
+    weights (so a typo costs no load), the stage again once the model's defaults are filled in.
+
+    Sizes and frame counts are left to the stage: what they must be a multiple of is the model's.
+    """
+    check_prompt(params.prompt)
+    check_negative_prompt(params.negative_prompt)
+    for name, minimum in (("num_inference_steps", 1), ("fps", 1), ("num_frames", 1)):
+        if getattr(params, name) is not None:
+            _require_int(getattr(params, name), name, minimum=minimum)
+    _require_int(params.seed, "seed", minimum=0, maximum=MAX_SEED)
+    if params.guidance_scale is not None:
+        _require_guidance_scale(params.guidance_scale)
+
+
+def _require_utf8(text: str, param: str) -> None:
+    """A str can hold what UTF-8 cannot: lone surrogates, from argv bytes that were not UTF-8
+    (Python keeps them as U+DC80-U+DCFF) or from "\\udXXX" escapes in JSON. Tokenizers choke on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        what = (f"the undecodable byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF
+                else f"the lone surrogate U+{char:04X}")
+        raise InvalidRequestError(
+            f"{param} is not valid UTF-8: character {exc.start} is {what}; pass UTF-8 text "
+            "(check the encoding of your terminal or file)",
+            param=param,
+        ) from None
+
+
+def _require_guidance_scale(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InvalidRequestError(f"guidance_scale must be a number >= 0, got {value!r}", param="guidance_scale")
+
+
+def _require_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got {value!r}", param=name)
+    if maximum is not None and value > maximum:
+        raise InvalidRequestError(f"{name} must be at most {maximum}, got {value}", param=name)

@@ -2,24 +2,54 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.errors import InvalidRequestError, UserError
 
 SUPPORTED_SUFFIXES = (".mp4", ".npy")
 
 
 def check_output_path(path: str) -> Path:
+    """Refuse a path the video could not be saved to, so the mistake shows before a long generation."""
     out = Path(path)
     if out.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise InvalidRequestError(
             f"cannot write {out.name}: the output path must end in .mp4 or .npy", param="output_path"
         )
-    if out.exists() and out.is_dir():
-        raise InvalidRequestError(f"output path {out} is a directory; give a file name", param="output_path")
+    check_writable_file(out, "output_path", "output path")
     return out
+
+
+def check_writable_file(out: Path, param: str, what: str) -> None:
+    """``out`` can be created or overwritten: not a folder, and its nearest existing ancestor is a
+    folder we may write into (the folders between are created on save).
+
+    Args:
+        out: The file to be written.
+        param: The parameter named in the error.
+        what: How the message calls the file, e.g. "output path".
+    """
+    try:
+        if out.is_dir():
+            raise InvalidRequestError(f"{what} {out} is a directory; give a file name", param=param)
+        if out.exists():
+            if not os.access(out, os.W_OK):
+                raise InvalidRequestError(f"{what} {out} exists and is not writable", param=param)
+            return
+        ancestor = out.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+    except PermissionError:  # a folder on the way that we may not even look into
+        raise InvalidRequestError(f"cannot write {what} {out}: permission denied", param=param) from None
+    if not ancestor.is_dir():
+        raise InvalidRequestError(f"cannot write {what} {out}: {ancestor} is a file, not a folder", param=param)
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidRequestError(
+            f"cannot write {what} {out}: folder {ancestor} is not writable", param=param
+        )
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -38,11 +68,15 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
 def save_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
     """Save by suffix: .mp4 (H.264) or .npy (float32 frames in [0, 1], shape (F, H, W, 3))."""
     out = check_output_path(str(path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".npy":
-        np.save(out, frames.astype(np.float32))
-    else:
-        out.write_bytes(encode_mp4(frames, fps))
+    mp4 = encode_mp4(frames, fps) if out.suffix.lower() == ".mp4" else None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if mp4 is None:
+            np.save(out, frames.astype(np.float32))
+        else:
+            out.write_bytes(mp4)
+    except OSError as exc:  # e.g. a full disk, or the folder changed since the check
+        raise UserError(f"cannot save {out}: {exc.strerror or exc}") from None
     return out
 
 
