@@ -4,6 +4,8 @@ schedule-only decisions on Wan, and the CLI's summary line and errors."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import TINY_REQUEST
@@ -19,6 +21,12 @@ STEPS = 12
 # Published Wan2.1 1.3B cond curve for both branches: diffusers' hook takes one array for all contexts.
 WAN_COND_RATIOS = preset_ratio_table()["wan21_t2v_1.3b"][COND]
 HOOK_SETTINGS = dict(threshold=0.3, max_skip_steps=3, retention_ratio=0.2)
+# Measured times differ between runs; every other figure of ``CacheStats.to_dict()`` must not.
+MEASURED = {"denoising_seconds", "blocks_pass_seconds", "uncached_estimate_seconds", "measured_speedup"}
+
+
+def _decisions(stats) -> dict:
+    return {k: v for k, v in stats.to_dict().items() if k not in MEASURED}
 
 
 def _params(seed: int = 3, cache: CacheParams | None = None, **overrides) -> SamplingParams:
@@ -47,7 +55,7 @@ def test_skipping_changes_output_and_requests_share_no_state(wan_generator):
     assert first.cache_stats.total_skipped > 0
     assert not torch.equal(first.latents, plain.latents)
     assert torch.equal(first.latents, third.latents)
-    assert first.cache_stats.to_dict() == third.cache_stats.to_dict()
+    assert _decisions(first.cache_stats) == _decisions(third.cache_stats)
 
 
 def test_skip_plan_is_per_request_step_count(wan_generator):
@@ -128,6 +136,54 @@ def test_cli_prints_cache_summary(tiny_wan_dir, tmp_path, capsys):
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("magcache:"))
     assert "of 20 steps per branch" in line and "x fewer transformer passes" in line
     assert "computed 20 of" not in line
+
+
+def test_cached_run_reports_measured_pass_time_and_uncached_estimate(wan_generator):
+    result = wan_generator.generate(_params(cache=_magcache(**HOOK_SETTINGS)))
+    stats = result.cache_stats
+    assert stats.total_skipped > 0
+    assert stats.timed_passes == stats.total_computed  # every blocks pass that ran, and only those
+    assert stats.blocks_pass_seconds > 0
+    assert 0 < stats.denoising_seconds <= result.timings["denoising"]  # the loop is inside the stage
+    assert stats.uncached_estimate_seconds == pytest.approx(
+        stats.denoising_seconds + stats.total_skipped * stats.blocks_pass_seconds
+    )
+    assert stats.uncached_estimate_seconds > stats.denoising_seconds and stats.measured_speedup > 1
+
+
+def _expand(text: str) -> list[int]:
+    """'3,5-7' -> [3, 5, 6, 7]: reads the CLI's compact ranges back."""
+    if text == "none":
+        return []
+    steps: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        steps.extend(range(int(first), int(last or first) + 1))
+    return steps
+
+
+def test_cli_prints_measured_time_and_skipped_steps_after_the_summary(tiny_wan_dir, wan_generator, tmp_path,
+                                                                     capsys):
+    code = main(["generate", "--model-path", str(tiny_wan_dir), "--prompt", PROMPT, "--negative-prompt", "blurry",
+                 "--seed", "3", "--output-path", str(tmp_path / "a.npy"), "--height", "64", "--width", "48",
+                 "--num-frames", "5", "--num-inference-steps", str(STEPS), "--guidance-scale", "5.0",
+                 "--cache", "magcache", "--cache-threshold", "0.3", "--cache-max-skip-steps", "3",
+                 "--cache-retention-ratio", "0.2"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("magcache:"))
+    summary, timing, skipped = lines[at:at + 3]
+    # The same request through the generator: its skips are what the CLI must list.
+    stats = wan_generator.generate(_params(cache=_magcache(**HOOK_SETTINGS))).cache_stats
+    assert summary == stats.summary()  # the documented line, unchanged
+    assert re.fullmatch(r"  denoising \d+\.\d\d s, uncached estimate \d+\.\d\d s \(\d+\.\d\dx measured\)", timing)
+    measured, estimate = (float(x) for x in re.findall(r"(\d+\.\d\d) s", timing))
+    assert estimate >= measured
+    assert skipped.startswith("  skipped steps: cond ")
+    listed = dict(part.split(" ", 1) for part in skipped.removeprefix("  skipped steps: ").split(" | "))
+    assert {branch: _expand(text) for branch, text in listed.items()} == {
+        branch: s.skipped_steps for branch, s in stats.branches.items()
+    }
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from sglang.multimodal_gen.runtime.cache import (
     register_cache,
     relative_l1,
 )
+from sglang.multimodal_gen.runtime.cache.base import BranchStats, CacheStats, format_steps
 
 
 class EveryOther(TimestepCache):
@@ -65,6 +66,53 @@ def test_stats_and_summary():
         "computed": 3, "skipped": 3, "computed_steps": [0, 2, 4], "skipped_steps": [1, 3, 5]
     }
 
+
+
+def _stats(cond_skipped: list[int], uncond_skipped: list[int], steps: int = 20) -> CacheStats:
+    def branch(skipped: list[int]) -> BranchStats:
+        return BranchStats(computed_steps=[s for s in range(steps) if s not in skipped], skipped_steps=list(skipped))
+
+    return CacheStats("magcache", steps, {COND: branch(cond_skipped), UNCOND: branch(uncond_skipped)})
+
+
+def test_uncached_estimate_adds_skipped_passes_at_the_mean_pass_time():
+    stats = _stats([10, 12, 14, 15, 16], [10, 12])  # 7 skipped, 33 computed passes
+    assert stats.uncached_estimate_seconds is None and stats.measured_speedup is None
+    assert stats.timing_line() is None and stats.to_dict()["measured_speedup"] is None
+    stats.record_timing(4.0, [0.1, 0.3] * 16 + [0.2])  # mean 0.2 s over 33 passes
+    assert stats.timed_passes == 33 and stats.blocks_pass_seconds == pytest.approx(0.2)
+    assert stats.uncached_estimate_seconds == pytest.approx(4.0 + 7 * 0.2)
+    assert stats.measured_speedup == pytest.approx(5.4 / 4.0)
+    assert stats.timing_line() == "denoising 4.00 s, uncached estimate 5.40 s (1.35x measured)"
+    figures = stats.to_dict()
+    assert figures["denoising_seconds"] == 4.0 and figures["blocks_pass_seconds"] == pytest.approx(0.2)
+    assert figures["timed_passes"] == 33 and figures["uncached_estimate_seconds"] == pytest.approx(5.4)
+    assert figures["measured_speedup"] == pytest.approx(1.35)
+    assert figures["pass_reduction"] == round(40 / 33, 4)  # the ideal figure stays
+
+
+def test_no_skips_estimate_equals_measured_time():
+    stats = _stats([], [])
+    stats.record_timing(3.0, [0.15] * 40)
+    assert stats.uncached_estimate_seconds == 3.0 and stats.measured_speedup == 1.0
+    assert stats.timing_line() == "denoising 3.00 s, uncached estimate 3.00 s (1.00x measured)"
+
+
+def test_format_steps_as_compact_ranges():
+    assert format_steps([10, 12, 14, 15, 16]) == "10,12,14-16"
+    assert format_steps([16, 14, 15, 3]) == "3,14-16"
+    assert format_steps([4, 5, 7, 8, 19]) == "4-5,7-8,19"
+    assert format_steps([7]) == "7"
+    assert format_steps([]) == "none"
+
+
+def test_skipped_line_per_branch():
+    assert _stats([10, 12, 14, 15, 16], [10, 12, 14, 15, 16]).skipped_line() == (
+        "skipped steps: cond 10,12,14-16 | uncond 10,12,14-16"
+    )
+    assert _stats([3, 4], []).skipped_line() == "skipped steps: cond 3-4 | uncond none"
+    assert _stats([], []).skipped_line() == "skipped steps: cond none | uncond none"
+    assert CacheStats("magcache", 4).skipped_line() == "skipped steps: none"
 
 def test_first_step_is_forced_without_residual():
     class NeverCompute(EveryOther):

@@ -118,8 +118,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20s} {seconds:8.3f} s")
     print(f"  {'total':<20s} {sum(result.timings.values()):8.3f} s")
-    if result.cache_stats is not None:
-        print(result.cache_stats.summary())
+    stats = result.cache_stats
+    if stats is not None:
+        print(stats.summary())
+        timing = stats.timing_line()
+        if timing is not None:
+            print(f"  {timing}")
+        print(f"  {stats.skipped_line()}")
     print(f"saved {result.output_path}")
     return 0
 

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
+from sglang.multimodal_gen.runtime.utils.timing import PassTimer
 
 
 class DenoisingStage(PipelineStage):
@@ -15,7 +16,9 @@ class DenoisingStage(PipelineStage):
 
     cond and uncond run as separate transformer passes (as diffusers' WanPipeline does), so each
     branch has its own cache decision and its own residual. ``req.conditioning[branch]`` holds any
-    further model inputs of a branch and reaches ``adapter.embed`` as keyword arguments.
+    further model inputs of a branch and reaches ``adapter.embed`` as keyword arguments. A
+    :class:`PassTimer` times the loop and every blocks pass; with a cache the figures go to its
+    stats (``CacheStats.record_timing``) for the measured speedup.
 
     Args:
         adapter: The model's embed / blocks / head split.
@@ -59,13 +62,15 @@ class DenoisingStage(PipelineStage):
             for kwargs in conditioning.values():
                 kwargs["guidance"] = guidance
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not req.show_progress_bar)
+        timer = PassTimer(latents.device)
+        timer.start()
         for step, t in enumerate(timesteps):
             model_input = latents.to(model_dtype)
             timestep = t.expand(model_input.shape[0])
             if self.timestep_in_latent_dtype:
                 timestep = timestep.to(latents.dtype)
             preds = {
-                branch: self._predict(step, branch, model_input, timestep, embeds, conditioning[branch], req)
+                branch: self._predict(step, branch, model_input, timestep, embeds, conditioning[branch], req, timer)
                 for branch, embeds in req.prompt_embeds.items()
             }
             noise_pred = preds[COND]
@@ -76,6 +81,9 @@ class DenoisingStage(PipelineStage):
             if req.progress is not None:
                 req.progress(step + 1, len(timesteps))
         bar.close()
+        timing = timer.finish()
+        if cache is not None:
+            cache.stats.record_timing(timing.total_seconds, timing.pass_seconds)
         req.latents = latents
         return req
 
@@ -88,6 +96,7 @@ class DenoisingStage(PipelineStage):
         encoder_hidden_states: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
         req: Req,
+        timer: PassTimer,
     ) -> torch.Tensor:
         cache = req.cache
         hidden, ctx = self.adapter.embed(model_input, timestep, encoder_hidden_states, **conditioning)
@@ -95,7 +104,8 @@ class DenoisingStage(PipelineStage):
             timestep=timestep, modulated_input=ctx.modulated_input, timestep_projection=ctx.timestep_projection
         )
         if cache is None or cache.should_compute(step, branch, features):
-            out = self.adapter.blocks(hidden, ctx)
+            with timer.time_pass():
+                out = self.adapter.blocks(hidden, ctx)
             if cache is not None:
                 cache.store(step, branch, out - hidden)
         else:

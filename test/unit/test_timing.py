@@ -1,0 +1,50 @@
+"""PassTimer: one entry per timed pass, passes inside the loop's span, reusable per request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang.multimodal_gen.runtime.utils.timing import PassTimer
+
+
+def _run(timer: PassTimer, device: torch.device, passes: int) -> None:
+    x = torch.randn(64, 64, device=device)
+    timer.start()
+    for _ in range(passes):
+        _ = x @ x  # untimed work between passes, as embed and head are
+        with timer.time_pass():
+            x = torch.tanh(x @ x)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_passes_are_counted_and_lie_within_the_span(device):
+    timer = PassTimer(torch.device(device))
+    _run(timer, torch.device(device), passes=5)
+    timing = timer.finish()
+    assert len(timing.pass_seconds) == 5
+    assert all(s > 0 for s in timing.pass_seconds)
+    assert timing.total_seconds >= sum(timing.pass_seconds)
+
+
+def test_start_forgets_earlier_passes_and_a_failed_pass_is_not_recorded():
+    timer = PassTimer(torch.device("cpu"))
+    _run(timer, torch.device("cpu"), passes=3)
+    _run(timer, torch.device("cpu"), passes=2)
+    with pytest.raises(ValueError):
+        with timer.time_pass():
+            raise ValueError("blocks failed")
+    assert len(timer.finish().pass_seconds) == 2
+
+
+def test_finish_needs_start():
+    timer = PassTimer(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="before start"):
+        timer.finish()
+    _run(timer, torch.device("cpu"), passes=1)
+    timer.finish()
+    with pytest.raises(RuntimeError, match="before start"):
+        timer.finish()
