@@ -214,3 +214,43 @@ def test_unknown_model_needs_coefficients():
 def test_invalid_config(kwargs, match):
     with pytest.raises(CacheConfigError, match=match):
         TeaCacheConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- a run that skips nothing says why
+def growing(factor: float):
+    """Indicators whose relative L1 change is exactly ``factor - 1`` at every step (exact in binary)."""
+    return lambda step: StepFeatures(timestep=torch.tensor([float(step)]), modulated_input=torch.full((1, 4), factor**step))
+
+
+def identity_teacache(threshold: float, steps: int = 8, **options) -> TeaCache:
+    return TeaCache(TeaCacheConfig(coefficients=[1.0, 0.0], threshold=threshold, **options), steps, (COND,))
+
+
+def test_no_skip_reason_names_the_smallest_change_and_the_threshold_to_reach():
+    at_edge = identity_teacache(0.25)  # every step changes by exactly 0.25; skipping needs < threshold
+    assert at_edge.no_skip_reason() is None  # not known before the run
+    assert all(run(at_edge, {COND: growing(1.25)})[COND])
+    assert at_edge.no_skip_reason() == (
+        "teacache skipped no step at 8 steps: the smallest rescaled change of a step was 0.25, not below the "
+        "threshold 0.25; raise --cache-threshold to 0.26 or more"
+    )
+    above = identity_teacache(0.26)
+    assert not all(run(above, {COND: growing(1.25)})[COND])
+    assert above.no_skip_reason() is None
+    at_edge.reset()
+    assert at_edge.no_skip_reason() is None
+
+
+def test_no_skip_reason_when_the_windows_cover_every_step():
+    cache = identity_teacache(10.0, steps=4, warmup_steps=2, end_steps=2)
+    run(cache, {COND: growing(1.25)})
+    assert cache.no_skip_reason() == (
+        "teacache skipped no step at 4 steps: warmup_steps (2) and end_steps (2) cover every step; "
+        "lower them in --cache-params, or use more steps"
+    )
+
+
+def test_no_skip_reason_is_none_in_calibration_mode():
+    cache = TeaCache(TeaCacheConfig(), 8, (COND,), calibrate=True)
+    run(cache, {COND: growing(1.25)})
+    assert cache.no_skip_reason() is None

@@ -44,6 +44,7 @@ from sglang.multimodal_gen.runtime.cache.base import (
     TimestepCache,
     register_cache,
     relative_l1,
+    threshold_above,
 )
 
 if TYPE_CHECKING:
@@ -136,6 +137,8 @@ class TeaCache(TimestepCache):
     def _reset_strategy_state(self) -> None:
         self._previous: dict[str, torch.Tensor | None] = {b: None for b in self.branches}
         self._accumulated: dict[str, float] = {b: 0.0 for b in self.branches}
+        # The smallest rescaled change of one step, over branches: what a threshold must exceed to skip.
+        self._smallest_change: float | None = None
 
     def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
         indicator = getattr(features, self.config.indicator)
@@ -149,12 +152,29 @@ class TeaCache(TimestepCache):
         if in_window or previous is None:
             self._accumulated[branch] = 0.0
             return True
-        change = relative_l1(indicator, previous)
-        self._accumulated[branch] += float(np.polyval(self.config.coefficients, change))
+        change = float(np.polyval(self.config.coefficients, relative_l1(indicator, previous)))
+        if self._smallest_change is None or change < self._smallest_change:
+            self._smallest_change = change
+        self._accumulated[branch] += change
         if self._accumulated[branch] < self.config.threshold:
             return False
         self._accumulated[branch] = 0.0
         return True
+
+    def no_skip_reason(self) -> str | None:
+        """Known after the run: the threshold against the smallest rescaled change seen, or the windows."""
+        stats = self.stats
+        finished = stats.total_computed == self.num_inference_steps * len(self.branches)
+        if self.calibrate or not finished:
+            return None
+        cfg = self.config
+        head = f"teacache skipped no step at {self.num_inference_steps} steps"
+        if self._smallest_change is None:
+            return (f"{head}: warmup_steps ({cfg.warmup_steps}) and end_steps ({cfg.end_steps}) cover every step; "
+                    "lower them in --cache-params, or use more steps")
+        return (f"{head}: the smallest rescaled change of a step was {self._smallest_change:.3g}, not below the "
+                f"threshold {cfg.threshold:g}; raise --cache-threshold to {threshold_above(self._smallest_change):g} "
+                "or more")
 
     @classmethod
     def preset_model_keys(cls) -> list[str]:
