@@ -17,6 +17,9 @@ TeaCache4HunyuanVideo/teacache_sample_video.py, ``teacache_forward``):
   branch. HunyuanVideo: modulated input of the first double block, first and last step computed.
 - Warm-up and end windows are counted in denoising steps of this request, so they do not depend
   on how many CFG branches the request has.
+- Not in the release: at a step count other than the one the polynomial and threshold were fitted
+  at (``calibration_steps``, 50 for the presets) the threshold is scaled by
+  ``calibration_steps / steps``; at that step count itself nothing changes.
 
 On Wan2.1 both indicators depend on the timestep only, so TeaCache's decisions there follow the
 schedule, not the latents.
