@@ -4,6 +4,7 @@ schedule-only decisions on Wan, and the CLI's summary line and errors."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -206,3 +207,44 @@ def test_invalid_cache_settings_give_one_clear_line(tiny_wan_dir, capsys, flags,
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+
+def _no_skip_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and " no step at " in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "cache, first_words, before_run",
+    [
+        (_magcache(threshold=0.004), "magcache skips no step at 6 steps: the accumulated error reaches", True),
+        (_magcache(retention_ratio=1.0), "magcache skips no step at 6 steps: 6 steps of retention cover", True),
+        (CacheParams(strategy="teacache"), "teacache skipped no step at 6 steps: the smallest rescaled change", False),
+    ],
+)
+def test_a_cache_that_skips_nothing_says_why_in_one_warning(wan_generator, caplog, cache, first_words, before_run):
+    seen_at_first_step: list[int] = []
+
+    def progress(step: int, total: int) -> None:
+        if step == 1:
+            seen_at_first_step.append(len(_no_skip_warnings(caplog)))
+
+    with caplog.at_level(logging.WARNING):
+        result = wan_generator.generate(_params(cache=cache, num_inference_steps=6), progress=progress)
+    assert result.cache_stats.total_skipped == 0
+    (line,) = _no_skip_warnings(caplog)
+    assert line.startswith(first_words)
+    assert "--cache-" in line  # names the knob
+    assert seen_at_first_step == [1 if before_run else 0]  # a plan is known before the run, TeaCache's after
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [_magcache(**HOOK_SETTINGS), CacheParams(strategy="teacache", threshold=1.0, options={"coefficients": [1.0, 0.0]})],
+)
+def test_a_cache_that_skips_logs_no_such_warning(wan_generator, caplog, cache):
+    with caplog.at_level(logging.WARNING):
+        result = wan_generator.generate(_params(cache=cache, num_inference_steps=6))
+    assert result.cache_stats.total_skipped > 0
+    assert _no_skip_warnings(caplog) == []

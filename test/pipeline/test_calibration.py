@@ -161,3 +161,14 @@ def test_builtin_model_uses_its_shipped_calibration_by_default(builtin_generator
     )
     assert result.cache.config.mag_ratios["uncond"] == shipped.branches["uncond"].mag_ratio
     assert result.cache_stats.total_skipped > 0
+
+
+def test_builtin_model_teacache_default_preset_skips_at_20_steps(builtin_generator):
+    """The 50-step calibration and preset skip nothing at 20 steps unless the threshold is scaled by
+    50/20 (measured: 13 of 20 steps computed per branch; docs/benchmarks.md)."""
+    params = SamplingParams(prompt="a green square moving up on a white background", seed=1, num_inference_steps=20,
+                            cache=CacheParams(strategy="teacache"))
+    result = builtin_generator.generate(params)
+    assert result.cache_stats.branches["cond"].num_skipped >= 1, result.cache_stats.summary()
+    assert result.cache_stats.branches["uncond"].num_skipped >= 1
+    assert result.cache.config.calibration_steps == 50 and result.cache.threshold == pytest.approx(0.05 * 50 / 20)

@@ -15,7 +15,7 @@ from sglang.multimodal_gen.runtime.cache import (
     register_cache,
     relative_l1,
 )
-from sglang.multimodal_gen.runtime.cache.base import BranchStats, CacheStats, format_steps
+from sglang.multimodal_gen.runtime.cache.base import BranchStats, CacheStats, format_steps, threshold_above
 
 
 class EveryOther(TimestepCache):
@@ -178,3 +178,18 @@ def test_registry():
 def test_relative_l1():
     assert relative_l1(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0])) == pytest.approx(1.0)
     assert relative_l1(torch.zeros(3), torch.zeros(3)) == 0.0
+
+
+def test_a_strategy_without_its_own_no_skip_reason_reports_none():
+    cache = EveryOther(None, 2)
+    drive(cache, lambda step, branch: torch.ones(1))
+    assert cache.no_skip_reason() is None
+
+
+@pytest.mark.parametrize(
+    "value, suggested",
+    [(0.25, 0.26), (0.2134, 0.22), (0.22, 0.23), (0.0732, 0.074), (0.0699999, 0.07), (0.999, 1.0), (0.0, 0.01)],
+)
+def test_threshold_above_is_the_next_two_digit_value_strictly_above(value, suggested):
+    assert threshold_above(value) == suggested
+    assert threshold_above(value) > value

@@ -275,3 +275,68 @@ def test_synced_branches_share_one_plan_where_calibrated_curves_diverge():
     single = magcache(threshold=0.06, max_skip_steps=3, mag_ratios={COND: cond}, branches=(COND,)).plan()
     same = magcache(threshold=0.06, max_skip_steps=3, mag_ratios={COND: cond, UNCOND: cond}).plan()
     assert same[COND] == same[UNCOND] == single[COND] == apart[COND]
+
+
+# --------------------------------------------------------------------------- a plan that skips nothing says why
+# Ratios chosen so |1 - ratio| is exact in binary: after retention the smallest error of a step is 0.25.
+EXACT_RATIOS = {COND: [1.0, 0.875, 0.5, 0.75, 0.5, 0.5, 0.5, 0.5], UNCOND: [1.0, 0.875, 0.5, 1.25, 0.5, 0.5, 0.5, 0.5]}
+
+
+def exact(threshold: float, **kwargs) -> MagCache:
+    kwargs = {"mag_ratios": EXACT_RATIOS, "max_skip_steps": 2, "retention_ratio": 0.25, **kwargs}
+    return magcache(num_steps=8, threshold=threshold, **kwargs)
+
+
+def skips(cache: MagCache) -> int:
+    return sum(not c for p in cache.plan().values() for c in p)
+
+
+def test_no_skip_reason_names_the_threshold_to_reach_exactly():
+    at_edge = exact(0.25)  # skipping needs error < threshold: 0.25 is not enough
+    assert skips(at_edge) == 0
+    reason = at_edge.no_skip_reason()
+    assert reason.startswith("magcache skips no step at 8 steps: ")
+    assert "reaches the threshold 0.25 at every step after the 2 steps of retention (smallest 0.25)" in reason
+    assert "raise --cache-threshold to 0.26 or more" in reason
+    assert skips(exact(float(np.nextafter(0.25, 1.0)))) > 0
+    suggested = exact(0.26)
+    assert skips(suggested) > 0 and suggested.no_skip_reason() is None
+
+
+def test_no_skip_reason_follows_how_branches_are_planned():
+    # Synced, step 3 needs both branches under the threshold (max 0.25); planned alone, cond's 0.25 and
+    # uncond's 0.25 at step 3 agree, so use step 2's 0.5 / 0.5 and retention that starts at step 2.
+    synced = exact(0.25, mag_ratios={COND: [1.0, 1.0, 0.9375, 0.5], UNCOND: [1.0, 1.0, 0.5, 0.5]},
+                   retention_ratio=0.5, end_steps=0)
+    assert "(smallest 0.5); raise --cache-threshold to 0.51 or more" in synced.no_skip_reason()
+    alone = exact(0.0625, mag_ratios={COND: [1.0, 1.0, 0.9375, 0.5], UNCOND: [1.0, 1.0, 0.5, 0.5]},
+                  retention_ratio=0.5, sync_branches=False)
+    assert "(smallest 0.0625); raise --cache-threshold to 0.063 or more" in alone.no_skip_reason()
+
+
+def test_no_skip_reason_suggests_lower_retention_only_when_a_retained_step_would_skip():
+    # Retained step 1 has error 0.125: it would skip under any threshold above that, and only then.
+    assert exact(0.2).no_skip_reason().endswith(
+        "raise --cache-threshold to 0.26 or more, or lower --cache-retention-ratio (now 0.25)"
+    )
+    assert exact(0.125).no_skip_reason().endswith("raise --cache-threshold to 0.26 or more")
+    assert skips(exact(0.125, retention_ratio=0.0)) == 0
+    assert skips(exact(0.2, retention_ratio=0.0)) > 0
+
+
+def test_no_skip_reason_when_no_step_is_eligible_or_k_is_zero():
+    covered = exact(10.0, retention_ratio=1.0).no_skip_reason()
+    assert covered == ("magcache skips no step at 8 steps: 8 steps of retention cover every step; "
+                       "lower --cache-retention-ratio (now 1), or use more steps")
+    with_end = exact(10.0, retention_ratio=0.5, end_steps=4).no_skip_reason()
+    assert "4 steps of retention and 4 steps of end_steps cover every step" in with_end
+    assert "or end_steps" in with_end
+    single = magcache(num_steps=1, threshold=10.0, retention_ratio=0.0).no_skip_reason()
+    assert "the first step cover every step" in single
+    k_zero = exact(10.0, max_skip_steps=0).no_skip_reason()
+    assert "max_skip_steps (K) is 0" in k_zero and "raise --cache-max-skip-steps" in k_zero
+
+
+def test_no_skip_reason_is_none_when_skipping_or_calibrating():
+    assert magcache(threshold=0.12).no_skip_reason() is None
+    assert magcache(calibrate=True, threshold=0.12).no_skip_reason() is None

@@ -214,3 +214,120 @@ def test_unknown_model_needs_coefficients():
 def test_invalid_config(kwargs, match):
     with pytest.raises(CacheConfigError, match=match):
         TeaCacheConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- a run that skips nothing says why
+def growing(factor: float):
+    """Indicators whose relative L1 change is exactly ``factor - 1`` at every step (exact in binary)."""
+    return lambda step: StepFeatures(timestep=torch.tensor([float(step)]), modulated_input=torch.full((1, 4), factor**step))
+
+
+def identity_teacache(threshold: float, steps: int = 8, **options) -> TeaCache:
+    return TeaCache(TeaCacheConfig(coefficients=[1.0, 0.0], threshold=threshold, **options), steps, (COND,))
+
+
+def test_no_skip_reason_names_the_smallest_change_and_the_threshold_to_reach():
+    at_edge = identity_teacache(0.25)  # every step changes by exactly 0.25; skipping needs < threshold
+    assert at_edge.no_skip_reason() is None  # not known before the run
+    assert all(run(at_edge, {COND: growing(1.25)})[COND])
+    assert at_edge.no_skip_reason() == (
+        "teacache skipped no step at 8 steps: the smallest rescaled change of a step was 0.25, not below the "
+        "threshold 0.25; raise --cache-threshold to 0.26 or more"
+    )
+    above = identity_teacache(0.26)
+    assert not all(run(above, {COND: growing(1.25)})[COND])
+    assert above.no_skip_reason() is None
+    at_edge.reset()
+    assert at_edge.no_skip_reason() is None
+
+
+def test_no_skip_reason_when_the_windows_cover_every_step():
+    cache = identity_teacache(10.0, steps=4, warmup_steps=2, end_steps=2)
+    run(cache, {COND: growing(1.25)})
+    assert cache.no_skip_reason() == (
+        "teacache skipped no step at 4 steps: warmup_steps (2) and end_steps (2) cover every step; "
+        "lower them in --cache-params, or use more steps"
+    )
+
+
+def test_no_skip_reason_is_none_in_calibration_mode():
+    cache = TeaCache(TeaCacheConfig(), 8, (COND,), calibrate=True)
+    run(cache, {COND: growing(1.25)})
+    assert cache.no_skip_reason() is None
+
+
+# --------------------------------------------------------------------------- other step counts than the calibration's
+def test_presets_record_their_calibration_step_count_and_own_coefficients_do_not():
+    assert teacache().config.calibration_steps == 50
+    assert teacache(level="fast", steps=20).config.calibration_steps == 50
+    own = build_cache(CacheParams("teacache", options={"coefficients": [1.0, 0.0]}), 20, "wan21_t2v_1.3b")
+    assert own.config.calibration_steps is None and own.threshold == own.config.threshold
+    stated = build_cache(CacheParams("teacache", options={"coefficients": [1.0, 0.0], "calibration_steps": 40}),
+                         20, "wan21_t2v_1.3b")
+    assert stated.config.calibration_steps == 40 and stated.step_ratio == 2.0
+
+
+@pytest.mark.parametrize("level, threshold", [("slow", 0.05), ("fast", 0.08)])
+def test_at_the_calibration_step_count_the_threshold_is_the_preset_bit_for_bit(level, threshold):
+    cache = teacache(level=level)
+    assert cache.step_ratio == 1.0 and cache.threshold == threshold
+    expected = release_teacache([E, UNCOND_E], STEPS, threshold, WAN13["modulated_input"]["coefficients"],
+                                ret_steps=1 * 2, cutoff_steps=STEPS * 2 - 2)
+    assert run(cache, BRANCH_FEATURES) == expected
+
+
+def test_a_calibration_at_another_step_count_is_used_as_is_at_that_count():
+    steps = 20
+    e, uncond_e = wan_like_embeddings(steps)[0], wan_like_embeddings(steps, seed=1)[0]
+    coefficients = WAN13["modulated_input"]["coefficients"]
+    cache = build_cache(CacheParams("teacache", threshold=0.2, options={"coefficients": coefficients,
+                                                                         "calibration_steps": steps}),
+                        steps, "wan21_t2v_1.3b")
+    feats = {COND: lambda i: features(i, e), UNCOND: lambda i: features(i, uncond_e)}
+    expected = release_teacache([e, uncond_e], steps, 0.2, coefficients, ret_steps=2, cutoff_steps=2 * steps - 2)
+    assert run(cache, feats) == expected and not all(expected[COND])
+
+
+def scaled_teacache(threshold: float, steps: int, calibration_steps: int) -> TeaCache:
+    config = TeaCacheConfig(coefficients=[1.0, 0.0], threshold=threshold, warmup_steps=1, end_steps=0,
+                            calibration_steps=calibration_steps)
+    return TeaCache(config, steps, (COND,))
+
+
+@pytest.mark.parametrize("threshold, calibration_steps", [(0.25, 16), (1.0, 4)])
+def test_the_threshold_scales_by_calibration_over_request_steps(threshold, calibration_steps):
+    # Every step changes by exactly 0.25; the budget is threshold * calibration_steps / 8 = 0.5, so a
+    # step skips at 0.25 accumulated and computes at 0.5 (not below it): fewer steps than calibrated
+    # get a larger budget, more steps a smaller one.
+    cache = scaled_teacache(threshold, 8, calibration_steps)
+    assert cache.threshold == 0.5
+    assert run(cache, {COND: growing(1.25)})[COND] == [True, False, True, False, True, False, True, False]
+
+
+def test_scaled_threshold_exact_edge_and_the_no_skip_message():
+    at_edge = scaled_teacache(0.125, 8, 16)  # budget 0.25: a change of 0.25 is not below it
+    assert all(run(at_edge, {COND: growing(1.25)})[COND])
+    assert at_edge.no_skip_reason() == (
+        "teacache skipped no step at 8 steps: the smallest rescaled change of a step was 0.25, not below the "
+        "threshold 0.25 (0.125 scaled by 16/8 calibration/request steps); raise --cache-threshold to 0.13 or more"
+    )
+    suggested = scaled_teacache(0.13, 8, 16)
+    assert not all(run(suggested, {COND: growing(1.25)})[COND])
+    assert suggested.no_skip_reason() is None
+
+
+def test_calibration_file_supplies_its_step_count():
+    class Calibration:
+        teacache_coefficients = [1.0, 0.0]
+        num_inference_steps = 30
+
+    options = TeaCache.options_from_calibration(Calibration())
+    assert options["calibration_steps"] == 30 and options["coefficients"] == [1.0, 0.0]
+    cache = build_cache(CacheParams("teacache", options=options), 20, "wan21_t2v_1.3b")
+    assert cache.step_ratio == 1.5 and cache.threshold == pytest.approx(0.05 * 1.5)
+
+
+@pytest.mark.parametrize("value", [0, -50, 2.5, "50", True])
+def test_invalid_calibration_steps(value):
+    with pytest.raises(CacheConfigError, match="calibration_steps"):
+        TeaCacheConfig(calibration_steps=value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -206,6 +207,23 @@ class CalibrationRecord:
     output_change: list[float] = field(default_factory=list)
 
 
+def threshold_above(value: float) -> float:
+    """The smallest two-significant-digit threshold strictly above ``value``: what to suggest to
+    a user whose threshold never let a step skip (skipping needs ``accumulated < threshold``)."""
+    if value < 0:
+        return 0.0
+    if value == 0:
+        return 0.01
+    quantum = 10.0 ** (math.floor(math.log10(value)) - 1)
+    suggestion = round(math.floor(value / quantum + 1) * quantum, 12)
+    return suggestion if suggestion > value else round(suggestion + quantum, 12)
+
+
+def n_steps(count: int) -> str:
+    """'1 step', '4 steps': step counts in user-facing messages."""
+    return f"{count} step" if count == 1 else f"{count} steps"
+
+
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """``mean|a - b| / mean|b|``: TeaCache's relative change between consecutive steps."""
     previous = previous.float()
@@ -339,6 +357,15 @@ class TimestepCache(abc.ABC):
         """The whole per-branch compute mask (True = run the blocks), if it is known up front.
 
         Deterministic strategies (MagCache) return it; input-dependent ones (TeaCache) return None.
+        """
+        return None
+
+    def no_skip_reason(self) -> str | None:
+        """Why this request skips no step at all, naming the knob to change; ``None`` otherwise.
+
+        A cache that silently computes every step looks like a broken one. Strategies with a plan
+        (:meth:`plan`) answer before the run; the others once the run is over. The default knows
+        nothing and returns ``None``.
         """
         return None
 

@@ -47,7 +47,9 @@ from sglang.multimodal_gen.runtime.cache.base import (
     CacheConfigError,
     StepFeatures,
     TimestepCache,
+    n_steps,
     register_cache,
+    threshold_above,
 )
 
 if TYPE_CHECKING:
@@ -240,6 +242,37 @@ class MagCache(TimestepCache):
 
     def plan(self) -> dict[str, list[bool]]:
         return {b: list(p) for b, p in self._plan.items()}
+
+    def no_skip_reason(self) -> str | None:
+        """Known before the run: which of retention, K or the threshold keeps every step computed."""
+        if self.calibrate or not self._ratios or not all(all(p) for p in self._plan.values()):
+            return None
+        cfg, steps = self.config, self.num_inference_steps
+        head = f"magcache skips no step at {steps} steps"
+        eligible = range(max(self.retention_steps, 1), steps - cfg.end_steps)
+        if not eligible:
+            covered = [f"{n_steps(self.retention_steps)} of retention" if self.retention_steps else "the first step"]
+            if cfg.end_steps:
+                covered.append(f"{n_steps(cfg.end_steps)} of end_steps")
+            return (f"{head}: {' and '.join(covered)} cover every step; lower --cache-retention-ratio "
+                    f"(now {cfg.retention_ratio:g}){' or end_steps' if cfg.end_steps else ''}, or use more steps")
+        if cfg.max_skip_steps == 0:
+            return f"{head}: max_skip_steps (K) is 0, which never skips; raise --cache-max-skip-steps"
+        # Nothing is skipped, so every step starts from reset accumulators: its error is |1 - its ratio|.
+        needed = min(self._fresh_error(step) for step in eligible)
+        retained = self.retention_steps
+        after = f"after the {n_steps(retained)} of retention" if retained > 1 else "after the first"
+        reason = (f"{head}: the accumulated error reaches the threshold {cfg.threshold:g} at every step {after} "
+                  f"(smallest {needed:.3g}); raise --cache-threshold to {threshold_above(needed):g} or more")
+        early = range(1, min(self.retention_steps, steps - cfg.end_steps))
+        if early and min(self._fresh_error(step) for step in early) < cfg.threshold:
+            reason += f", or lower --cache-retention-ratio (now {cfg.retention_ratio:g})"
+        return reason
+
+    def _fresh_error(self, step: int) -> float:
+        """The error of ``step`` right after a computed step: what skipping it needs under the threshold."""
+        groups = [list(self._ratios)] if self.config.sync_branches else [[b] for b in self._ratios]
+        return min(max(abs(1.0 - float(self._ratios[b][step])) for b in group) for group in groups)
 
     @classmethod
     def preset_model_keys(cls) -> list[str]:

@@ -17,6 +17,9 @@ TeaCache4HunyuanVideo/teacache_sample_video.py, ``teacache_forward``):
   branch. HunyuanVideo: modulated input of the first double block, first and last step computed.
 - Warm-up and end windows are counted in denoising steps of this request, so they do not depend
   on how many CFG branches the request has.
+- Not in the release: at a step count other than the one the polynomial and threshold were fitted
+  at (``calibration_steps``, 50 for the presets) the threshold is scaled by
+  ``calibration_steps / steps``; at that step count itself nothing changes.
 
 On Wan2.1 both indicators depend on the timestep only, so TeaCache's decisions there follow the
 schedule, not the latents.
@@ -44,6 +47,7 @@ from sglang.multimodal_gen.runtime.cache.base import (
     TimestepCache,
     register_cache,
     relative_l1,
+    threshold_above,
 )
 
 if TYPE_CHECKING:
@@ -79,6 +83,19 @@ class TeaCacheConfig:
         end_steps (`int`, defaults to `1`):
             The last denoising steps that always run the blocks (default mode 1, `use_ret_steps`
             mode 0). Lower is faster.
+        calibration_steps (`int`, *optional*):
+            The step count `coefficients` and `threshold` were fitted and tuned at: 50 for the
+            published presets, a calibration file's own `num_inference_steps`. A request with
+            another step count compares the accumulated change with
+            `threshold * calibration_steps / num_inference_steps`: each of its steps spans that
+            many calibration steps, so it gets that much more of the budget. At fewer steps than
+            calibrated this skips more (faster, less faithful) than the unscaled threshold, which
+            with the 50-step presets skips nothing at 20 steps; at more steps it skips less. A
+            preset then computes about the same fraction of the steps at any step count (built-in
+            model, `slow`: 13 of 20, 21 of 30, 35 of 50). At the calibration's own step count the
+            threshold is used as is: the release code's decisions, bit for bit. `None` (also what
+            your own `coefficients` without it give) uses the threshold as is at every step count.
+            Why this rule and not a rescaled polynomial: docs/caching.md.
     """
 
     coefficients: list[float] | None = None
@@ -86,6 +103,7 @@ class TeaCacheConfig:
     indicator: str = "modulated_input"
     warmup_steps: int = 1
     end_steps: int = 1
+    calibration_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.threshold) or not math.isfinite(self.threshold) or self.threshold < 0:
@@ -100,6 +118,14 @@ class TeaCacheConfig:
                 raise CacheConfigError(f"teacache {name} must be a whole number >= 0, got {value!r}")
             setattr(self, name, int(value))
         self.threshold = float(self.threshold)
+        if self.calibration_steps is not None:
+            value = self.calibration_steps
+            if not (_is_number(value) and float(value).is_integer() and value >= 1):
+                raise CacheConfigError(
+                    f"teacache calibration_steps must be a whole number >= 1 (the step count the coefficients "
+                    f"were fitted at) or null, got {value!r}"
+                )
+            self.calibration_steps = int(value)
         if self.coefficients is not None:
             if isinstance(self.coefficients, (str, bytes)) or not hasattr(self.coefficients, "__len__"):
                 raise CacheConfigError(f"teacache coefficients must be a list of numbers, got {self.coefficients!r}")
@@ -132,10 +158,16 @@ class TeaCache(TimestepCache):
                 '{"coefficients": [...]} in --cache-params (highest power first) or use a model with shipped presets'
             )
         super().__init__(config, num_inference_steps, branches, calibrate)
+        #: How many calibration steps one step of this request spans; 1.0 keeps the release rule exactly.
+        self.step_ratio = (config.calibration_steps or num_inference_steps) / num_inference_steps
+        #: The budget this request's accumulated change is compared with.
+        self.threshold = config.threshold if self.step_ratio == 1.0 else config.threshold * self.step_ratio
 
     def _reset_strategy_state(self) -> None:
         self._previous: dict[str, torch.Tensor | None] = {b: None for b in self.branches}
         self._accumulated: dict[str, float] = {b: 0.0 for b in self.branches}
+        # The smallest rescaled change of one step, over branches: what a threshold must exceed to skip.
+        self._smallest_change: float | None = None
 
     def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
         indicator = getattr(features, self.config.indicator)
@@ -149,12 +181,36 @@ class TeaCache(TimestepCache):
         if in_window or previous is None:
             self._accumulated[branch] = 0.0
             return True
-        change = relative_l1(indicator, previous)
-        self._accumulated[branch] += float(np.polyval(self.config.coefficients, change))
-        if self._accumulated[branch] < self.config.threshold:
+        change = float(np.polyval(self.config.coefficients, relative_l1(indicator, previous)))
+        if self._smallest_change is None or change < self._smallest_change:
+            self._smallest_change = change
+        self._accumulated[branch] += change
+        if self._accumulated[branch] < self.threshold:
             return False
         self._accumulated[branch] = 0.0
         return True
+
+    def no_skip_reason(self) -> str | None:
+        """Known after the run: the threshold against the smallest rescaled change seen, or the windows."""
+        stats = self.stats
+        finished = stats.total_computed == self.num_inference_steps * len(self.branches)
+        if self.calibrate or not finished:
+            return None
+        cfg = self.config
+        head = f"teacache skipped no step at {self.num_inference_steps} steps"
+        if self._smallest_change is None:
+            return (f"{head}: warmup_steps ({cfg.warmup_steps}) and end_steps ({cfg.end_steps}) cover every step; "
+                    "lower them in --cache-params, or use more steps")
+        smallest, r = self._smallest_change, self.step_ratio
+        suggestion = threshold_above(smallest / r)
+        while suggestion * r <= smallest:  # guard the float product at an exact two-digit edge
+            suggestion = threshold_above(suggestion)
+        threshold = f"{cfg.threshold:g}" if r == 1.0 else (
+            f"{self.threshold:.3g} ({cfg.threshold:g} scaled by {cfg.calibration_steps}/{self.num_inference_steps} "
+            "calibration/request steps)"
+        )
+        return (f"{head}: the smallest rescaled change of a step was {smallest:.3g}, not below the threshold "
+                f"{threshold}; raise --cache-threshold to {suggestion:g} or more")
 
     @classmethod
     def preset_model_keys(cls) -> list[str]:
@@ -165,7 +221,11 @@ class TeaCache(TimestepCache):
         """The polynomial fitted on the modulated input's change (the indicator calibration records)."""
         if not calibration.teacache_coefficients:
             return {}
-        return {"coefficients": list(calibration.teacache_coefficients), "indicator": "modulated_input"}
+        return {
+            "coefficients": list(calibration.teacache_coefficients),
+            "indicator": "modulated_input",
+            "calibration_steps": calibration.num_inference_steps,
+        }
 
     @classmethod
     def from_params(
@@ -189,6 +249,7 @@ class TeaCache(TimestepCache):
         if preset is not None:
             kwargs["coefficients"] = preset["coefficients"]
             kwargs["threshold"] = preset[level]
+            kwargs["calibration_steps"] = PRESET_CALIBRATION_STEPS
         elif key in preset_table() and "coefficients" not in overrides:
             raise CacheConfigError(
                 f"teacache has no published coefficients for model {model_key!r} with indicator {indicator!r} "
@@ -204,6 +265,8 @@ class TeaCache(TimestepCache):
             raise CacheConfigError(
                 f"teacache has no published {level!r} threshold for model {model_key!r}; set the threshold explicitly"
             )
+        if "coefficients" in overrides and "calibration_steps" not in overrides:
+            kwargs["calibration_steps"] = None  # the step count of the user's own polynomial is unknown
         kwargs.update(overrides)
         try:
             config = TeaCacheConfig(**kwargs)
@@ -213,6 +276,9 @@ class TeaCache(TimestepCache):
 
 
 # --------------------------------------------------------------------------- presets
+# The step count every published polynomial and threshold was fitted and tuned at: the release
+# scripts' defaults (Wan2.1 T2V sample_steps 50, HunyuanVideo infer_steps 50).
+PRESET_CALIBRATION_STEPS = 50
 # (warmup_steps, end_steps) of each release mode, in denoising steps.
 _WINDOWS = {"modulated_input": (1, 1), "timestep_projection": (5, 0)}
 # model key -> indicator -> (coefficient key in the shipped JSON, slow threshold, fast threshold).

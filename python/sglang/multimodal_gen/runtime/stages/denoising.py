@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from tqdm.auto import tqdm
 
-from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures
+from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 from sglang.multimodal_gen.runtime.utils.timing import PassTimer
+
+logger = logging.getLogger(__name__)
 
 
 class DenoisingStage(PipelineStage):
@@ -51,6 +55,7 @@ class DenoisingStage(PipelineStage):
         params, cache, scheduler = req.params, req.cache, req.scheduler
         if cache is not None:
             cache.reset()
+        _warn_if_nothing_skips(cache, planned=True)
         latents = req.latents
         model_dtype = self.dtype
         timesteps = req.timesteps
@@ -84,6 +89,7 @@ class DenoisingStage(PipelineStage):
         timing = timer.finish()
         if cache is not None:
             cache.stats.record_timing(timing.total_seconds, timing.pass_seconds)
+        _warn_if_nothing_skips(cache, planned=False)
         req.latents = latents
         return req
 
@@ -111,3 +117,13 @@ class DenoisingStage(PipelineStage):
         else:
             out = hidden + cache.reuse(step, branch)
         return self.adapter.head(out, ctx)
+
+
+def _warn_if_nothing_skips(cache: TimestepCache | None, planned: bool) -> None:
+    """One warning per request whose cache skips nothing: before the run for a strategy with a
+    plan (``planned=True``), after it for the others, with the strategy's reason and knob."""
+    if cache is None or (cache.plan() is not None) != planned:
+        return
+    reason = cache.no_skip_reason()
+    if reason is not None:
+        logger.warning(reason)
