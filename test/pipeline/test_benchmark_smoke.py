@@ -14,7 +14,7 @@ from conftest import REPO, TINY_REQUEST
 sys.path.insert(0, str(REPO / "benchmark"))
 
 import bench_cache  # noqa: E402
-from bench_cache import PEER_BASELINE, BenchConfig, BenchSettings, Sweep  # noqa: E402
+from bench_configs import PEER_BASELINE, BenchConfig, BenchSettings, Sweep  # noqa: E402
 from metrics import mae, psnr, ssim  # noqa: E402
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams  # noqa: E402
