@@ -40,7 +40,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from bench_configs import BLOCK_HEAVY_TRANSFORMER, REPO, BenchSettings, Sweep, build_configs  # noqa: E402
 from bench_harness import (  # noqa: E402
-    DiffusersRunner, OursRunner, machine_info, resolve_calibration, run_section, weights_digest,
+    DiffusersRunner, OursRunner, Runner, machine_info, resolve_calibration, run_section, weights_digest,
 )
 from bench_report import checks, render_markdown, write_outputs  # noqa: E402
 
@@ -49,6 +49,7 @@ from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  #
 
 
 def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
+    """Load the model, calibrate, run every section, check and write the outputs; returns the report."""
     torch.set_num_threads(settings.threads)
     sweep = settings.sweep
     generator = DiffGenerator.from_pretrained(settings.model_path, device=settings.device)
@@ -72,7 +73,7 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
         else:
             calibration_file, source, configs = None, "configs given by the caller", settings.configs
         report["calibration"] = source
-        runners: dict[str, Any] = {"ours": OursRunner(generator)}
+        runners: dict[str, Runner] = {"ours": OursRunner(generator)}
         if any(c.impl == "diffusers" for c in configs):
             pipeline = generator.pipeline
             runners["diffusers"] = DiffusersRunner(str(pipeline.model_info.path), device, pipeline.dtype)
@@ -103,6 +104,7 @@ def _block_heavy_section(settings: BenchSettings, sweep: Sweep, sample: Sampling
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags docs/benchmarks.md lists; request sizes default to the model's own."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", default=None, help="diffusers-layout Wan folder; default: the built-in model")
     parser.add_argument("--num-inference-steps", type=int, default=None, help="default: the model's")
@@ -123,6 +125,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep the flags ask for, print the markdown and say where the files went."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     sweep = Sweep.full() if args.full else Sweep.default()

@@ -3,8 +3,9 @@
 A configuration is a ``BenchConfig``: ``impl`` picks the runner (our pipeline or diffusers'),
 ``strategy`` names its line on the speed/fidelity frontier and ``kind`` its role there (the
 uncached baseline, a never-skipping control, a threshold sweep point or a preset). To measure
-something new, add its configurations to ``build_configs``; the harness runs whatever it is given
-and the report groups rows by ``strategy`` and ``kind``.
+something new, add its configurations to ``build_configs``, and give a new ``strategy`` its line in
+``FRONTIER_STYLES``; the harness runs whatever it is given and the report groups rows by
+``strategy`` and ``kind``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ PROMPTS = [
 ]
 BASELINE = "uncached"
 PEER_BASELINE = "diffusers uncached"
+# Strategies: one line each on the frontier plot; the report pairs the last two threshold by threshold.
+OURS_MAGCACHE = "ours magcache"
+OURS_MAGCACHE_PER_BRANCH = "ours magcache, per-branch plans (release)"
+OURS_TEACACHE = "ours teacache"
+OURS_MAGCACHE_SHARED = "ours magcache, diffusers' settings"
+DIFFUSERS_MAGCACHE = "diffusers magcache hook"
+# matplotlib format of each strategy's line, in legend order; a strategy not named here is not plotted.
+FRONTIER_STYLES = {OURS_MAGCACHE: "o-", OURS_MAGCACHE_PER_BRANCH: "x-.", OURS_TEACACHE: "s-",
+                   OURS_MAGCACHE_SHARED: "^--", DIFFUSERS_MAGCACHE: "v:"}
 # A random Wan transformer whose blocks dominate the step, for the speed part only.
 BLOCK_HEAVY_TRANSFORMER = dict(num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, num_layers=12)
 
@@ -80,7 +90,7 @@ def build_configs(
     """Uncached first (every fidelity number refers to it), then our strategies, then the peer."""
     cal = {"calibration_file": calibration_file} if calibration_file else {}
     knobs = {"max_skip_steps": sweep.max_skip_steps, "retention_ratio": sweep.retention_ratio}
-    mag, tea = "ours magcache", "ours teacache"
+    mag, tea = OURS_MAGCACHE, OURS_TEACACHE
     configs = [
         BenchConfig(BASELINE, "uncached", "uncached"),
         BenchConfig("magcache never-skip", mag, "never-skip", CacheParams("magcache", threshold=0.0, **cal)),
@@ -91,7 +101,7 @@ def build_configs(
                 for p in ("default", "fast")]
     # The release code plans each CFG branch alone; our default plans them together (sync_branches).
     apart = {"sync_branches": False}
-    configs += [BenchConfig(f"magcache t={t} per-branch plans", "ours magcache, per-branch plans (release)",
+    configs += [BenchConfig(f"magcache t={t} per-branch plans", OURS_MAGCACHE_PER_BRANCH,
                             cache=CacheParams("magcache", threshold=t, options=apart, **knobs, **cal), threshold=t)
                 for t in sweep.magcache_thresholds]
     if teacache:
@@ -104,22 +114,22 @@ def build_configs(
     if peer:
         shared = {"mag_ratios": {COND: shared_ratios, UNCOND: shared_ratios}}
         hook = {"mag_ratios": shared_ratios, **knobs}
-        configs += [BenchConfig(f"magcache shared t={t}", "ours magcache, diffusers' settings",
+        configs += [BenchConfig(f"magcache shared t={t}", OURS_MAGCACHE_SHARED,
                                 cache=CacheParams("magcache", threshold=t, options=shared, **knobs), threshold=t)
                     for t in sweep.peer_thresholds]
-        peer_name = "diffusers magcache hook"
         configs += [
             BenchConfig(PEER_BASELINE, "uncached", "uncached", impl="diffusers"),
             # diffusers skips while err <= threshold, so 0 may still skip; retention 1 never does.
-            BenchConfig("diffusers hook never-skip", peer_name, "never-skip", impl="diffusers",
+            BenchConfig("diffusers hook never-skip", DIFFUSERS_MAGCACHE, "never-skip", impl="diffusers",
                         hook={**hook, "threshold": 0.0, "retention_ratio": 1.0}),
         ]
-        configs += [BenchConfig(f"diffusers hook t={t}", peer_name, impl="diffusers", hook={**hook, "threshold": t},
-                                threshold=t) for t in sweep.peer_thresholds]
+        configs += [BenchConfig(f"diffusers hook t={t}", DIFFUSERS_MAGCACHE, impl="diffusers",
+                                hook={**hook, "threshold": t}, threshold=t) for t in sweep.peer_thresholds]
     return configs
 
 
 def describe(config: BenchConfig) -> str:
+    """The settings column of the tables: the knobs a configuration sets, in the user's words."""
     if config.hook:
         hook = config.hook
         return f"threshold {hook['threshold']}, K {hook['max_skip_steps']}, retention {hook['retention_ratio']}"
@@ -136,6 +146,8 @@ def describe(config: BenchConfig) -> str:
 
 @dataclass
 class BenchSettings:
+    """One benchmark run: the sweep, the request and machine settings, and where the results go."""
+
     sweep: Sweep
     model_path: str | None = None
     request: dict[str, Any] = field(default_factory=dict)  # SamplingParams overrides: steps, size

@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,12 @@ class RunRecord:
     peak_bytes: int = 0
 
 
+class Runner(Protocol):
+    """Runs one configuration on one request; ``BenchConfig.impl`` picks the runner."""
+
+    def run(self, config: BenchConfig, params: SamplingParams, measure_memory: bool) -> RunRecord: ...
+
+
 # --------------------------------------------------------------------------- our pipeline
 class LoopProfile:
     """Seconds spent in each wrapped call during one denoising loop."""
@@ -63,8 +69,10 @@ class LoopProfile:
         self.seconds: dict[str, float] = defaultdict(float)
         self.cache_bytes: dict[str, int] = {}
 
-    def wrap(self, part: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
+    def wrap(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with its time added to ``part`` (after a CUDA sync, so queued kernels count)."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             if self.sync:
@@ -103,6 +111,8 @@ class ProfiledDenoising(PipelineStage):
 
 
 class OursRunner:
+    """Our pipeline, with its denoising stage swapped for the profiled one when the runner is made."""
+
     def __init__(self, generator: DiffGenerator) -> None:
         self.generator = generator
         self.device = generator.pipeline.device
@@ -164,15 +174,17 @@ class DiffusersRunner:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _on_transformer_call(self, module, args) -> None:
+    def _on_transformer_call(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         if not self._calls:
             self._first_call = self._now()
         self._calls.append(False)
 
-    def _on_block_run(self, module, args, output) -> None:
+    def _on_block_run(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._calls[-1] = True
 
-    def _on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+    def _on_step_end(
+        self, pipe: Any, step: int, timestep: torch.Tensor, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         self._last_step = self._now()
         return {}
 
@@ -207,7 +219,7 @@ class DiffusersRunner:
 
 # --------------------------------------------------------------------------- running
 def run_section(
-    label: str, runners: dict[str, Any], configs: Sequence[BenchConfig], samples: Sequence[SamplingParams],
+    label: str, runners: dict[str, Runner], configs: Sequence[BenchConfig], samples: Sequence[SamplingParams],
     repeats: int, measure_fidelity: bool = True,
 ) -> list[dict[str, Any]]:
     """Round 0 warms up and measures fidelity and memory; rounds 1..repeats are timed, interleaved."""
@@ -258,8 +270,10 @@ def _loop_s(record: RunRecord) -> float:
 
 
 def summarise(
-    config: BenchConfig, first: RunRecord, timed: dict[str, list[RunRecord]], scores: list[dict] | None, steps: int
+    config: BenchConfig, first: RunRecord, timed: dict[str, list[RunRecord]], scores: list[dict[str, float]] | None,
+    steps: int,
 ) -> dict[str, Any]:
+    """One table row: plan and passes from the warm-up run, times from the timed rounds, mean fidelity."""
     runs = timed[config.name]
     passes = {b: len(s) for b, s in first.computed_steps.items()}
     total = steps * len(passes)
@@ -294,7 +308,7 @@ def summarise(
     return row
 
 
-def _add_bounds(rows: list[dict], configs: Sequence[BenchConfig], timed: dict[str, list[RunRecord]]) -> None:
+def _add_bounds(rows: list[dict[str, Any]], configs: Sequence[BenchConfig], timed: dict[str, list[RunRecord]]) -> None:
     """Zero-overhead bound: only the blocks' share of the uncached step shrinks when steps are skipped."""
     base = timed.get(BASELINE)
     if not base:
@@ -338,6 +352,7 @@ def weights_digest(generator: DiffGenerator) -> str:
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
+    """What the timings depend on: CPU, threads, device, library versions, load at the start."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench_configs import BenchSettings
+from bench_configs import DIFFUSERS_MAGCACHE, FRONTIER_STYLES, OURS_MAGCACHE, OURS_MAGCACHE_SHARED, BenchSettings
 
 
 # --------------------------------------------------------------------------- checks
@@ -15,7 +15,7 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's acceptance numbers: achieved / ideal for our MagCache, and ours vs diffusers at equal skips."""
     out: dict[str, Any] = {}
     for section, rows in report["sections"].items():
-        mag = [r for r in rows if r["impl"] == "ours" and r["strategy"].startswith("ours magcache") and r["skipped"]]
+        mag = [r for r in rows if r["impl"] == "ours" and r["strategy"].startswith(OURS_MAGCACHE) and r["skipped"]]
         if mag:
             out[f"{section}_magcache_min_achieved_over_ideal"] = min(r["achieved_over_ideal"] for r in mag)
             out[f"{section}_magcache_min_achieved_over_bound"] = min(r["achieved_over_bound"] for r in mag)
@@ -25,8 +25,8 @@ def checks(report: dict[str, Any]) -> dict[str, Any]:
 
 def peer_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Ours with diffusers' settings vs the diffusers hook, threshold by threshold."""
-    ours = {r["threshold"]: r for r in rows if r["strategy"] == "ours magcache, diffusers' settings"}
-    theirs = {r["threshold"]: r for r in rows if r["strategy"] == "diffusers magcache hook" and r["kind"] == "sweep"}
+    ours = {r["threshold"]: r for r in rows if r["strategy"] == OURS_MAGCACHE_SHARED}
+    theirs = {r["threshold"]: r for r in rows if r["strategy"] == DIFFUSERS_MAGCACHE and r["kind"] == "sweep"}
     pairs = []
     for t in sorted(set(ours) & set(theirs)):
         a, b = ours[t], theirs[t]
@@ -44,6 +44,7 @@ def peer_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- outputs
 def _fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: fixed digits for floats, empty for a missing value."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -60,6 +61,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def main_table(rows: list[dict[str, Any]], fidelity_columns: bool = True) -> str:
+    """Every configuration: passes, ideal / achieved / bound speedups, times, memory, fidelity."""
     headers = ["config", "settings", "passes cond/uncond", "ideal", "achieved", "achieved/ideal", "bound",
                "e2e speedup", "denoise ms", "e2e ms", "overhead ms/step", "cache KiB", "peak MiB"]
     if fidelity_columns:
@@ -78,6 +80,7 @@ def main_table(rows: list[dict[str, Any]], fidelity_columns: bool = True) -> str
 
 
 def breakdown_table(rows: list[dict[str, Any]]) -> str:
+    """Where a step's time goes, for uncached and the never-skipping controls (ours only)."""
     parts = ("embed", "blocks", "head", "scheduler", "cache", "loop")
     body = [[r["name"], *(r["ms_per_step"][p] for p in parts), _fmt(100 * r.get("blocks_share", 0.0), 1)]
             for r in rows if "ms_per_step" in r and r["kind"] in ("uncached", "never-skip")]
@@ -85,6 +88,7 @@ def breakdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def peer_table(pairs: list[dict[str, Any]]) -> str:
+    """``peer_pairs`` as a table: ours / diffusers side by side per threshold."""
     body = [[p["threshold"], f"{p['skipped_ours']} / {p['skipped_diffusers']}", "yes" if p["same_plan"] else "no",
              f"{_fmt(p['speedup_ours'])} / {_fmt(p['speedup_diffusers'])}",
              f"{_fmt(p.get('psnr_ours'), 3)} / {_fmt(p.get('psnr_diffusers'), 3)}",
@@ -95,6 +99,7 @@ def peer_table(pairs: list[dict[str, Any]]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    """The results page: command, machine, request and method, then the tables and the checks."""
     m = report["machine"]
     main = report["sections"]["main"]
     never = {r["name"]: r for r in main if r["kind"] == "never-skip"}
@@ -146,6 +151,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_frontier(report: dict[str, Any], path: Path) -> Path:
+    """PSNR against achieved speedup: one line per strategy's threshold sweep, stars for presets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,9 +160,7 @@ def plot_frontier(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     # PSNR is inf (None once saved as JSON) for configurations identical to uncached.
     rows = [r for r in report["sections"]["main"] if r.get("psnr") is not None and math.isfinite(r["psnr"])]
-    styles = {"ours magcache": "o-", "ours magcache, per-branch plans (release)": "x-.", "ours teacache": "s-",
-              "ours magcache, diffusers' settings": "^--", "diffusers magcache hook": "v:"}
-    for strategy, style in styles.items():
+    for strategy, style in FRONTIER_STYLES.items():
         line = sorted((r for r in rows if r["strategy"] == strategy and r["kind"] == "sweep"),
                       key=lambda r: r["threshold"])
         if line:
@@ -191,6 +195,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_outputs(report: dict[str, Any], settings: BenchSettings) -> None:
+    """``bench_cache_<device><tag>.json`` and ``.md`` in the output folder, and the frontier plot."""
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     stem = settings.output_dir / f"bench_cache_{report['machine']['device'].split(':')[0]}{settings.tag}"
     report["outputs"] = {"json": str(stem.with_suffix(".json")), "markdown": str(stem.with_suffix(".md")),
