@@ -251,3 +251,43 @@ def test_stage_reads_the_scheduler_sigmas_once_per_request():
     with_sigmas = SimpleNamespace(sigmas=torch.tensor([1.0, 0.5, 0.25, 0.0]))  # UniPC / Euler: steps + 1 values
     assert scheduler_sigmas(with_sigmas, 3) == [1.0, 0.5, 0.25]
     assert scheduler_sigmas(SimpleNamespace(), 2) == [None, None]
+
+
+# --------------------------------------------------------------------------- calibrated blend alpha
+def _calibration_records(values: list[float]):
+    cache = EveryOther(None, len(values), (COND,), calibrate=True)
+    for step, v in enumerate(values):
+        assert cache.should_compute(step, COND, StepFeatures(timestep=torch.tensor([1.0])))
+        cache.store(step, COND, full(v))
+    return dict(cache.calibration_records())
+
+
+def test_calibration_fits_the_blend_alpha_by_least_squares():
+    from sglang.multimodal_gen.runtime.cache.calibration import fit_blend_alpha
+
+    linear = _calibration_records([0.0, 1.0, 2.0, 3.0])  # the forecast is exact: alpha 1
+    assert linear[COND].blend_numerator == [0.0, 0.0, 6.0, 6.0] and linear[COND].blend_denominator == [0.0, 0.0, 6.0, 6.0]
+    assert fit_blend_alpha([linear]) == 1.0
+    # Changes 1, 1, then 0: sum <e, d> = 6 + 0, sum |d|^2 = 6 + 6 -> 0.5 (over prompts too).
+    assert fit_blend_alpha([_calibration_records([0.0, 1.0, 2.0, 2.0])]) == 0.5
+    assert fit_blend_alpha([linear, _calibration_records([0.0, 1.0, 2.0, 2.0])]) == 0.75
+    assert fit_blend_alpha([_calibration_records([5.0, 5.0, 5.0])]) is None  # nothing changed
+
+
+def test_a_calibration_alpha_reaches_blend_unless_the_user_set_one(tmp_path):
+    from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration
+
+    result = CalibrationResult.from_records(
+        [_calibration_records([0.0, 1.0, 2.0, 2.0])], model="m", model_family="wan", num_inference_steps=4,
+        dtype="float32", device="cpu", seed=0, guidance_scale=5.0, size=[5, 32, 32],
+    )
+    assert result.blend_alpha == 0.5
+    path = result.save(tmp_path / "c.json")
+    assert CalibrationResult.load(path).blend_alpha == 0.5
+
+    def alpha(**knobs):
+        return apply_calibration(CacheParams(strategy="teacache", **knobs), path, "wan", 4).blend_alpha
+
+    assert alpha(estimator="blend") == 0.5
+    assert alpha(estimator="blend", blend_alpha=0.9) == 0.9
+    assert alpha(estimator="forecast1") is None and alpha() is None

@@ -68,7 +68,8 @@ class CacheParams:
             `"estimator"`; an explicit `--cache-estimator` wins.
         blend_alpha (`float`, *optional*):
             The `blend` estimator's weight of the first-order forecast against reuse (0 = reuse,
-            1 = `forecast1`). Unset: 0.5. Only with `estimator="blend"`.
+            1 = `forecast1`). Unset: the calibration file's fitted `blend_alpha` when one is in
+            use and has it, else 0.5. Only with `estimator="blend"`.
     """
 
     strategy: str = "none"

@@ -213,6 +213,10 @@ class CalibrationRecord:
         cosine_distance: Mean over tokens of ``1 - cos(r_t, r_{t-1})``.
         input_change: Relative L1 change of the modulated input (TeaCache's indicator).
         output_change: Relative L1 change of the block residual (what reusing it gets wrong).
+        blend_numerator: ``<r_t - r_{t-1}, r_{t-1} - r_{t-2}>``, and
+        blend_denominator: ``|r_{t-1} - r_{t-2}|^2`` (``0.0`` before step 2): summed over steps,
+            branches and prompts their ratio is the least-squares ``alpha`` of the ``blend``
+            estimator for a one-step skip (``sglang calibrate`` saves it as ``blend_alpha``).
     """
 
     mag_ratio: list[float] = field(default_factory=list)
@@ -220,6 +224,8 @@ class CalibrationRecord:
     cosine_distance: list[float] = field(default_factory=list)
     input_change: list[float] = field(default_factory=list)
     output_change: list[float] = field(default_factory=list)
+    blend_numerator: list[float] = field(default_factory=list)
+    blend_denominator: list[float] = field(default_factory=list)
 
 
 def threshold_above(value: float) -> float:
@@ -332,6 +338,7 @@ class TimestepCache(abc.ABC):
             branches={b: BranchStats() for b in self.branches},
         )
         self._calibration: dict[str, CalibrationRecord] = {b: CalibrationRecord() for b in self.branches}
+        self._older_residual: dict[str, torch.Tensor | None] = {b: None for b in self.branches}  # calibration only
         self._sigma: dict[str, tuple[int, float | None]] = {}
         self._estimator.reset()
         self._stats.estimator = self._estimator.name
@@ -461,8 +468,16 @@ class TimestepCache(abc.ABC):
 
     def _record_residual(self, branch: str, residual: torch.Tensor) -> None:
         record = self._calibration[branch]
-        previous = self._residual[branch]
+        previous, older = self._residual[branch], self._older_residual[branch]
         record.input_change.append(self._pending_input_change[branch])
+        self._older_residual[branch] = previous
+        if older is None or previous is None:
+            record.blend_numerator.append(0.0)
+            record.blend_denominator.append(0.0)
+        else:
+            change, last_change = residual.float() - previous.float(), previous.float() - older.float()
+            record.blend_numerator.append(torch.sum(change * last_change, dtype=torch.float64).item())
+            record.blend_denominator.append(torch.sum(last_change * last_change, dtype=torch.float64).item())
         if previous is None:
             record.mag_ratio.append(1.0)
             record.mag_ratio_std.append(0.0)

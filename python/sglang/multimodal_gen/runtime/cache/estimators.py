@@ -16,7 +16,8 @@ Registered estimators (``--cache-estimator NAME``):
 - ``forecast1`` / ``forecast2``: extrapolate the last 2 / 3 computed residuals (linear /
   quadratic Lagrange polynomial) to this step, in step index.
 - ``forecast1_sigma`` / ``forecast2_sigma``: the same in the scheduler's sigma of each step.
-- ``blend``: ``reuse + alpha * (forecast1 - reuse)``; ``alpha`` 0 is ``reuse``, 1 ``forecast1``.
+- ``blend``: ``reuse + alpha * (forecast1 - reuse)``; ``alpha`` 0 is ``reuse``, 1 ``forecast1``
+  (0.5 unless set, or fitted by ``sglang calibrate`` and taken from the calibration file in use).
 
 A forecast without enough history (or with two points at the same coordinate) falls back to the
 next lower order, down to ``reuse``. Forecast arithmetic is done in fp32 and the result returned
