@@ -199,6 +199,13 @@ def test_cli_prints_measured_time_and_skipped_steps_after_the_summary(tiny_wan_d
          "at least 2"),
         (["--cache", "magcache", "--cache-params", "{not json"], "JSON"),
         (["--cache", "teacache", "--cache-params", '{"warp": 1}'], "warp"),
+        (["--cache", "magcache", "--cache-estimator", "linear"],
+         "unknown cache estimator 'linear'; choose one of: blend, forecast1, forecast1_sigma, forecast2, "
+         "forecast2_sigma, reuse, scale"),
+        (["--cache-estimator", "forecast1"], "the cache strategy is 'none'"),
+        (["--cache", "magcache", "--cache-estimator", "forecast1", "--cache-params", '{"scale_residual": true}'],
+         "scale_residual: true means estimator 'scale', but estimator 'forecast1' was asked"),
+        (["--cache", "teacache", "--cache-params", '{"blend_alpha": 0.3}'], "--cache-estimator blend"),
     ],
 )
 def test_invalid_cache_settings_give_one_clear_line(tiny_wan_dir, capsys, flags, message):

@@ -172,3 +172,12 @@ def test_builtin_model_teacache_default_preset_skips_at_20_steps(builtin_generat
     assert result.cache_stats.branches["cond"].num_skipped >= 1, result.cache_stats.summary()
     assert result.cache_stats.branches["uncond"].num_skipped >= 1
     assert result.cache.config.calibration_steps == 50 and result.cache.threshold == pytest.approx(0.05 * 50 / 20)
+
+
+def test_calibrated_blend_alpha_reaches_the_blend_estimator(wan_generator, calibration_file):
+    alpha = CalibrationResult.load(calibration_file).blend_alpha
+    assert isinstance(alpha, float) and np.isfinite(alpha)
+    cache = CacheParams(strategy="magcache", estimator="blend", calibration_file=str(calibration_file))
+    params = SamplingParams(prompt=PROMPTS[1], seed=1, height=32, width=32, num_frames=5, num_inference_steps=STEPS,
+                            cache=cache)
+    assert wan_generator.generate(params).cache.estimator.alpha == alpha

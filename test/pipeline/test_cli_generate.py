@@ -91,3 +91,22 @@ def test_console_script_runs_builtin_model(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert iio.imread(out, index=None).ndim == 4
+
+
+def test_cache_estimator_flag_and_cache_params_key(tiny_wan_dir, tmp_path, capsys):
+    """--cache-estimator and "estimator" in --cache-params give the same video; the estimator and
+    its history memory are printed after the skipped steps (not for the default reuse)."""
+    common = ["generate", "--model-path", str(tiny_wan_dir), "--prompt", "a red circle", "--height", "32",
+              "--width", "48", "--num-frames", "5", "--num-inference-steps", "8", "--cache", "magcache",
+              "--cache-threshold", "0.5", "--cache-max-skip-steps", "3"]
+    flag, key, plain = tmp_path / "flag.npy", tmp_path / "key.npy", tmp_path / "plain.npy"
+    assert main([*common, "--cache-estimator", "forecast2_sigma", "--output-path", str(flag)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2].startswith("  estimator forecast2_sigma, history ") and printed[-2].endswith(" MiB")
+    assert printed[-3].startswith("  skipped steps: ")
+    assert main([*common, "--cache-params", '{"estimator": "forecast2_sigma"}', "--output-path", str(key)]) == 0
+    capsys.readouterr()
+    assert main([*common, "--output-path", str(plain)]) == 0
+    assert not any(line.startswith("  estimator") for line in capsys.readouterr().out.splitlines())
+    np.testing.assert_array_equal(np.load(flag), np.load(key))
+    assert not np.array_equal(np.load(flag), np.load(plain))

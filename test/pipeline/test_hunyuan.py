@@ -206,3 +206,15 @@ def test_cli_generate_with_cache(tiny_hunyuan_dir, tmp_path, capsys, strategy):
     out = capsys.readouterr().out
     assert f"{strategy}: computed" in out and f"saved {output}" in out
     assert np.load(output).shape == (5, 64, 48, 3)
+
+
+def test_estimators_on_hunyuan_keep_the_plan_and_change_only_what_skips_add(hunyuan_generator):
+    """One branch (embedded guidance), FlowMatchEuler sigmas: reuse is today's output, forecasts differ."""
+    steps = 10
+    today = hunyuan_generator.generate(_params(cache=CacheParams(strategy="magcache"), num_inference_steps=steps))
+    for name in ("reuse", "forecast2_sigma", "blend"):
+        result = hunyuan_generator.generate(
+            _params(cache=CacheParams(strategy="magcache", estimator=name), num_inference_steps=steps)
+        )
+        assert result.cache_stats.branches[COND].skipped_steps == today.cache_stats.branches[COND].skipped_steps
+        assert torch.equal(result.latents, today.latents) == (name == "reuse"), name

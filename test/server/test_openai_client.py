@@ -88,6 +88,29 @@ def test_server_output_equals_sglang_generate(magcache_video, tmp_path):
     assert content == out.read_bytes()
 
 
+def test_cache_estimator_through_the_client_equals_sglang_generate(openai_client, magcache_video, tmp_path):
+    """``cache_estimator`` picks what skipped steps add: same skips as the reuse request, another
+    video, the CLI's --cache-estimator's bytes, and the estimator and its memory in cache_stats."""
+    created = openai_client.videos.create(
+        prompt=PROMPT, size="48x32", seconds="1",
+        extra_body={**MAGCACHE, "num_inference_steps": 8, "seed": 3, "cache_estimator": "forecast1_sigma"},
+    )
+    video = openai_client.videos.poll(created.id, poll_interval_ms=50)
+    content = openai_client.videos.download_content(created.id).read()
+    stats, reused = video.cache_stats, magcache_video[1].cache_stats
+    assert reused["estimator"] == "reuse" and stats["estimator"] == "forecast1_sigma"
+    assert stats["estimator_history_bytes"] == 2 * reused["estimator_history_bytes"] > 0
+    assert stats["branches"] == reused["branches"]
+    assert content != magcache_video[2]
+    out = tmp_path / "cli.mp4"
+    assert main(["generate", "--prompt", PROMPT, "--seed", "3", "--width", "48", "--height", "32", "--num-frames",
+                 "9", "--num-inference-steps", "8", "--device", "cpu", "--cache", "magcache",
+                 "--cache-threshold", "0.5", "--cache-max-skip-steps", "3", "--cache-retention-ratio", "0.1",
+                 "--cache-params", json.dumps(MAGCACHE["cache_params"]), "--cache-estimator", "forecast1_sigma",
+                 "--output-path", str(out)]) == 0
+    assert content == out.read_bytes()
+
+
 def test_list_pages_with_cursor(openai_client):
     ids = [openai_client.videos.create(prompt=f"a green square {i}", size="48x32",
                                        extra_body={"num_inference_steps": 2, "num_frames": 5, "seed": i}).id

@@ -84,3 +84,14 @@ def test_cache_fields_override_cache_params_and_name_the_bad_one():
     with pytest.raises(InvalidRequestError) as exc:
         build_cache_params(parse_create_request({"prompt": "p", "cache": "magcache", "cache_max_skip_steps": -1}))
     assert exc.value.param == "cache_max_skip_steps"
+
+
+def test_cache_estimator_field_wins_over_cache_params_and_is_merged_before_blend_alpha():
+    request = parse_create_request({"prompt": "p", "cache": "teacache", "cache_estimator": "blend",
+                                    "cache_params": {"estimator": "forecast2", "blend_alpha": 0.25}})
+    params = build_cache_params(request)
+    assert (params.estimator, params.blend_alpha, params.options) == ("blend", 0.25, {})
+    from_params = build_cache_params(parse_create_request({"prompt": "p", "cache": "magcache",
+                                                           "cache_params": {"estimator": "scale"}}))
+    assert from_params.estimator == "scale"
+    assert build_cache_params(parse_create_request({"prompt": "p", "cache": "magcache"})).estimator is None

@@ -48,6 +48,9 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-max-skip-steps", type=int, default=None, help="most consecutive skipped steps (K)")
     group.add_argument("--cache-retention-ratio", type=float, default=None,
                        help="fraction of first steps never skipped, in [0, 1]")
+    group.add_argument("--cache-estimator", default=None,
+                       help="what a skipped step adds: reuse (default), scale, forecast1, forecast2, forecast1_sigma, "
+                            "forecast2_sigma, blend (see docs/caching.md)")
     group.add_argument("--cache-params", default=None,
                        help="JSON object or .json file with further strategy options (see docs/caching.md)")
     group.add_argument("--cache-calibration", default=None,
@@ -79,6 +82,7 @@ def cache_params_from_args(args: argparse.Namespace):
         max_skip_steps=args.cache_max_skip_steps,
         retention_ratio=args.cache_retention_ratio,
         preset=args.cache_preset,
+        estimator=args.cache_estimator,
         options=parse_cache_params_arg(args.cache_params) if args.cache_params else {},
         calibration_file=args.cache_calibration,
     )
@@ -125,6 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if timing is not None:
             print(f"  {timing}")
         print(f"  {stats.skipped_line()}")
+        if stats.estimator != "reuse":
+            print(f"  {stats.estimator_line()}")
     print(f"saved {result.output_path}")
     return 0
 

@@ -20,6 +20,8 @@ from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, get_cache
 
 # Knobs that have their own field here rather than living in `options`.
 TOP_LEVEL_KNOBS = ("threshold", "max_skip_steps", "retention_ratio")
+# Knobs of the residual estimator: any strategy takes them, and `--cache-params` may carry them.
+ESTIMATOR_KNOBS = ("estimator", "blend_alpha")
 
 
 @dataclass
@@ -57,6 +59,17 @@ class CacheParams:
         calibration_file (`str`, *optional*):
             Path of a calibration result to use instead of the shipped presets (carried here,
             read by the calibration support).
+        estimator (`str`, *optional*):
+            What a skipped step adds, independent of the strategy that decides when to skip:
+            `"reuse"` (the cached residual as is), `"scale"` (times MagCache's accumulated
+            ratio), `"forecast1"`, `"forecast2"`, `"forecast1_sigma"`, `"forecast2_sigma"`,
+            `"blend"` or any other registered estimator (docs/caching.md). Unset: `"reuse"`
+            (`"scale"` for MagCache with `scale_residual`). `--cache-params` may carry it as
+            `"estimator"`; an explicit `--cache-estimator` wins.
+        blend_alpha (`float`, *optional*):
+            The `blend` estimator's weight of the first-order forecast against reuse (0 = reuse,
+            1 = `forecast1`). Unset: the calibration file's fitted `blend_alpha` when one is in
+            use and has it, else 0.5. Only with `estimator="blend"`.
     """
 
     strategy: str = "none"
@@ -66,6 +79,8 @@ class CacheParams:
     preset: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     calibration_file: str | None = None
+    estimator: str | None = None
+    blend_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, str) or not self.strategy:
@@ -81,6 +96,11 @@ class CacheParams:
                 f"cache options must be a JSON object of knob -> value, got {type(self.options).__name__}"
             )
         self.options = dict(self.options)
+        for knob in ESTIMATOR_KNOBS:  # `--cache-params` may carry them; the explicit field wins
+            value = self.options.pop(knob, None)
+            if getattr(self, knob) is None:
+                setattr(self, knob, value)
+        self._check_estimator()
         if self.preset is not None and (not isinstance(self.preset, str) or not self.preset.strip()):
             raise CacheConfigError(
                 f"cache preset must be a level name such as 'default' or 'fast', got {self.preset!r}"
@@ -91,7 +111,8 @@ class CacheParams:
             raise CacheConfigError(f"calibration_file must be a path string, got {self.calibration_file!r}")
 
         if self.strategy == "none":
-            given = [k for k in TOP_LEVEL_KNOBS if getattr(self, k) is not None] + sorted(self.options)
+            given = [k for k in (*TOP_LEVEL_KNOBS, *ESTIMATOR_KNOBS) if getattr(self, k) is not None]
+            given += sorted(self.options)
             if self.calibration_file is not None:  # it would be silently unused
                 given.append("calibration_file")
             if given or self.preset is not None:
@@ -102,6 +123,26 @@ class CacheParams:
             return
         cls = get_cache_class(self.strategy)  # raises, naming the known strategies
         self._check_against(cls)
+
+    def _check_estimator(self) -> None:
+        from sglang.multimodal_gen.runtime.cache.estimators import check_blend_alpha, get_estimator
+
+        if self.estimator is not None:
+            name = self.estimator.strip().lower() if isinstance(self.estimator, str) else self.estimator
+            get_estimator(name)  # raises, naming the registered estimators
+            self.estimator = name
+        if self.blend_alpha is not None:
+            self.blend_alpha = check_blend_alpha(self.blend_alpha)
+            if self.estimator != "blend":
+                raise CacheConfigError(
+                    f"blend_alpha is a setting of the 'blend' estimator, but the estimator is "
+                    f"{self.estimator or 'reuse'!r}; add --cache-estimator blend or drop blend_alpha"
+                )
+        if self.options.get("scale_residual") is True and self.estimator not in (None, "scale"):
+            raise CacheConfigError(  # MagCache's old name of the scale estimator; also checked when it is built
+                f"scale_residual: true means estimator 'scale', but estimator {self.estimator!r} was asked; "
+                "drop scale_residual or the estimator"
+            )
 
     @property
     def enabled(self) -> bool:

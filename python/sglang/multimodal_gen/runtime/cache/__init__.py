@@ -31,6 +31,12 @@ from sglang.multimodal_gen.runtime.cache.base import (
     registered_caches,
     relative_l1,
 )
+from sglang.multimodal_gen.runtime.cache.estimators import (
+    ResidualEstimator,
+    get_estimator,
+    register_estimator,
+    registered_estimators,
+)
 from sglang.multimodal_gen.runtime.cache.magcache import MagCache, MagCacheConfig
 from sglang.multimodal_gen.runtime.cache.teacache import TeaCache, TeaCacheConfig
 
@@ -67,6 +73,9 @@ def build_cache(
         params = dataclasses.replace(params, strategy=CALIBRATION_STRATEGY)
     cls = get_cache_class(params.strategy)
     cache = cls.from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
+    if params.estimator is not None or params.blend_alpha is not None:
+        options = {} if params.blend_alpha is None else {"alpha": params.blend_alpha}
+        cache.use_estimator(params.estimator, **options)
     logger.debug("built %s for %s (%d steps, branches %s, calibrate=%s)", cls.name, model_key,
                  num_inference_steps, list(branches), calibrate)
     return cache
@@ -87,14 +96,18 @@ __all__ = [
     "CalibrationRecord",
     "MagCache",
     "MagCacheConfig",
+    "ResidualEstimator",
     "StepFeatures",
     "TeaCache",
     "TeaCacheConfig",
     "TimestepCache",
     "build_cache",
     "get_cache_class",
+    "get_estimator",
     "preset_model_keys",
     "register_cache",
+    "register_estimator",
     "registered_caches",
+    "registered_estimators",
     "relative_l1",
 ]

@@ -38,11 +38,15 @@ class StepFeatures:
             double-stream block (it depends on the latent).
         timestep_projection: Wan only: the 6x timestep projection that TeaCache's ret-steps mode
             compares instead of ``modulated_input``. ``None`` for models without one.
+        sigma: The scheduler's sigma at this step (``scheduler.sigmas[step]``), filled by the
+            denoising stage for the estimators that forecast in sigma. ``None`` when the
+            scheduler has no ``sigmas``.
     """
 
     timestep: torch.Tensor
     modulated_input: torch.Tensor | None = None
     timestep_projection: torch.Tensor | None = None
+    sigma: float | None = None
 
 
 @dataclass
@@ -88,6 +92,9 @@ class CacheStats:
             on CUDA) so the two add up; ``timings["denoising"]`` also counts the stage's setup.
         blocks_pass_seconds: Mean measured time of one DiT blocks pass (one branch, one step).
         timed_passes: How many blocks passes were timed (the computed passes of every branch).
+        estimator: The residual estimator that made what skipped steps added (``reuse``, ...).
+        estimator_history_bytes: The most memory its history of computed residuals held at once,
+            all branches together (for ``reuse`` the one cached residual per branch).
     """
 
     strategy: str
@@ -96,6 +103,8 @@ class CacheStats:
     denoising_seconds: float | None = None
     blocks_pass_seconds: float | None = None
     timed_passes: int = 0
+    estimator: str = "reuse"
+    estimator_history_bytes: int = 0
 
     @property
     def total_computed(self) -> int:
@@ -160,6 +169,10 @@ class CacheStats:
         parts = " | ".join(f"{name} {format_steps(s.skipped_steps)}" for name, s in self.branches.items())
         return f"skipped steps: {parts or 'none'}"
 
+    def estimator_line(self) -> str:
+        """E.g. 'estimator forecast2_sigma, history 1.50 MiB': what skipped steps added, and its memory."""
+        return f"estimator {self.estimator}, history {self.estimator_history_bytes / 2**20:.2f} MiB"
+
     def to_dict(self) -> dict[str, Any]:
         def rounded(value: float | None, digits: int) -> float | None:
             return None if value is None else round(value, digits)
@@ -173,6 +186,8 @@ class CacheStats:
             "timed_passes": self.timed_passes,
             "uncached_estimate_seconds": rounded(self.uncached_estimate_seconds, 6),
             "measured_speedup": rounded(self.measured_speedup, 4),
+            "estimator": self.estimator,
+            "estimator_history_bytes": self.estimator_history_bytes,
             "branches": {
                 name: {
                     "computed": s.num_computed,
@@ -198,6 +213,10 @@ class CalibrationRecord:
         cosine_distance: Mean over tokens of ``1 - cos(r_t, r_{t-1})``.
         input_change: Relative L1 change of the modulated input (TeaCache's indicator).
         output_change: Relative L1 change of the block residual (what reusing it gets wrong).
+        blend_numerator: ``<r_t - r_{t-1}, r_{t-1} - r_{t-2}>``, and
+        blend_denominator: ``|r_{t-1} - r_{t-2}|^2`` (``0.0`` before step 2): summed over steps,
+            branches and prompts their ratio is the least-squares ``alpha`` of the ``blend``
+            estimator for a one-step skip (``sglang calibrate`` saves it as ``blend_alpha``).
     """
 
     mag_ratio: list[float] = field(default_factory=list)
@@ -205,6 +224,8 @@ class CalibrationRecord:
     cosine_distance: list[float] = field(default_factory=list)
     input_change: list[float] = field(default_factory=list)
     output_change: list[float] = field(default_factory=list)
+    blend_numerator: list[float] = field(default_factory=list)
+    blend_denominator: list[float] = field(default_factory=list)
 
 
 def threshold_above(value: float) -> float:
@@ -240,8 +261,13 @@ class TimestepCache(abc.ABC):
         ``should_compute`` -> True  -> blocks run -> ``store(step, branch, residual)``
         ``should_compute`` -> False -> ``reuse(step, branch)`` is added to the block input.
 
+    What a skipped step adds is the request's residual estimator's (``runtime/cache/estimators.py``,
+    ``reuse`` unless :meth:`use_estimator` chose another): ``store`` feeds it, ``reuse`` asks it,
+    passing the strategy's :meth:`_scale_hint`.
+
     Subclasses implement :meth:`_decide` (and may override :meth:`_reset_strategy_state`,
-    :meth:`_scaled_residual` and :meth:`plan`). Register them with :func:`register_cache`.
+    :meth:`_scale_hint`, :meth:`_default_estimator` and :meth:`plan`). Register them with
+    :func:`register_cache`.
     """
 
     name: ClassVar[str] = ""
@@ -265,6 +291,7 @@ class TimestepCache(abc.ABC):
         self.num_inference_steps = num_inference_steps
         self.branches: tuple[str, ...] = tuple(branches)
         self.calibrate = calibrate
+        self._estimator = self._build_estimator(None, {})
         self.reset()
 
     @classmethod
@@ -311,15 +338,52 @@ class TimestepCache(abc.ABC):
             branches={b: BranchStats() for b in self.branches},
         )
         self._calibration: dict[str, CalibrationRecord] = {b: CalibrationRecord() for b in self.branches}
+        self._older_residual: dict[str, torch.Tensor | None] = {b: None for b in self.branches}  # calibration only
+        self._sigma: dict[str, tuple[int, float | None]] = {}
+        self._estimator.reset()
+        self._stats.estimator = self._estimator.name
         self._reset_strategy_state()
 
     def _reset_strategy_state(self) -> None:
         """Reset subclass accumulators; called by :meth:`reset` (and so by ``__init__``)."""
 
+    # ----------------------------------------------------------------------------- estimator
+    def use_estimator(self, name: str | None, **options: Any) -> None:
+        """Choose what a skipped step adds (``None``: the strategy's default); forgets all state.
+
+        ``options`` go to the estimator (e.g. ``alpha`` of ``blend``). Called by ``build_cache``
+        with the request's ``CacheParams.estimator``.
+        """
+        self._estimator = self._build_estimator(name, options)
+        self.reset()
+
+    @property
+    def estimator(self):
+        """The request's residual estimator (a ``ResidualEstimator``)."""
+        return self._estimator
+
+    def _default_estimator(self, requested: str | None) -> str:
+        """The estimator to use given the request's choice (``None`` when it made none).
+
+        Strategies whose own config implies one (MagCache's ``scale_residual``) override this and
+        refuse a conflicting choice."""
+        return requested or "reuse"
+
+    def _build_estimator(self, requested: str | None, options: Mapping[str, Any]):
+        from sglang.multimodal_gen.runtime.cache.estimators import build_estimator
+
+        return build_estimator(self._default_estimator(requested), self.branches, **options)
+
+    def _scale_hint(self, step: int, branch: str) -> float:
+        """The strategy's predicted ``|r_step| / |r_cached|`` for a skipped step; the ``scale``
+        estimator multiplies the cached residual by it. MagCache: its accumulated ratio."""
+        return 1.0
+
     # ----------------------------------------------------------------------------- the contract
     def should_compute(self, step: int, branch: str, features: StepFeatures) -> bool:
         """Decide whether ``branch`` must run the DiT blocks at ``step``. Called once per pair."""
         self._check(step, branch)
+        self._sigma[branch] = (step, features.sigma)
         if self.calibrate:
             self._record_input(branch, features)
             compute = True
@@ -337,9 +401,11 @@ class TimestepCache(abc.ABC):
         if self.calibrate:
             self._record_residual(branch, residual)
         self._residual[branch] = residual
+        self._estimator.observe(branch, step, self._sigma_at(step, branch), residual)
+        self._stats.estimator_history_bytes = max(self._stats.estimator_history_bytes, self._estimator.history_bytes())
 
     def reuse(self, step: int, branch: str) -> torch.Tensor:
-        """The residual to add to the block input on a skipped step (as stored, or scaled)."""
+        """The residual to add to the block input on a skipped step: the estimator's estimate."""
         self._check(step, branch)
         residual = self._residual[branch]
         if residual is None:
@@ -351,7 +417,9 @@ class TimestepCache(abc.ABC):
         """Strategy logic: True to run the blocks. Only called outside calibration mode."""
 
     def _scaled_residual(self, step: int, branch: str, residual: torch.Tensor) -> torch.Tensor:
-        return residual
+        """What ``reuse`` returns; ``residual`` is the last stored one. Asks the estimator; a
+        strategy may override it to bypass estimators altogether (the probes in ``tools/`` do)."""
+        return self._estimator.estimate(branch, step, self._sigma_at(step, branch), self._scale_hint(step, branch))
 
     def plan(self) -> dict[str, list[bool]] | None:
         """The whole per-branch compute mask (True = run the blocks), if it is known up front.
@@ -385,6 +453,11 @@ class TimestepCache(abc.ABC):
         if not 0 <= step < self.num_inference_steps:
             raise IndexError(f"{self.name}: step {step} outside [0, {self.num_inference_steps})")
 
+    def _sigma_at(self, step: int, branch: str) -> float | None:
+        """The sigma ``should_compute`` saw for this step and branch (``None`` if it saw none)."""
+        seen_step, sigma = self._sigma.get(branch, (None, None))
+        return sigma if seen_step == step else None
+
     def _record_input(self, branch: str, features: StepFeatures) -> None:
         indicator = features.modulated_input
         if indicator is None:
@@ -395,8 +468,16 @@ class TimestepCache(abc.ABC):
 
     def _record_residual(self, branch: str, residual: torch.Tensor) -> None:
         record = self._calibration[branch]
-        previous = self._residual[branch]
+        previous, older = self._residual[branch], self._older_residual[branch]
         record.input_change.append(self._pending_input_change[branch])
+        self._older_residual[branch] = previous
+        if older is None or previous is None:
+            record.blend_numerator.append(0.0)
+            record.blend_denominator.append(0.0)
+        else:
+            change, last_change = residual.float() - previous.float(), previous.float() - older.float()
+            record.blend_numerator.append(torch.sum(change * last_change, dtype=torch.float64).item())
+            record.blend_denominator.append(torch.sum(last_change * last_change, dtype=torch.float64).item())
         if previous is None:
             record.mag_ratio.append(1.0)
             record.mag_ratio_std.append(0.0)

@@ -67,6 +67,9 @@ class CalibrationResult:
     size: list[int]
     branches: dict[str, BranchCalibration]
     teacache_coefficients: list[float] = field(default_factory=list)
+    #: The ``blend`` estimator's least-squares alpha for a one-step skip, fitted on the calibration
+    #: prompts; ``None`` in files written before it existed or when the residuals never changed.
+    blend_alpha: float | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -85,6 +88,7 @@ class CalibrationResult:
             branches[branch] = BranchCalibration(**stats)
         result = cls(branches=branches, num_prompts=len(runs), **provenance)
         result.teacache_coefficients = fit_teacache_polynomial(*result.teacache_pairs())
+        result.blend_alpha = fit_blend_alpha(runs)
         return result
 
     def teacache_pairs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +151,17 @@ class CalibrationResult:
         return result
 
 
+def fit_blend_alpha(runs: Sequence[Mapping[str, CalibrationRecord]]) -> float | None:
+    """The ``alpha`` minimising ``sum |r_t - (r_{t-1} + alpha (r_{t-1} - r_{t-2}))|^2`` over every
+    step, branch and prompt: the blend of reuse and the first-order forecast that best predicts a
+    step skipped right after two computed ones. ``None`` when no residual ever changed."""
+    numerator = sum(sum(record.blend_numerator) for run in runs for record in run.values())
+    denominator = sum(sum(record.blend_denominator) for run in runs for record in run.values())
+    if not denominator > 0 or not math.isfinite(numerator / denominator):
+        return None
+    return float(numerator / denominator)
+
+
 def fit_teacache_polynomial(x: np.ndarray, y: np.ndarray, degree: int = TEACACHE_POLY_DEGREE) -> list[float]:
     """Least-squares polynomial (highest power first) mapping indicator change to output change."""
     finite = np.isfinite(x) & np.isfinite(y)
@@ -202,7 +217,10 @@ def apply_calibration(
     if calibration.resampled_far(num_inference_steps):
         _warn_resampled_once(str(calibration_file), calibration.num_inference_steps, num_inference_steps)
     options = {**get_cache_class(params.strategy).options_from_calibration(calibration), **params.options}
-    return dataclasses.replace(params, options=options, calibration_file=str(calibration_file))
+    params = dataclasses.replace(params, options=options, calibration_file=str(calibration_file))
+    if params.estimator == "blend" and params.blend_alpha is None and calibration.blend_alpha is not None:
+        params = dataclasses.replace(params, blend_alpha=calibration.blend_alpha)  # the user's own alpha wins
+    return params
 
 
 def load_calibration(path: str | Path) -> CalibrationResult:

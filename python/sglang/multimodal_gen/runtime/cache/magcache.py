@@ -22,8 +22,8 @@ Parity with the release code (Zehong-Ma/MagCache, MagCache4Wan2.1/magcache_gener
 - Last steps: neither release has a cutoff; ``end_steps`` (default 0) adds one when wanted.
 - Ratios are resampled to the request's step count with the release's ``nearest_interp``
   (numpy round-half-to-even, like diffusers' ``torch.round``), per branch.
-- A skipped step adds the cached residual as is (release, diffusers); ``scale_residual`` multiplies
-  it by the accumulated ratio instead.
+- A skipped step adds the cached residual as is (release, diffusers: the ``reuse`` estimator);
+  ``scale_residual`` (the ``scale`` estimator) multiplies it by the accumulated ratio instead.
 - diffusers refuses to skip before any residual exists (the first step): so do we.
 """
 
@@ -39,7 +39,6 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
-import torch
 
 from sglang.multimodal_gen.runtime.cache.base import (
     COND,
@@ -83,7 +82,8 @@ class MagCacheConfig:
         scale_residual (`bool`, defaults to `False`):
             On a skipped step, multiply the cached residual by the product of the (unsmoothed)
             ratios since the last computed step, its predicted magnitude change, instead of
-            reusing it as is as the release code does.
+            reusing it as is as the release code does. The same as `--cache-estimator scale`
+            (kept for old settings); any other estimator together with it is refused.
         sync_branches (`bool`, defaults to `True`):
             Plan the CFG branches together: a step reuses the cache only when every branch may
             skip it, so cond and uncond are always both fresh or both cached. With separate plans
@@ -235,10 +235,20 @@ class MagCache(TimestepCache):
     def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
         return self._plan[branch][step]
 
-    def _scaled_residual(self, step: int, branch: str, residual: torch.Tensor) -> torch.Tensor:
+    def _scale_hint(self, step: int, branch: str) -> float:
+        """The product of the calibrated ratios since the last computed step (the ``scale`` estimator's factor)."""
+        return self._scale[branch][step]
+
+    def _default_estimator(self, requested: str | None) -> str:
+        """``scale_residual: true`` is the ``scale`` estimator under its old name."""
         if not self.config.scale_residual:
-            return residual
-        return residual * self._scale[branch][step]
+            return super()._default_estimator(requested)
+        if requested not in (None, "scale"):
+            raise CacheConfigError(
+                f"magcache scale_residual: true means estimator 'scale', but estimator {requested!r} was asked; "
+                "drop scale_residual or the estimator"
+            )
+        return "scale"
 
     def plan(self) -> dict[str, list[bool]]:
         return {b: list(p) for b, p in self._plan.items()}

@@ -53,6 +53,7 @@ class VideoCreateRequest:
     cache_threshold: float | None = None
     cache_max_skip_steps: int | None = None
     cache_retention_ratio: float | None = None
+    cache_estimator: str | None = None
     cache_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -165,6 +166,7 @@ def parse_create_request(fields: Mapping[str, Any]) -> VideoCreateRequest:
         cache_threshold=_as_float(fields.get("cache_threshold"), "cache_threshold"),
         cache_max_skip_steps=_as_int(fields.get("cache_max_skip_steps"), "cache_max_skip_steps"),
         cache_retention_ratio=_as_float(fields.get("cache_retention_ratio"), "cache_retention_ratio"),
+        cache_estimator=_optional_str(fields, "cache_estimator"),
         cache_params=_as_object(fields.get("cache_params"), "cache_params"),
     )
 
@@ -278,8 +280,11 @@ def build_cache_params(request: VideoCreateRequest) -> CacheParams:
         )
     strategy = request.cache if request.cache is not None else data.pop("strategy", "none")
     data.pop("strategy", None)
+    if request.cache_estimator is not None:
+        data.pop("estimator", None)  # the explicit field wins; merged first so blend_alpha finds it
     steps: list[tuple[str, dict[str, Any]]] = [
         ("cache", {"strategy": strategy}),
+        ("cache_estimator", {"estimator": request.cache_estimator}),
         ("cache_params", data),
         ("cache_preset", {"preset": request.cache_preset}),
         ("cache_threshold", {"threshold": request.cache_threshold}),

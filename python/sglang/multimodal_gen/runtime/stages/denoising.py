@@ -59,6 +59,7 @@ class DenoisingStage(PipelineStage):
         latents = req.latents
         model_dtype = self.dtype
         timesteps = req.timesteps
+        sigmas = scheduler_sigmas(scheduler, len(timesteps))
         conditioning = {branch: dict(req.conditioning.get(branch, {})) for branch in req.prompt_embeds}
         if self.embedded_guidance_scale is not None:
             guidance = torch.tensor(
@@ -75,7 +76,9 @@ class DenoisingStage(PipelineStage):
             if self.timestep_in_latent_dtype:
                 timestep = timestep.to(latents.dtype)
             preds = {
-                branch: self._predict(step, branch, model_input, timestep, embeds, conditioning[branch], req, timer)
+                branch: self._predict(
+                    step, branch, model_input, timestep, sigmas[step], embeds, conditioning[branch], req, timer
+                )
                 for branch, embeds in req.prompt_embeds.items()
             }
             noise_pred = preds[COND]
@@ -99,6 +102,7 @@ class DenoisingStage(PipelineStage):
         branch: str,
         model_input: torch.Tensor,
         timestep: torch.Tensor,
+        sigma: float | None,
         encoder_hidden_states: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
         req: Req,
@@ -107,7 +111,8 @@ class DenoisingStage(PipelineStage):
         cache = req.cache
         hidden, ctx = self.adapter.embed(model_input, timestep, encoder_hidden_states, **conditioning)
         features = StepFeatures(
-            timestep=timestep, modulated_input=ctx.modulated_input, timestep_projection=ctx.timestep_projection
+            timestep=timestep, modulated_input=ctx.modulated_input, timestep_projection=ctx.timestep_projection,
+            sigma=sigma,
         )
         if cache is None or cache.should_compute(step, branch, features):
             with timer.time_pass():
@@ -117,6 +122,16 @@ class DenoisingStage(PipelineStage):
         else:
             out = hidden + cache.reuse(step, branch)
         return self.adapter.head(out, ctx)
+
+
+def scheduler_sigmas(scheduler, num_steps: int) -> list[float | None]:
+    """The scheduler's sigma of every step, read once before the loop (no per-step device sync),
+    for the estimators that forecast in sigma; ``None`` per step when it has no ``sigmas``."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or len(sigmas) < num_steps:
+        return [None] * num_steps
+    values = sigmas.tolist() if hasattr(sigmas, "tolist") else list(sigmas)
+    return [float(v) for v in values[:num_steps]]
 
 
 def _warn_if_nothing_skips(cache: TimestepCache | None, planned: bool) -> None:
