@@ -76,7 +76,7 @@ def halfway():
     """The guide's ``@register_estimator``, undone afterwards so other tests see the shipped list."""
     register_estimator(HalfwayEstimator)
     yield HalfwayEstimator
-    _ESTIMATORS.pop(HalfwayEstimator.name)
+    _ESTIMATORS.unregister(HalfwayEstimator.name)
 
 
 def test_new_estimator_runs_by_name_with_any_strategy(wan_generator, halfway):

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from sglang.multimodal_gen.runtime.cache.base import CacheConfigError
+from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, NameRegistry
 
 DEFAULT_ESTIMATOR = "reuse"
 
@@ -93,30 +93,20 @@ class ResidualEstimator(abc.ABC):
         return sum(seen.values())
 
 
-_ESTIMATORS: dict[str, type[ResidualEstimator]] = {}
+_ESTIMATORS: NameRegistry[ResidualEstimator] = NameRegistry("cache estimator")
 
 
 def register_estimator(cls: type[ResidualEstimator]) -> type[ResidualEstimator]:
     """Class decorator: make an estimator available by its ``name`` to ``--cache-estimator``."""
-    if not cls.name:
-        raise TypeError(f"{cls.__qualname__} needs a non-empty `name` to be registered")
-    if cls.name in _ESTIMATORS and _ESTIMATORS[cls.name] is not cls:
-        raise TypeError(f"a residual estimator named {cls.name!r} is already registered")
-    _ESTIMATORS[cls.name] = cls
-    return cls
+    return _ESTIMATORS.register(cls)
 
 
 def get_estimator(name: str) -> type[ResidualEstimator]:
-    try:
-        return _ESTIMATORS[name]
-    except (KeyError, TypeError):
-        raise CacheConfigError(
-            f"unknown cache estimator {name!r}; choose one of: {', '.join(registered_estimators())}"
-        ) from None
+    return _ESTIMATORS.get(name)
 
 
 def registered_estimators() -> list[str]:
-    return sorted(_ESTIMATORS)
+    return _ESTIMATORS.names()
 
 
 def build_estimator(name: str, branches: Sequence[str], **options: Any) -> ResidualEstimator:
