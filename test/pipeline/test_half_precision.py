@@ -22,7 +22,7 @@ from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
 SHIPPED_STRATEGIES = ("teacache", "magcache")
 HALF = ("bfloat16", "float16")
 # A strategy that skips steps in half precision stays this close (PSNR of frames, dB) to the same
-# strategy in fp32 on the random tiny models; measured 44-63 dB.
+# strategy in fp32 on the random tiny models; measured 42.8-60.2 dB in bf16, 72.7-76.6 dB in fp16.
 HALF_VS_FP32_MIN_PSNR = 35.0
 
 

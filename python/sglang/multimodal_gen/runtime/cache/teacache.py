@@ -161,7 +161,7 @@ class TeaCache(TimestepCache):
         #: How many calibration steps one step of this request spans; 1.0 keeps the release rule exactly.
         self.step_ratio = (config.calibration_steps or num_inference_steps) / num_inference_steps
         #: The budget this request's accumulated change is compared with.
-        self.threshold = config.threshold if self.step_ratio == 1.0 else config.threshold * self.step_ratio
+        self.threshold = config.threshold * self.step_ratio  # exact when the ratio is 1.0
 
     def _reset_strategy_state(self) -> None:
         self._previous: dict[str, torch.Tensor | None] = {b: None for b in self.branches}
