@@ -320,6 +320,7 @@ def test_calibration_file_supplies_its_step_count():
     class Calibration:
         teacache_coefficients = [1.0, 0.0]
         num_inference_steps = 30
+        branches: dict = {}
 
     options = TeaCache.options_from_calibration(Calibration())
     assert options["calibration_steps"] == 30 and options["coefficients"] == [1.0, 0.0]

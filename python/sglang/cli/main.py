@@ -42,7 +42,11 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def add_cache_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("timestep cache")
-    group.add_argument("--cache", default="none", help="none, teacache, magcache, or another registered strategy")
+    group.add_argument("--cache", default="none",
+                       help="none, magcache, teacache, planner, even, or another registered strategy")
+    group.add_argument("--cache-speedup", type=float, default=None,
+                       help="exactly round(steps / X) transformer passes per branch; without --cache the planner "
+                            "picks the steps from the model's calibration, with one it tunes its threshold")
     group.add_argument("--cache-preset", default=None, help="named level of the strategy's presets (e.g. default, fast)")
     group.add_argument("--cache-threshold", type=float, default=None, help="error budget; higher skips more steps")
     group.add_argument("--cache-max-skip-steps", type=int, default=None, help="most consecutive skipped steps (K)")
@@ -83,6 +87,7 @@ def cache_params_from_args(args: argparse.Namespace):
         retention_ratio=args.cache_retention_ratio,
         preset=args.cache_preset,
         estimator=args.cache_estimator,
+        speedup=args.cache_speedup,
         options=parse_cache_params_arg(args.cache_params) if args.cache_params else {},
         calibration_file=args.cache_calibration,
     )

@@ -22,6 +22,8 @@ from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, get_cache
 TOP_LEVEL_KNOBS = ("threshold", "max_skip_steps", "retention_ratio")
 # Knobs of the residual estimator: any strategy takes them, and `--cache-params` may carry them.
 ESTIMATOR_KNOBS = ("estimator", "blend_alpha")
+# The strategy a speedup without a strategy selects.
+PLANNER = "planner"
 
 
 @dataclass
@@ -70,6 +72,12 @@ class CacheParams:
             The `blend` estimator's weight of the first-order forecast against reuse (0 = reuse,
             1 = `forecast1`). Unset: the calibration file's fitted `blend_alpha` when one is in
             use and has it, else 0.5. Only with `estimator="blend"`.
+        speedup (`float`, *optional*):
+            Ask for a speedup instead of a threshold: exactly `round(steps / speedup)` transformer
+            passes per CFG branch (at 50 steps: 33, 25, 20, 17 at 1.5x, 2x, 2.5x, 3x). With
+            strategy `"none"` it selects the budget `"planner"`, which picks the steps to run from
+            the model's calibration; with a strategy it tunes that strategy's threshold to the
+            budget (or says in one line that it cannot). Higher is faster. At least 1.
     """
 
     strategy: str = "none"
@@ -81,11 +89,15 @@ class CacheParams:
     calibration_file: str | None = None
     estimator: str | None = None
     blend_alpha: float | None = None
+    speedup: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, str) or not self.strategy:
             raise CacheConfigError(f"cache strategy must be a name such as 'magcache', got {self.strategy!r}")
         self.strategy = self.strategy.strip().lower()
+        self.speedup = _check_speedup(self.speedup)
+        if self.strategy == "none" and self.speedup is not None:
+            self.strategy = PLANNER  # a budget without a strategy: the planner meets it
         self.threshold = _check_threshold(self.threshold)
         self.max_skip_steps = _check_max_skip_steps(self.max_skip_steps)
         self.retention_ratio = _check_retention_ratio(self.retention_ratio)
@@ -231,6 +243,16 @@ def parse_cache_params_arg(value: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- shared validators
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_speedup(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value) or value < 1:
+        raise CacheConfigError(
+            f"cache speedup must be a number >= 1 (2 = half the transformer passes), got {value!r}", param="cache_speedup"
+        )
+    return float(value)
 
 
 def _check_threshold(value: Any) -> float | None:

@@ -26,6 +26,7 @@ from sglang.multimodal_gen.runtime.cache.base import (
     CalibrationRecord,
     StepFeatures,
     TimestepCache,
+    budget_passes,
     get_cache_class,
     register_cache,
     registered_caches,
@@ -37,7 +38,9 @@ from sglang.multimodal_gen.runtime.cache.estimators import (
     register_estimator,
     registered_estimators,
 )
+from sglang.multimodal_gen.runtime.cache.even import EvenCache, EvenCacheConfig
 from sglang.multimodal_gen.runtime.cache.magcache import MagCache, MagCacheConfig
+from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, PlannerConfig
 from sglang.multimodal_gen.runtime.cache.teacache import TeaCache, TeaCacheConfig
 
 if TYPE_CHECKING:
@@ -73,6 +76,9 @@ def build_cache(
         params = dataclasses.replace(params, strategy=CALIBRATION_STRATEGY)
     cls = get_cache_class(params.strategy)
     cache = cls.from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
+    speedup = params.speedup if params.speedup is not None else cls.default_speedup
+    if speedup is not None and not calibrate:
+        cache.meet_budget(budget_passes(num_inference_steps, speedup), params.estimator, params.blend_alpha)
     if params.estimator is not None or params.blend_alpha is not None:
         options = {} if params.blend_alpha is None else {"alpha": params.blend_alpha}
         cache.use_estimator(params.estimator, **options)
@@ -91,16 +97,21 @@ __all__ = [
     "COND",
     "UNCOND",
     "BranchStats",
+    "BudgetPlanner",
     "CacheConfigError",
     "CacheStats",
     "CalibrationRecord",
+    "EvenCache",
+    "EvenCacheConfig",
     "MagCache",
     "MagCacheConfig",
+    "PlannerConfig",
     "ResidualEstimator",
     "StepFeatures",
     "TeaCache",
     "TeaCacheConfig",
     "TimestepCache",
+    "budget_passes",
     "build_cache",
     "get_cache_class",
     "get_estimator",

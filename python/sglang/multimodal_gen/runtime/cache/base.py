@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Mapping, Sequence, TypeVar
 
@@ -219,6 +220,10 @@ class CalibrationRecord:
         blend_denominator: ``|r_{t-1} - r_{t-2}|^2`` (``0.0`` before step 2): summed over steps,
             branches and prompts their ratio is the least-squares ``alpha`` of the ``blend``
             estimator for a one-step skip (``sglang calibrate`` saves it as ``blend_alpha``).
+        gram: ``gram[t][d] = <r_t, r_{t-d}>`` for ``d = 0 .. min(t, CALIBRATION_WINDOW)``: the
+            residuals' inner products within the window, from which the budget planner computes
+            the error of any linear estimate of a skipped step (``runtime/cache/planner.py``).
+        sigma: The scheduler's sigma at each step (``None`` when it has none).
     """
 
     mag_ratio: list[float] = field(default_factory=list)
@@ -228,6 +233,20 @@ class CalibrationRecord:
     output_change: list[float] = field(default_factory=list)
     blend_numerator: list[float] = field(default_factory=list)
     blend_denominator: list[float] = field(default_factory=list)
+    gram: list[list[float]] = field(default_factory=list)
+    sigma: list[float | None] = field(default_factory=list)
+
+
+#: How many earlier residuals calibration keeps per branch for the planner's inner products: the
+#: longest span (from the older of two computed steps to the last step skipped after them) the
+#: planner can cost. Memory: this many residuals per branch (one Wan2.1-1.3B 480p residual is
+#: about 200 MB in fp32).
+CALIBRATION_WINDOW = 16
+
+
+def budget_passes(num_inference_steps: int, speedup: float) -> int:
+    """``round(steps / speedup)`` (halves up), at least 1: the passes per branch a speedup asks for."""
+    return max(1, min(num_inference_steps, math.floor(num_inference_steps / speedup + 0.5)))
 
 
 def threshold_above(value: float) -> float:
@@ -277,6 +296,8 @@ class TimestepCache(abc.ABC):
     config_class: ClassVar[type | None] = None
     #: Named levels ``--cache-preset`` may take (strategies with model presets override this).
     preset_levels: ClassVar[tuple[str, ...]] = ()
+    #: The speedup a strategy that always works to a budget (the planner) takes without ``--cache-speedup``.
+    default_speedup: ClassVar[float | None] = None
 
     def __init__(
         self,
@@ -293,6 +314,7 @@ class TimestepCache(abc.ABC):
         self.num_inference_steps = num_inference_steps
         self.branches: tuple[str, ...] = tuple(branches)
         self.calibrate = calibrate
+        self._pass_budget: int | None = None
         self._estimator = self._build_estimator(None, {})
         self.reset()
 
@@ -342,6 +364,9 @@ class TimestepCache(abc.ABC):
         self._calibration: dict[str, CalibrationRecord] = {b: CalibrationRecord() for b in self.branches}
         self._older_residual: dict[str, torch.Tensor | None] = {b: None for b in self.branches}  # calibration only
         self._sigma: dict[str, tuple[int, float | None]] = {}
+        self._window: dict[str, deque[torch.Tensor]] = {  # calibration only
+            b: deque(maxlen=CALIBRATION_WINDOW + 1) for b in self.branches
+        }
         self._estimator.reset()
         self._stats.estimator = self._estimator.name
         self._reset_strategy_state()
@@ -393,6 +418,8 @@ class TimestepCache(abc.ABC):
             compute = self._decide(step, branch, features)
             if self._residual[branch] is None:
                 compute = True
+            elif self._pass_budget is not None:
+                compute = self._within_budget(step, branch, compute)
         stats = self._stats.branches[branch]
         (stats.computed_steps if compute else stats.skipped_steps).append(step)
         return compute
@@ -401,7 +428,7 @@ class TimestepCache(abc.ABC):
         """Keep the block residual ``blocks(h) - h`` of a computed step for later reuse."""
         self._check(step, branch)
         if self.calibrate:
-            self._record_residual(branch, residual)
+            self._record_residual(step, branch, residual)
         self._residual[branch] = residual
         self._estimator.observe(branch, step, self._sigma_at(step, branch), residual)
         self._stats.estimator_history_bytes = max(self._stats.estimator_history_bytes, self._estimator.history_bytes())
@@ -422,6 +449,32 @@ class TimestepCache(abc.ABC):
         """What ``reuse`` returns; ``residual`` is the last stored one. Asks the estimator; a
         strategy may override it to bypass estimators altogether (the probes in ``tools/`` do)."""
         return self._estimator.estimate(branch, step, self._sigma_at(step, branch), self._scale_hint(step, branch))
+
+    def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
+        """Make exactly ``passes`` blocks passes per branch (``--cache-speedup``), or refuse in one line.
+
+        Called by ``build_cache`` before the request's estimator is applied; ``estimator`` and
+        ``blend_alpha`` are the request's choice (``None``: not chosen), for strategies that plan
+        around it (the planner). Strategies that can be tuned to a budget override this; the
+        default refuses.
+        """
+        raise CacheConfigError(
+            f"{self.name} cannot be tuned to a speedup; use --cache-speedup without --cache (the planner), "
+            "or with magcache or teacache", param="cache_speedup",
+        )
+
+    def enforce_pass_budget(self, passes: int) -> None:
+        """From now on every request of this instance makes exactly ``passes`` blocks passes per
+        branch, whatever ``_decide`` says: for strategies that decide while running (TeaCache), whose
+        tuned threshold lands near the budget but not always on it."""
+        self._pass_budget = passes
+
+    def _within_budget(self, step: int, branch: str, compute: bool) -> bool:
+        """``compute``, unless the budget is spent (skip) or every step left must run to spend it."""
+        done = self._stats.branches[branch].num_computed
+        if done >= self._pass_budget:
+            return False
+        return compute or self._pass_budget - done >= self.num_inference_steps - step
 
     def plan(self) -> dict[str, list[bool]] | None:
         """The whole per-branch compute mask (True = run the blocks), if it is known up front.
@@ -468,8 +521,13 @@ class TimestepCache(abc.ABC):
         self._pending_input_change[branch] = 0.0 if previous is None else relative_l1(indicator, previous)
         self._last_input[branch] = indicator
 
-    def _record_residual(self, branch: str, residual: torch.Tensor) -> None:
+    def _record_residual(self, step: int, branch: str, residual: torch.Tensor) -> None:
         record = self._calibration[branch]
+        window = self._window[branch]
+        window.appendleft(residual)
+        current = residual.float()
+        record.gram.append([torch.sum(current * earlier.float(), dtype=torch.float64).item() for earlier in window])
+        record.sigma.append(self._sigma_at(step, branch))
         previous, older = self._residual[branch], self._older_residual[branch]
         record.input_change.append(self._pending_input_change[branch])
         self._older_residual[branch] = previous

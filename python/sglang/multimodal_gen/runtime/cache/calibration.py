@@ -43,6 +43,9 @@ class BranchCalibration:
         cosine_distance: Mean ``1 - cos(r_t, r_{t-1})`` over tokens.
         input_change: Relative L1 change of the modulated input (TeaCache's indicator).
         output_change: Relative L1 change of the block residual.
+        gram: The budget planner's inner products ``gram[t][d] = <r_t, r_{t-d}>`` within the
+            calibration window, each prompt's divided by its mean ``|r_t|^2`` before averaging
+            (so every prompt weighs the same). Empty in files written before the planner.
     """
 
     mag_ratio: list[float]
@@ -50,6 +53,7 @@ class BranchCalibration:
     cosine_distance: list[float]
     input_change: list[float]
     output_change: list[float]
+    gram: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +74,9 @@ class CalibrationResult:
     #: The ``blend`` estimator's least-squares alpha for a one-step skip, fitted on the calibration
     #: prompts; ``None`` in files written before it existed or when the residuals never changed.
     blend_alpha: float | None = None
+    #: The scheduler's sigma at each calibration step and after the last (``num_inference_steps +
+    #: 1`` values; the planner weighs each step's error by its sigma step). Empty when unknown.
+    sigmas: list[float] = field(default_factory=list)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -83,10 +90,12 @@ class CalibrationResult:
         for branch in runs[0]:
             stats = {
                 name.name: np.mean([getattr(run[branch], name.name) for run in runs], axis=0).tolist()
-                for name in dataclasses.fields(BranchCalibration)
+                for name in dataclasses.fields(BranchCalibration) if name.name != "gram"
             }
-            branches[branch] = BranchCalibration(**stats)
-        result = cls(branches=branches, num_prompts=len(runs), **provenance)
+            branches[branch] = BranchCalibration(**stats, gram=average_gram([run[branch].gram for run in runs]))
+        sigmas = [s for s in next(iter(runs[0].values())).sigma]
+        sigmas = [*sigmas, 0.0] if sigmas and all(s is not None for s in sigmas) else []
+        result = cls(branches=branches, num_prompts=len(runs), sigmas=sigmas, **provenance)
         result.teacache_coefficients = fit_teacache_polynomial(*result.teacache_pairs())
         result.blend_alpha = fit_blend_alpha(runs)
         return result
@@ -149,6 +158,17 @@ class CalibrationResult:
                     f"{result.num_inference_steps} steps", param="cache_calibration",
                 )
         return result
+
+
+def average_gram(grams: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
+    """Row by row mean of per-prompt inner products, each divided by its mean ``|r_t|^2`` first."""
+    if not grams or not grams[0]:
+        return []
+    scaled = []
+    for gram in grams:
+        norm = float(np.mean([row[0] for row in gram])) or 1.0
+        scaled.append([np.asarray(row, dtype=np.float64) / norm for row in gram])
+    return [np.mean([g[t] for g in scaled], axis=0).tolist() for t in range(len(scaled[0]))]
 
 
 def fit_blend_alpha(runs: Sequence[Mapping[str, CalibrationRecord]]) -> float | None:

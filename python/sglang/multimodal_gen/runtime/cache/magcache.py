@@ -29,6 +29,7 @@ Parity with the release code (Zehong-Ma/MagCache, MagCache4Wan2.1/magcache_gener
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -208,6 +209,11 @@ class MagCache(TimestepCache):
                 f"(it has {sorted(config.mag_ratios) or 'none'}); pass them in --cache-params as "
                 '{"mag_ratios": {"cond": [...], "uncond": [...]}} or run `sglang calibrate`'
             )
+        self._build_plans()
+
+    def _build_plans(self) -> None:
+        """Every branch's compute mask and residual scales from the current config."""
+        config, num_inference_steps, calibrate = self.config, self.num_inference_steps, self.calibrate
         self.retention_steps = int(config.retention_ratio * num_inference_steps + 0.5)
         self._ratios: dict[str, np.ndarray] = {}
         self._plan: dict[str, list[bool]] = {}
@@ -234,6 +240,48 @@ class MagCache(TimestepCache):
 
     def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
         return self._plan[branch][step]
+
+    def _passes(self) -> int:
+        """The most computed steps of any branch under the current plan."""
+        return max(sum(plan) for plan in self._plan.values())
+
+    def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
+        """The smallest threshold that brings every branch down to exactly ``passes`` computed steps.
+
+        Raises K (``max_skip_steps``) when no threshold reaches the budget at the configured K, and
+        says in one line when no setting gives exactly ``passes``.
+        """
+        start = self.config
+        nearest: set[int] = set()
+        for skips in range(start.max_skip_steps, self.num_inference_steps):
+            self.config = dataclasses.replace(start, threshold=MAX_TUNED_THRESHOLD, max_skip_steps=skips)
+            self._build_plans()
+            if self._passes() > passes:
+                continue  # even an unbounded threshold runs more steps: allow longer gaps
+            low, high = 0.0, MAX_TUNED_THRESHOLD  # passes(low) > budget >= passes(high)
+            for _ in range(60):
+                middle = (low + high) / 2
+                self.config = dataclasses.replace(start, threshold=middle, max_skip_steps=skips)
+                self._build_plans()
+                low, high = (middle, high) if self._passes() > passes else (low, middle)
+            self.config = dataclasses.replace(start, threshold=high, max_skip_steps=skips)
+            self._build_plans()
+            if all(sum(plan) == passes for plan in self._plan.values()):
+                if skips != start.max_skip_steps:
+                    logger.info("magcache: max_skip_steps raised from %d to %d to reach %d passes",
+                                start.max_skip_steps, skips, passes)
+                logger.info("magcache: threshold %.4g for %d of %d steps", high, passes, self.num_inference_steps)
+                self.reset()
+                return
+            nearest.add(self._passes())
+            break
+        self.config = start
+        self._build_plans()
+        raise CacheConfigError(
+            f"magcache cannot run exactly {passes} of {self.num_inference_steps} steps per branch with these "
+            f"ratios (its thresholds give {sorted(nearest) or 'more'}); use --cache-speedup without --cache "
+            "for the planner, or set --cache-threshold yourself", param="cache_speedup",
+        )
 
     def _scale_hint(self, step: int, branch: str) -> float:
         """The product of the calibrated ratios since the last computed step (the ``scale`` estimator's factor)."""
@@ -320,6 +368,10 @@ class MagCache(TimestepCache):
         except TypeError as exc:
             raise CacheConfigError(f"invalid magcache settings: {exc}") from None
         return cls(config, num_inference_steps, branches, calibrate)
+
+
+#: The largest threshold ``meet_budget`` tries: far above any accumulated error a plan meets.
+MAX_TUNED_THRESHOLD = 1e6
 
 
 # --------------------------------------------------------------------------- presets

@@ -27,6 +27,7 @@ schedule, not the latents.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -96,6 +97,10 @@ class TeaCacheConfig:
             threshold is used as is: the release code's decisions, bit for bit. `None` (also what
             your own `coefficients` without it give) uses the threshold as is at every step count.
             Why this rule and not a rescaled polynomial: docs/caching.md.
+        indicator_changes (`dict[str, list[float]]`, *optional*):
+            Per CFG branch, the indicator's relative L1 change at each step of the calibration run
+            (`calibration_steps` values, the first `0.0`), from `sglang calibrate`. Only used to
+            tune the threshold to a `--cache-speedup` budget; without it TeaCache cannot take one.
     """
 
     coefficients: list[float] | None = None
@@ -104,6 +109,7 @@ class TeaCacheConfig:
     warmup_steps: int = 1
     end_steps: int = 1
     calibration_steps: int | None = None
+    indicator_changes: dict[str, list[float]] | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.threshold) or not math.isfinite(self.threshold) or self.threshold < 0:
@@ -190,6 +196,44 @@ class TeaCache(TimestepCache):
         self._accumulated[branch] = 0.0
         return True
 
+    def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
+        """Tune the threshold so the calibrated indicator changes, replayed through the rule, give
+        ``passes`` computed steps per branch; the run itself is then held to exactly ``passes``
+        (``enforce_pass_budget``), since its own changes differ a little from the calibration's."""
+        changes = self.config.indicator_changes
+        if not changes or any(b not in changes for b in self.branches) or self.config.coefficients is None:
+            raise CacheConfigError(
+                "teacache can be tuned to a speedup only with a calibration of this model's indicator changes; "
+                "run `sglang calibrate` and pass the file with --cache-calibration, or use --cache-speedup without "
+                "--cache (the planner)", param="cache_speedup",
+            )
+        replays = {b: [float(np.polyval(self.config.coefficients, x)) for x in self._replayed_changes(changes[b])]
+                   for b in self.branches}
+
+        def most_passes(threshold: float) -> int:
+            return max(teacache_passes(r, threshold, self.config.warmup_steps, self.config.end_steps)
+                       for r in replays.values())
+
+        low, high = 0.0, 1.0
+        while most_passes(high) > passes and high < 1e6:
+            low, high = high, high * 4
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if most_passes(middle) > passes else (low, middle)
+        self.threshold = high
+        self.config = dataclasses.replace(self.config, threshold=high / self.step_ratio)
+        self.enforce_pass_budget(passes)
+        logger.info("teacache: threshold %.4g for %d of %d steps (calibrated replay: %d)", self.config.threshold,
+                    passes, self.num_inference_steps, most_passes(high))
+
+    def _replayed_changes(self, calibrated: Sequence[float]) -> list[float]:
+        """The calibration's per-step changes resampled to this request: each request step spans
+        ``calibration_steps / steps`` calibration steps, whose changes add up."""
+        cumulative = np.concatenate([[0.0], np.cumsum(np.asarray(calibrated[1:], dtype=np.float64))])
+        positions = np.arange(self.num_inference_steps) * len(calibrated) / self.num_inference_steps
+        at = np.interp(positions, np.arange(len(cumulative)), cumulative)
+        return [0.0, *np.diff(at).tolist()]
+
     def no_skip_reason(self) -> str | None:
         """Known after the run: the threshold against the smallest rescaled change seen, or the windows."""
         stats = self.stats
@@ -225,6 +269,7 @@ class TeaCache(TimestepCache):
             "coefficients": list(calibration.teacache_coefficients),
             "indicator": "modulated_input",
             "calibration_steps": calibration.num_inference_steps,
+            "indicator_changes": {name: list(b.input_change) for name, b in calibration.branches.items()},
         }
 
     @classmethod
@@ -273,6 +318,21 @@ class TeaCache(TimestepCache):
         except TypeError as exc:
             raise CacheConfigError(f"invalid teacache settings: {exc}") from None
         return cls(config, num_inference_steps, branches, calibrate)
+
+
+def teacache_passes(changes: Sequence[float], threshold: float, warmup_steps: int, end_steps: int) -> int:
+    """Computed steps of TeaCache's rule over per-step rescaled indicator changes (the polynomial
+    already applied), step 0 always computed."""
+    steps, computed, accumulated = len(changes), 0, 0.0
+    for step, change in enumerate(changes):
+        if step == 0 or step < warmup_steps or step >= steps - end_steps:
+            computed, accumulated = computed + 1, 0.0
+            continue
+        accumulated += change
+        if accumulated < threshold:
+            continue
+        computed, accumulated = computed + 1, 0.0
+    return computed
 
 
 # --------------------------------------------------------------------------- presets

@@ -13,6 +13,7 @@ from sglang.multimodal_gen.configs.models import read_model_info
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.calibration import apply_calibration, load_calibration
+from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_or_fallback
 from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback, VideoGeometry
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
@@ -106,10 +107,13 @@ class DiffGenerator:
         if not params.cache.enabled:
             return params
         calibration_file = params.cache.calibration_file or self.cache_calibration or info.calibration_file
+        cache = params.cache
+        if cache.strategy == BudgetPlanner.name:
+            cache = planner_or_fallback(cache, load_calibration(calibration_file) if calibration_file else None)
         if calibration_file is None:
-            return params
+            return dataclasses.replace(params, cache=cache)
         steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
-        cache = apply_calibration(params.cache, calibration_file, info.family.name, steps)
+        cache = apply_calibration(cache, calibration_file, info.family.name, steps)
         return dataclasses.replace(params, cache=cache)
 
     def generate(

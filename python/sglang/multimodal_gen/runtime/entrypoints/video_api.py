@@ -54,6 +54,7 @@ class VideoCreateRequest:
     cache_max_skip_steps: int | None = None
     cache_retention_ratio: float | None = None
     cache_estimator: str | None = None
+    cache_speedup: float | None = None
     cache_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -167,6 +168,7 @@ def parse_create_request(fields: Mapping[str, Any]) -> VideoCreateRequest:
         cache_max_skip_steps=_as_int(fields.get("cache_max_skip_steps"), "cache_max_skip_steps"),
         cache_retention_ratio=_as_float(fields.get("cache_retention_ratio"), "cache_retention_ratio"),
         cache_estimator=_optional_str(fields, "cache_estimator"),
+        cache_speedup=_as_float(fields.get("cache_speedup"), "cache_speedup"),
         cache_params=_as_object(fields.get("cache_params"), "cache_params"),
     )
 
@@ -290,6 +292,7 @@ def build_cache_params(request: VideoCreateRequest) -> CacheParams:
         ("cache_threshold", {"threshold": request.cache_threshold}),
         ("cache_max_skip_steps", {"max_skip_steps": request.cache_max_skip_steps}),
         ("cache_retention_ratio", {"retention_ratio": request.cache_retention_ratio}),
+        ("cache_speedup", {"speedup": request.cache_speedup}),
     ]
     merged: dict[str, Any] = {}
     params = CacheParams()

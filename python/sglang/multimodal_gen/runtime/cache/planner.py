@@ -1,0 +1,307 @@
+"""The budget planner: the steps to run for a given number of transformer passes, chosen offline.
+
+``--cache-speedup X`` asks for exactly ``round(N / X)`` passes per CFG branch. The planner picks
+which steps run by dynamic programming over costs measured at calibration, in the spirit of
+LeMiCa and DPCache: ``sglang calibrate`` keeps the inner products of the uncached run's block
+residuals within a window (``BranchCalibration.gram``), and from them the error of any linear
+estimate of a skipped step's residual is a quadratic form. The plan is deterministic, so every
+CFG branch (and every rank) agrees by construction.
+
+The cost of a gap. Steps ``i+1 .. j-1`` are skipped after computed steps ``h < i``; the estimator
+adds ``e_k = r_i + c_k (r_i - r_h)`` at step ``k`` (``c_k = 0`` for ``reuse``, ``(k-i)/(i-h)`` for
+``forecast1``, the same in sigma for ``forecast1_sigma``, ``alpha (k-i)/(i-h)`` for ``blend``).
+What the gap moves the latent by, against the uncached run, is about ``E = sum_k dt_k (e_k -
+r_k)`` with ``dt_k`` the scheduler's sigma step: errors within a gap are summed before the norm
+because they are correlated (a stale residual is wrong the same way on consecutive steps), which
+a per-step summed cost misses and which is why it stopped predicting the final error beyond 2x
+(shared/reference/frontier-notes.md). Gaps add by their norms ``|E|`` (the triangle bound on the
+final error), over branches too. The plan minimises that total for exactly the requested passes,
+with at most ``max_skip_steps`` skipped in a row.
+
+Step counts other than the calibration's are planned on resampled costs: request step ``k`` of
+``N`` sits at calibration position ``k * N_cal / N`` (the same fraction of the schedule), and a
+residual between calibration steps is taken as the linear interpolation of its neighbours, whose
+inner products follow from the recorded ones. Gaps whose span leaves the calibration window are
+not considered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import numpy as np
+
+from sglang.multimodal_gen.runtime.cache.base import (
+    COND,
+    UNCOND,
+    CacheConfigError,
+    StepFeatures,
+    TimestepCache,
+    register_cache,
+)
+
+if TYPE_CHECKING:
+    from sglang.multimodal_gen.configs.cache_params import CacheParams
+
+logger = logging.getLogger(__name__)
+
+#: Estimators whose estimate is linear in the last two computed residuals, which the planner can cost.
+PLANNABLE_ESTIMATORS = ("reuse", "forecast1", "forecast1_sigma", "blend")
+#: The speedup of ``--cache planner`` without ``--cache-speedup``.
+DEFAULT_SPEEDUP = 2.0
+
+
+@dataclass
+class PlannerConfig:
+    r"""
+    Configuration of the budget planner for one request.
+
+    Args:
+        gram (`dict[str, list[list[float]]]`):
+            Per CFG branch, the calibration residuals' inner products within the window
+            (`gram[t][d] = <r_t, r_{t-d}>`), from `sglang calibrate`. The model's calibration file
+            supplies them.
+        sigmas (`list[float]`):
+            The calibration run's sigma per step and after the last; each step's error is weighed
+            by its sigma step. Empty: equal weights.
+        max_skip_steps (`int`, defaults to `6`):
+            The most consecutive steps a plan may skip. Higher lets the planner put more of the
+            budget where it matters; long gaps are also costed as such, so it rarely needs a cap.
+        calibrated_blend_alpha (`float`, *optional*):
+            The calibration's fitted alpha of the `blend` estimator; without it `blend` is not
+            among the estimators the planner tries when the request names none.
+    """
+
+    gram: dict[str, list[list[float]]] = field(default_factory=dict)
+    sigmas: list[float] = field(default_factory=list)
+    max_skip_steps: int = 6
+    calibrated_blend_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        value = self.max_skip_steps
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+                and value >= 0):
+            raise CacheConfigError(f"planner max_skip_steps must be a whole number >= 0, got {value!r}")
+        self.max_skip_steps = int(value)
+        if not isinstance(self.gram, dict) or not all(isinstance(g, list) for g in self.gram.values()):
+            raise CacheConfigError("planner gram must map each CFG branch to its calibration rows")
+
+
+# --------------------------------------------------------------------------- costs
+class GapCosts:
+    """Costs of every gap of a request's schedule, from one branch's calibration inner products.
+
+    Args:
+        gram: ``gram[t][d] = <r_t, r_{t-d}>`` at the calibration's step count.
+        sigmas: The calibration's sigmas (``len(gram) + 1`` values) or empty.
+        num_steps: The request's step count.
+    """
+
+    def __init__(self, gram: Sequence[Sequence[float]], sigmas: Sequence[float], num_steps: int) -> None:
+        self.calibration_steps = len(gram)
+        self.window = max(len(row) for row in gram) - 1
+        self.num_steps = num_steps
+        positions = np.arange(num_steps + 1) * self.calibration_steps / num_steps
+        if len(sigmas) == self.calibration_steps + 1:
+            self.sigmas = np.interp(positions, np.arange(self.calibration_steps + 1), np.asarray(sigmas, float))
+        else:
+            self.sigmas = 1.0 - positions / self.calibration_steps
+        self.dt = np.abs(np.diff(self.sigmas))
+        self.inner = self._resampled_inner(gram, positions[:num_steps])
+
+    def _resampled_inner(self, gram: Sequence[Sequence[float]], positions: np.ndarray) -> np.ndarray:
+        """``<r(x_p), r(x_q)>`` for request steps p, q (NaN where the window does not reach)."""
+        last = self.calibration_steps - 1
+
+        def at(a: int, b: int) -> float:
+            low, high = min(a, b), max(a, b)
+            row = gram[high]
+            return row[high - low] if high - low < len(row) else math.nan
+
+        corners = []
+        for x in positions:
+            low = min(int(math.floor(x)), last)
+            frac = min(x - low, 1.0) if low < last else 0.0
+            corners.append(((low, 1.0 - frac), (min(low + 1, last), frac)))
+        n = len(positions)
+        inner = np.full((n, n), math.nan)
+        for p in range(n):
+            for q in range(p, n):
+                value = sum(wa * wb * at(a, b) for a, wa in corners[p] for b, wb in corners[q] if wa and wb)
+                if math.isnan(value):
+                    break
+                inner[p, q] = inner[q, p] = value
+        return inner
+
+    def gap(self, h: int | None, i: int, j: int, estimator: str, alpha: float = 0.0) -> float:
+        """``|sum_k dt_k (e_k - r_k)|`` over the steps ``i < k < j`` skipped after computed ``h < i``."""
+        skipped = range(i + 1, j)
+        if not skipped:
+            return 0.0
+        coefficients: dict[int, float] = {i: 0.0}
+        for k in skipped:
+            c = self._forecast_weight(h, i, k, estimator, alpha)
+            w = self.dt[k]
+            coefficients[i] += w * (1.0 + c)
+            if c:
+                coefficients[h] = coefficients.get(h, 0.0) - w * c
+            coefficients[k] = coefficients.get(k, 0.0) - w
+        index = list(coefficients)
+        vector = np.array([coefficients[p] for p in index])
+        block = self.inner[np.ix_(index, index)]
+        if np.isnan(block).any():
+            return math.inf
+        return math.sqrt(max(float(vector @ block @ vector), 0.0))
+
+    def _forecast_weight(self, h: int | None, i: int, k: int, estimator: str, alpha: float) -> float:
+        if h is None or estimator == "reuse":
+            return 0.0
+        if estimator == "forecast1_sigma":
+            span = self.sigmas[i] - self.sigmas[h]
+            return (self.sigmas[k] - self.sigmas[i]) / span if span else 0.0
+        weight = (k - i) / (i - h)
+        return alpha * weight if estimator == "blend" else weight
+
+
+def best_plan(
+    costs: Sequence[GapCosts], passes: int, max_skip_steps: int, estimator: str, alpha: float = 0.0
+) -> tuple[float, list[int]]:
+    """The computed steps (step 0 first) minimising the summed gap costs over branches, with
+    exactly ``passes`` of them; ``(inf, [])`` when no plan fits ``max_skip_steps`` and the window.
+
+    Dynamic programming over states (previous computed step, last computed step): the forecast's
+    cost of a gap depends on both. Ties go to the plan that computes earlier steps.
+    """
+    n = costs[0].num_steps
+    passes = max(1, min(passes, n))
+
+    known: dict[tuple[int | None, int, int], float] = {}
+
+    def cost(h: int | None, i: int, j: int) -> float:
+        if (h, i, j) not in known:
+            known[(h, i, j)] = sum(c.gap(h, i, j, estimator, alpha) for c in costs)
+        return known[(h, i, j)]
+
+    # best[(h, i)] = (total, steps) with `len(steps)` computed so far; h = None before two exist.
+    best: dict[tuple[int | None, int], tuple[float, list[int]]] = {(None, 0): (0.0, [0])}
+    for _ in range(passes - 1):
+        following: dict[tuple[int | None, int], tuple[float, list[int]]] = {}
+        for (h, i), (total, steps) in best.items():
+            for j in range(i + 1, min(i + max_skip_steps + 2, n)):
+                candidate = total + cost(h, i, j)
+                if candidate < following.get((i, j), (math.inf,))[0]:
+                    following[(i, j)] = (candidate, steps + [j])
+        best = following
+    result: tuple[float, list[int]] = (math.inf, [])
+    for (h, i), (total, steps) in best.items():
+        if n - 1 - i > max_skip_steps:
+            continue
+        candidate = total + cost(h, i, n)
+        if candidate < result[0]:
+            result = (candidate, steps)
+    return result
+
+
+# --------------------------------------------------------------------------- strategy
+@register_cache
+class BudgetPlanner(TimestepCache):
+    """Runs the steps a calibrated plan chose for the request's budget; the same plan on every branch."""
+
+    name: ClassVar[str] = "planner"
+    config_class: ClassVar[type] = PlannerConfig
+    default_speedup: ClassVar[float | None] = DEFAULT_SPEEDUP
+
+    def __init__(
+        self,
+        config: PlannerConfig,
+        num_inference_steps: int,
+        branches: Sequence[str] = (COND, UNCOND),
+        calibrate: bool = False,
+    ) -> None:
+        missing = [b for b in branches if not config.gram.get(b)]
+        if missing and not calibrate:
+            raise CacheConfigError(
+                f"the planner has no calibration for CFG branch(es) {missing} of this model; run `sglang calibrate` "
+                "and pass the file with --cache-calibration (or name it in the model folder's sglang_config.json)",
+                param="cache_calibration",
+            )
+        super().__init__(config, num_inference_steps, branches, calibrate)
+        self._mask = [True] * num_inference_steps  # until meet_budget plans (build_cache calls it)
+        self.predicted_error: float | None = None
+
+    @classmethod
+    def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
+        """The inner products and sigmas, when the file has them (files from before the planner do not)."""
+        if not has_planner_data(calibration):
+            return {}
+        return {
+            "gram": {name: branch.gram for name, branch in calibration.branches.items()},
+            "sigmas": list(calibration.sigmas),
+            "calibrated_blend_alpha": calibration.blend_alpha,
+        }
+
+    def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
+        """Plan exactly ``passes`` computed steps; with no estimator named, also pick the one whose
+        best plan costs least (``blend`` at the calibration's alpha), and use it."""
+        if estimator is not None and estimator not in PLANNABLE_ESTIMATORS:
+            raise CacheConfigError(
+                f"the planner cannot cost estimator {estimator!r}; use one of {', '.join(PLANNABLE_ESTIMATORS)}",
+                param="cache_estimator",
+            )
+        costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
+        alpha = blend_alpha if blend_alpha is not None else self.config.calibrated_blend_alpha
+        if estimator is not None:
+            candidates = [estimator]
+        else:
+            candidates = [e for e in PLANNABLE_ESTIMATORS if e != "blend" or alpha is not None]
+        if estimator == "blend" and alpha is None:
+            alpha = 0.5
+        plans = {name: best_plan(costs, passes, self.config.max_skip_steps, name, alpha or 0.0) for name in candidates}
+        chosen = min(candidates, key=lambda name: plans[name][0])
+        total, steps = plans[chosen]
+        if not steps:
+            most = max(1, math.ceil(self.num_inference_steps / (self.config.max_skip_steps + 1)))
+            raise CacheConfigError(
+                f"the planner cannot run {passes} of {self.num_inference_steps} steps: with max_skip_steps "
+                f"{self.config.max_skip_steps} and its calibration window it needs at least {most} passes; "
+                "ask for a smaller speedup or more steps", param="cache_speedup",
+            )
+        self._mask = [step in set(steps) for step in range(self.num_inference_steps)]
+        self.predicted_error = total
+        if estimator is None:
+            self.use_estimator(chosen, **({"alpha": alpha} if chosen == "blend" else {}))
+        logger.info("planner: %d of %d steps with %s (predicted error %.3g)", passes, self.num_inference_steps,
+                    chosen, total)
+
+    def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
+        return self._mask[step]
+
+    def plan(self) -> dict[str, list[bool]]:
+        return {b: list(self._mask) for b in self.branches}
+
+
+def has_planner_data(calibration: Any) -> bool:
+    """Whether a ``CalibrationResult`` carries what the planner needs."""
+    return calibration is not None and all(branch.gram for branch in calibration.branches.values())
+
+
+#: The strategy a budget falls back to on a model without a planner calibration.
+FALLBACK_STRATEGY = "magcache"
+
+
+def planner_or_fallback(params: "CacheParams", calibration: Any) -> "CacheParams":
+    """The request's planner settings, or, without a planner calibration, MagCache tuned to the
+    same budget (its shipped presets), said in one warning line."""
+    if has_planner_data(calibration):
+        return params
+    logger.warning(
+        "no planner calibration for this model (run `sglang calibrate`); using %s tuned to %gx instead",
+        FALLBACK_STRATEGY, params.speedup or DEFAULT_SPEEDUP,
+    )
+    return dataclasses.replace(params, strategy=FALLBACK_STRATEGY, speedup=params.speedup or DEFAULT_SPEEDUP,
+                               options={})
