@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 
+from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA
 from sglang.multimodal_gen.runtime.cache.base import (
     COND,
     UNCOND,
@@ -54,6 +55,13 @@ logger = logging.getLogger(__name__)
 PLANNABLE_ESTIMATORS = ("reuse", "forecast1", "forecast1_sigma", "blend")
 #: The speedup of ``--cache planner`` without ``--cache-speedup``.
 DEFAULT_SPEEDUP = 2.0
+#: What skipped steps add unless the request names an estimator: on the built-in model and a second
+#: trained one, blend at the fitted alpha kept the best worst case at every speedup, where the pure
+#: first-order forecast fell apart from 2.5x (docs/benchmarks.md).
+DEFAULT_ESTIMATOR = "blend"
+#: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
+#: core and grows with the square of the step count.
+MAX_PLANNED_STEPS = 250
 
 
 @dataclass
@@ -73,8 +81,8 @@ class PlannerConfig:
             The most consecutive steps a plan may skip. Higher lets the planner put more of the
             budget where it matters; long gaps are also costed as such, so it rarely needs a cap.
         calibrated_blend_alpha (`float`, *optional*):
-            The calibration's fitted alpha of the `blend` estimator; without it `blend` is not
-            among the estimators the planner tries when the request names none.
+            The calibration's fitted alpha of the `blend` estimator, which the planner uses when
+            the request names no estimator and no `blend_alpha` (0.5 without it).
     """
 
     gram: dict[str, list[list[float]]] = field(default_factory=dict)
@@ -104,7 +112,6 @@ class GapCosts:
 
     def __init__(self, gram: Sequence[Sequence[float]], sigmas: Sequence[float], num_steps: int) -> None:
         self.calibration_steps = len(gram)
-        self.window = max(len(row) for row in gram) - 1
         self.num_steps = num_steps
         positions = np.arange(num_steps + 1) * self.calibration_steps / num_steps
         if len(sigmas) == self.calibration_steps + 1:
@@ -175,7 +182,7 @@ def best_plan(
     exactly ``passes`` of them; ``(inf, [])`` when no plan fits ``max_skip_steps`` and the window.
 
     Dynamic programming over states (previous computed step, last computed step): the forecast's
-    cost of a gap depends on both. Ties go to the plan that computes earlier steps.
+    cost of a gap depends on both.
     """
     n = costs[0].num_steps
     passes = max(1, min(passes, n))
@@ -223,6 +230,12 @@ class BudgetPlanner(TimestepCache):
         branches: Sequence[str] = (COND, UNCOND),
         calibrate: bool = False,
     ) -> None:
+        if num_inference_steps > MAX_PLANNED_STEPS and not calibrate:
+            raise CacheConfigError(
+                f"the planner plans at most {MAX_PLANNED_STEPS} steps (its search grows with the square of the "
+                f"step count), not {num_inference_steps}; use --cache magcache with --cache-speedup instead",
+                param="num_inference_steps",
+            )
         missing = [b for b in branches if not config.gram.get(b)]
         if missing and not calibrate:
             raise CacheConfigError(
@@ -246,24 +259,18 @@ class BudgetPlanner(TimestepCache):
         }
 
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
-        """Plan exactly ``passes`` computed steps; with no estimator named, also pick the one whose
-        best plan costs least (``blend`` at the calibration's alpha), and use it."""
+        """Plan exactly ``passes`` computed steps for the request's estimator; with none named, for
+        ``blend`` at the calibration's fitted alpha, which measured best (docs/benchmarks.md)."""
         if estimator is not None and estimator not in PLANNABLE_ESTIMATORS:
             raise CacheConfigError(
                 f"the planner cannot cost estimator {estimator!r}; use one of {', '.join(PLANNABLE_ESTIMATORS)}",
                 param="cache_estimator",
             )
-        costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
+        chosen = estimator or DEFAULT_ESTIMATOR
         alpha = blend_alpha if blend_alpha is not None else self.config.calibrated_blend_alpha
-        if estimator is not None:
-            candidates = [estimator]
-        else:
-            candidates = [e for e in PLANNABLE_ESTIMATORS if e != "blend" or alpha is not None]
-        if estimator == "blend" and alpha is None:
-            alpha = 0.5
-        plans = {name: best_plan(costs, passes, self.config.max_skip_steps, name, alpha or 0.0) for name in candidates}
-        chosen = min(candidates, key=lambda name: plans[name][0])
-        total, steps = plans[chosen]
+        alpha = DEFAULT_BLEND_ALPHA if alpha is None else alpha
+        costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
+        total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
         if not steps:
             most = max(1, math.ceil(self.num_inference_steps / (self.config.max_skip_steps + 1)))
             raise CacheConfigError(
@@ -271,7 +278,8 @@ class BudgetPlanner(TimestepCache):
                 f"{self.config.max_skip_steps} and its calibration window it needs at least {most} passes; "
                 "ask for a smaller speedup or more steps", param="cache_speedup",
             )
-        self._mask = [step in set(steps) for step in range(self.num_inference_steps)]
+        computed = set(steps)
+        self._mask = [step in computed for step in range(self.num_inference_steps)]
         self.predicted_error = total
         if estimator is None:
             self.use_estimator(chosen, **({"alpha": alpha} if chosen == "blend" else {}))

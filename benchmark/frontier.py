@@ -1,0 +1,136 @@
+"""The caching frontier: every method a user has for a speedup, at the same transformer passes.
+
+    python benchmark/frontier.py                                  # built-in model, 8 prompts x 2 seeds
+    python benchmark/frontier.py --model-path /work/models/wan-seed4242 --calibration C.json
+    python benchmark/frontier.py --quick                          # 1 prompt, 1 seed (a smoke run)
+
+For each held-out prompt and seed: the uncached 50-step run is the reference; every method of
+``frontier_configs.METHODS`` is asked for 1.5x, 2x, 2.5x and 3x (``round(50 / x)`` passes per
+branch) and scored by PSNR and SSIM of its decoded frames against the reference. The report gives
+mean and worst case over samples with each method's real pass count, and a plot
+(``frontier_report.py``). It also gives, for our pipeline's methods, the measured denoising
+speedup: the median over samples of the uncached runs' denoising time over the median of the
+method's, all in the same run (the uncached run of a sample just before its methods). One torch
+thread; other load on the machine shows in these ratios, not in the fidelity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+from frontier_configs import METHODS, PROMPTS, SEEDS, SPEEDUPS, STEPS, FrontierMethod, Request  # noqa: E402
+from frontier_report import markdown_table, plot_frontier, summarise  # noqa: E402
+from metrics import psnr, ssim  # noqa: E402
+
+from sglang.multimodal_gen.configs.models import read_model_info  # noqa: E402
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
+from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
+
+
+class DiffusersTaylorSeer:
+    """diffusers' ``WanPipeline`` on the same folder with its TaylorSeer hook, counting the steps
+    whose blocks ran (the first block's self-attention fired)."""
+
+    def __init__(self, model_path: str, params: SamplingParams) -> None:
+        from diffusers import WanPipeline
+
+        self.pipe = WanPipeline.from_pretrained(model_path, dtype=torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.params = params
+        self.text_length = read_model_info(Path(model_path)).text_max_length
+        self.pipe.transformer.blocks[0].attn1.register_forward_hook(lambda *_: self._ran.__setitem__(-1, True))
+        self.pipe.transformer.register_forward_pre_hook(lambda *_: self._ran.append(False))
+        self._ran: list[bool] = []
+
+    def run(self, prompt: str, seed: int, settings: dict) -> tuple[np.ndarray, int]:
+        from diffusers import TaylorSeerCacheConfig
+
+        transformer = self.pipe.transformer
+        if getattr(transformer, "_cache_config", None) is not None:
+            transformer.disable_cache()
+        transformer.enable_cache(TaylorSeerCacheConfig(**settings, taylor_factors_dtype=torch.float32))
+        self._ran = []
+        p = self.params
+        frames = self.pipe(
+            prompt=prompt, negative_prompt=p.negative_prompt, height=p.height, width=p.width, num_frames=p.num_frames,
+            num_inference_steps=STEPS, guidance_scale=p.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_sequence_length=self.text_length,
+        ).frames[0]
+        return np.asarray(frames, dtype=np.float32), sum(self._ran[0::2])  # the cond branch's passes
+
+
+def run_method(
+    gen: DiffGenerator, peer: DiffusersTaylorSeer | None, method: FrontierMethod, speedup: float, prompt: str, seed: int
+) -> tuple[np.ndarray, int, float | None]:
+    """Frames, passes per branch and (our pipeline only) denoising seconds of one method at one speedup."""
+    request: Request = method.request(speedup, STEPS)
+    if request.taylorseer is not None:
+        return (*peer.run(prompt, seed, request.taylorseer), None)
+    params = SamplingParams(prompt=prompt, seed=seed, num_inference_steps=request.num_inference_steps)
+    if request.cache is not None:
+        params = dataclasses.replace(params, cache=request.cache)
+    result = gen.generate(params)
+    stats = result.cache_stats
+    passes = stats.branches["cond"].num_computed if stats is not None else request.num_inference_steps
+    return result.frames, passes, result.timings["denoising"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", default=None, help="a Wan folder (default: the built-in model)")
+    parser.add_argument("--calibration", default=None, help="calibration file (default: the folder's own)")
+    parser.add_argument("--quick", action="store_true", help="1 prompt, 1 seed")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
+    parser.add_argument("--output", default=str(REPO / "benchmark/results/frontier.json"))
+    parser.add_argument("--plot", default=str(REPO / "docs/images/frontier.png"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(1)
+    methods = [m for m in METHODS if args.methods is None or m.name in args.methods.split(",")]
+    samples = [(p, s) for p in (PROMPTS[:1] if args.quick else PROMPTS) for s in (SEEDS[:1] if args.quick else SEEDS)]
+    gen = DiffGenerator.from_pretrained(args.model_path, device="cpu", cache_calibration=args.calibration)
+    defaults = gen.validate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=STEPS))
+    peer = DiffusersTaylorSeer(str(gen.pipeline.model_info.path), defaults) if any(
+        m.name == "diffusers taylorseer" for m in methods) else None
+    gen.generate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=STEPS))  # warm-up, not measured
+    rows: list[dict] = []
+    bar = tqdm(total=len(samples) * (1 + len(methods) * len(SPEEDUPS)), desc="frontier", unit="run")
+    for prompt, seed in samples:
+        uncached = gen.generate(SamplingParams(prompt=prompt, seed=seed, num_inference_steps=STEPS))
+        reference = uncached.frames
+        bar.update()
+        for method in methods:
+            for speedup in SPEEDUPS:
+                frames, passes, seconds = run_method(gen, peer, method, speedup, prompt, seed)
+                rows.append(dict(method=method.name, speedup=speedup, prompt=prompt, seed=seed, passes=passes,
+                                 psnr=psnr(frames, reference), ssim=ssim(frames, reference), seconds=seconds,
+                                 uncached_seconds=uncached.timings["denoising"]))
+                bar.update()
+    bar.close()
+    summary = summarise(rows)
+    model = gen.model_name
+    header = (f"{model}, {STEPS} steps, {len(samples)} samples (held-out prompts x seeds); "
+              "PSNR dB / SSIM against the uncached 50-step run: mean (worst)")
+    print(header)
+    print(markdown_table(summary, [m.name for m in methods]))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps({"model": model, "steps": STEPS, "samples": samples,
+                                             "summary": summary, "runs": rows}, indent=1) + "\n")
+    plot_frontier(summary, methods, f"{model}: {len(samples)} held-out samples, {STEPS} steps", args.plot)
+    print(f"wrote {args.output} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

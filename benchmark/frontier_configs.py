@@ -1,0 +1,68 @@
+"""What the frontier benchmark compares: the methods a user has for a speedup, and the samples.
+
+Every method is asked for the same speedups and so (where it can hit them) the same number of
+transformer passes per branch, ``round(steps / speedup)``. A method is a name, what it turns a
+speedup into (``request``), and its plot style; add a method by adding a ``FrontierMethod`` to
+``METHODS``. ``taylorseer`` runs in diffusers' ``WanPipeline`` (the harness's ``DiffusersTaylorSeer``),
+the others in our pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from sglang.multimodal_gen.configs.cache_params import CacheParams
+from sglang.multimodal_gen.runtime.cache.base import budget_passes
+from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
+
+SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
+STEPS = 50
+# Held-out captions (never trained on; the calibration prompts are training captions), spread over
+# shapes, colours and directions; two seeds each.
+PROMPTS = [HELD_OUT[i].caption for i in (0, 5, 9, 14, 19, 23, 28, 33)]
+SEEDS = (0, 1)
+
+
+@dataclass(frozen=True)
+class Request:
+    """How one method runs at one speedup: our pipeline's step count and cache, or diffusers' hook."""
+
+    num_inference_steps: int
+    cache: CacheParams | None = None
+    taylorseer: dict | None = None  # diffusers TaylorSeerCacheConfig settings
+
+
+@dataclass(frozen=True)
+class FrontierMethod:
+    name: str
+    request: Callable[[float, int], Request]
+    style: str  # matplotlib format of its line
+
+
+def _cached(strategy: str, **knobs) -> Callable[[float, int], Request]:
+    return lambda speedup, steps: Request(steps, CacheParams(strategy=strategy, speedup=speedup, **knobs))
+
+
+def taylorseer_settings(passes: int, steps: int) -> dict:
+    """diffusers' TaylorSeer (lite: the whole blocks skipped, the output forecast to first order)
+    at the settings nearest ``passes``: the shortest interval whose warm-up length gives exactly
+    ``passes`` computed steps, else the nearest count."""
+
+    def computed(interval: int, warmup: int) -> int:  # diffusers' own rule, in steps 0..steps-1
+        return sum(1 for s in range(steps) if s < warmup or (s - warmup - 1) % interval == 0)
+
+    candidates = [(abs(computed(i, w) - passes), i, -w) for i in range(2, 8) for w in range(1, steps)]
+    _, interval, warmup = min(candidates)
+    return {"cache_interval": interval, "disable_cache_before_step": -warmup, "max_order": 1, "use_lite_mode": True}
+
+
+METHODS = [
+    FrontierMethod("plain steps", lambda speedup, steps: Request(budget_passes(steps, speedup)), "k--"),
+    FrontierMethod("even skip", _cached("even"), "c:"),
+    FrontierMethod("magcache", _cached("magcache"), "o-"),
+    FrontierMethod("teacache", _cached("teacache"), "s-"),
+    FrontierMethod("diffusers taylorseer", lambda s, n: Request(n, taylorseer=taylorseer_settings(budget_passes(n, s), n)), "v:"),
+    FrontierMethod("planner, reuse", _cached("planner", estimator="reuse"), "^-."),
+    FrontierMethod("planner", _cached("planner"), "D-"),
+]
