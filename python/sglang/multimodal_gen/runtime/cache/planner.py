@@ -80,15 +80,11 @@ class PlannerConfig:
         max_skip_steps (`int`, defaults to `6`):
             The most consecutive steps a plan may skip. Higher lets the planner put more of the
             budget where it matters; long gaps are also costed as such, so it rarely needs a cap.
-        calibrated_blend_alpha (`float`, *optional*):
-            The calibration's fitted alpha of the `blend` estimator, which the planner uses when
-            the request names no estimator and no `blend_alpha` (0.5 without it).
     """
 
     gram: dict[str, list[list[float]]] = field(default_factory=dict)
     sigmas: list[float] = field(default_factory=list)
     max_skip_steps: int = 6
-    calibrated_blend_alpha: float | None = None
 
     def __post_init__(self) -> None:
         value = self.max_skip_steps
@@ -175,6 +171,22 @@ class GapCosts:
         return alpha * weight if estimator == "blend" else weight
 
 
+def fitted_blend_alpha(costs: Sequence[GapCosts]) -> float:
+    """The ``blend`` alpha that best predicts a step skipped right after two computed ones, at the
+    request's own step spacing: ``sum <r_t - r_{t-1}, r_{t-1} - r_{t-2}> / sum |r_{t-1} - r_{t-2}|^2``
+    over steps and branches, from the resampled inner products. The residual's motion depends on
+    the spacing (the same model fits -0.21 from a 20-step calibration and 0.68 from a 50-step one),
+    so the 50-step calibration's own alpha would be wrong at 20 steps. 0.5 when undefined."""
+    numerator = denominator = 0.0
+    for c in costs:
+        g = c.inner
+        for t in range(2, c.num_steps):
+            numerator += g[t, t - 1] - g[t, t - 2] - g[t - 1, t - 1] + g[t - 1, t - 2]
+            denominator += g[t - 1, t - 1] - 2 * g[t - 1, t - 2] + g[t - 2, t - 2]
+    alpha = numerator / denominator if denominator > 0 else math.nan
+    return alpha if math.isfinite(alpha) else DEFAULT_BLEND_ALPHA
+
+
 def best_plan(
     costs: Sequence[GapCosts], passes: int, max_skip_steps: int, estimator: str, alpha: float = 0.0
 ) -> tuple[float, list[int]]:
@@ -255,21 +267,25 @@ class BudgetPlanner(TimestepCache):
         return {
             "gram": {name: branch.gram for name, branch in calibration.branches.items()},
             "sigmas": list(calibration.sigmas),
-            "calibrated_blend_alpha": calibration.blend_alpha,
         }
 
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Plan exactly ``passes`` computed steps for the request's estimator; with none named, for
-        ``blend`` at the calibration's fitted alpha, which measured best (docs/benchmarks.md)."""
+        ``blend`` at the alpha fitted at this step count (:func:`fitted_blend_alpha`), which
+        measured best (docs/benchmarks.md). A named ``blend`` plans with the request's alpha."""
         if estimator is not None and estimator not in PLANNABLE_ESTIMATORS:
             raise CacheConfigError(
                 f"the planner cannot cost estimator {estimator!r}; use one of {', '.join(PLANNABLE_ESTIMATORS)}",
                 param="cache_estimator",
             )
         chosen = estimator or DEFAULT_ESTIMATOR
-        alpha = blend_alpha if blend_alpha is not None else self.config.calibrated_blend_alpha
-        alpha = DEFAULT_BLEND_ALPHA if alpha is None else alpha
         costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
+        if blend_alpha is not None:
+            alpha = blend_alpha
+        elif estimator == "blend":
+            alpha = DEFAULT_BLEND_ALPHA  # what the request's own blend estimator (built after this) uses
+        else:
+            alpha = fitted_blend_alpha(costs)
         total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
         if not steps:
             most = max(1, math.ceil(self.num_inference_steps / (self.config.max_skip_steps + 1)))
