@@ -159,3 +159,151 @@ def test_best_plan_is_the_brute_force_optimum(steps, passes, max_skip, seed, est
     assert len(plan) == passes and plan[0] == 0 and plan == sorted(set(plan))
     assert plan in list(feasible_plans(steps, passes, max_skip))
     assert direct_cost(runs, sigmas, plan, estimator, alpha) == pytest.approx(brute, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- resampling and the window
+def test_resampling_to_a_divisor_uses_the_calibration_steps_themselves():
+    """Request step k of 5 sits at calibration step 2k of 10: its costs are the sub-sampled run's."""
+    residuals, sigmas = residual_walk(10, seed=4), schedule(10, 4)
+    resampled = GapCosts(gram_of(residuals, window=10), sigmas, 5)
+    sub = GapCosts(gram_of(residuals[::2], window=5), sigmas[::2], 5)
+    expected = residuals[::2] @ residuals[::2].T
+    assert np.allclose(resampled.inner, expected, rtol=1e-12)
+    assert np.allclose(resampled.sigmas, sigmas[::2]) and np.allclose(resampled.dt, np.abs(np.diff(sigmas[::2])))
+    for estimator, alpha in ESTIMATORS:
+        for h, i, j in [(None, 0, 2), (0, 1, 4), (1, 2, 5), (0, 2, 5)]:
+            assert resampled.gap(h, i, j, estimator, alpha) == pytest.approx(sub.gap(h, i, j, estimator, alpha),
+                                                                             rel=1e-9)
+
+
+def test_resampling_between_steps_interpolates_the_residuals():
+    """At 4 of 10 steps, request steps sit at 0, 2.5, 5, 7.5: the halfway residuals' inner products."""
+    residuals = residual_walk(10, seed=5)
+    costs = GapCosts(gram_of(residuals, window=10), [], 4)
+    at = np.stack([residuals[0], (residuals[2] + residuals[3]) / 2, residuals[5], (residuals[7] + residuals[8]) / 2])
+    assert np.allclose(costs.inner, at @ at.T, rtol=1e-12)
+    assert np.allclose(costs.dt, 0.25)  # no sigmas: equal weights
+
+
+def test_gaps_beyond_the_window_are_never_costed_or_planned():
+    """A gap's span runs from its older computed step to its last skipped one; past the window it is inf."""
+    steps, window = 12, 4
+    residuals = residual_walk(steps, seed=6)
+    gram = gram_of(residuals, window)
+    assert [len(row) for row in gram] == [min(t, window) + 1 for t in range(steps)]
+    costs = GapCosts(gram, schedule(steps, 6), steps)
+    for h, i, j in [(None, 0, 5), (None, 0, 6), (0, 2, 5), (0, 2, 6), (3, 5, 8), (3, 5, 9), (1, 2, 7)]:
+        span = (j - 1) - (i if h is None else h)
+        assert math.isinf(costs.gap(h, i, j, "forecast1")) == (span > window), (h, i, j)
+        assert math.isinf(costs.gap(h, i, j, "reuse")) == (j - 1 - i > window)  # reuse never looks at h
+    # 4 passes cannot cover 12 steps when each forecast gap may span only 4 (from its older computed step).
+    assert best_plan([costs], 4, 6, "forecast1") == (math.inf, [])
+    for passes in (5, 6, 8):
+        total, plan = best_plan([costs], passes, 6, "forecast1")
+        assert math.isfinite(total) and len(plan) == passes
+        bounds = [*plan, steps]
+        assert all((b - 1) - (bounds[n - 1] if n else a) <= window for n, (a, b) in enumerate(zip(bounds, bounds[1:])))
+    # Two passes would need a span of 10: no plan fits the window.
+    assert best_plan([costs], 2, 10, "forecast1") == (math.inf, [])
+
+
+@pytest.mark.parametrize("steps", [7, 12, 20])
+def test_best_plan_has_exactly_the_budget_and_starts_at_zero(steps):
+    residuals = residual_walk(steps, seed=steps)
+    costs = [GapCosts(gram_of(residuals, steps), schedule(steps, steps), steps)]
+    for max_skip in (1, 3, 6):
+        least = math.ceil(steps / (max_skip + 1))
+        for passes in range(1, steps + 1):
+            total, plan = best_plan(costs, passes, max_skip, "blend", 0.5)
+            if passes < least:
+                assert (total, plan) == (math.inf, []), (passes, max_skip)
+                continue
+            assert len(plan) == passes and plan[0] == 0 and plan == sorted(set(plan)), (passes, max_skip)
+            bounds = [*plan, steps]
+            assert max(b - a - 1 for a, b in zip(bounds, bounds[1:])) <= max_skip
+    assert best_plan(costs, steps, 0, "reuse") == (0.0, list(range(steps)))
+
+
+def planner(steps: int = 20, max_skip_steps: int = 6, seed: int = 7, **config) -> BudgetPlanner:
+    grams = {b: gram_of(residual_walk(30, seed + n), 16) for n, b in enumerate((COND, UNCOND))}
+    return BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(30, seed), max_skip_steps=max_skip_steps,
+                                       **config), steps)
+
+
+def test_planner_refuses_a_budget_its_max_skip_steps_cannot_reach():
+    cache = planner(steps=20, max_skip_steps=1)
+    with pytest.raises(CacheConfigError) as exc:
+        cache.meet_budget(9)
+    assert "cannot run 9 of 20 steps" in one_line(exc) and "at least 10 passes" in str(exc.value)
+    assert exc.value.param == "cache_speedup"
+    cache.meet_budget(10)
+    assert all(sum(mask) == 10 for mask in cache.plan().values())
+
+
+def test_planner_picks_the_cheapest_estimator_and_the_same_plan_on_every_branch():
+    cache = planner(steps=25, calibrated_blend_alpha=0.4)
+    cache.meet_budget(10)
+    plan = cache.plan()
+    assert plan[COND] == plan[UNCOND] and sum(plan[COND]) == 10 and plan[COND][0]
+    costs = [GapCosts(cache.config.gram[b], cache.config.sigmas, 25) for b in (COND, UNCOND)]
+    totals = {e: best_plan(costs, 10, 6, e, 0.4)[0] for e in PLANNABLE_ESTIMATORS}
+    assert cache.estimator.name == min(totals, key=totals.get)
+    assert cache.predicted_error == pytest.approx(min(totals.values()))
+    named = planner(steps=25)
+    named.meet_budget(10, estimator="reuse")
+    assert named.estimator.name == "reuse"  # build_cache applies the request's estimator afterwards
+    assert named.predicted_error == pytest.approx(best_plan(costs, 10, 6, "reuse")[0])
+    with pytest.raises(CacheConfigError) as exc:
+        planner().meet_budget(10, estimator="forecast2")
+    assert exc.value.param == "cache_estimator" and "cannot cost estimator 'forecast2'" in one_line(exc)
+
+
+def test_planner_without_calibration_names_the_missing_branches():
+    with pytest.raises(CacheConfigError) as exc:
+        BudgetPlanner(PlannerConfig(gram={COND: [[1.0]]}), 10)
+    assert exc.value.param == "cache_calibration" and "['uncond']" in one_line(exc)
+
+
+# --------------------------------------------------------------------------- budgets
+@pytest.mark.parametrize("steps, speedup, passes", [
+    (50, 1.5, 33), (50, 2, 25), (50, 2.5, 20), (50, 3, 17), (25, 2, 13), (5, 2, 3), (30, 4, 8), (20, 1, 20),
+    (3, 100, 1), (1, 7.5, 1), (20, 3, 7), (30, 2.5, 12),
+])
+def test_budget_passes_rounds_half_up_and_never_below_one(steps, speedup, passes):
+    assert budget_passes(steps, speedup) == passes
+
+
+def test_even_steps_spreads_the_rest_after_the_warmup():
+    assert even_steps(20, 4, 10) == [0, 1, 2, 3, 4, 6, 9, 12, 14, 17]  # 4 + floor(i * 16 / 6)
+    assert even_steps(10, 0, 5) == [0, 1, 3, 5, 7]  # step 0 is always run
+    assert even_steps(10, 6, 3) == [0, 1, 2]  # a budget below the warm-up shortens it
+    assert even_steps(8, 2, 8) == list(range(8))
+    for steps, warmup, passes in itertools.product((20, 30, 50), (0, 4, 10), (1, 7, 13, 20)):
+        plan = even_steps(steps, warmup, passes)
+        assert len(plan) == passes and plan == sorted(set(plan)) and plan[0] == 0 and plan[-1] < steps
+
+
+@pytest.mark.parametrize("steps", [20, 30, 50])
+def test_even_cache_plan_and_budget(steps):
+    cache = EvenCache(EvenCacheConfig(interval=2, retention_ratio=0.2), steps)
+    warmup = int(0.2 * steps + 0.5)
+    assert cache.plan()[COND] == [s < warmup or (s - warmup) % 2 == 0 for s in range(steps)]
+    for speedup in (1.5, 2, 2.5, 3):
+        passes = budget_passes(steps, speedup)
+        cache.meet_budget(passes)
+        plan = cache.plan()
+        assert plan[COND] == plan[UNCOND] and sum(plan[COND]) == passes, speedup
+        assert plan[COND][:warmup] == [True] * warmup
+
+
+@pytest.mark.parametrize("bad", [0.5, 0, -2, float("nan"), float("inf"), "2", True])
+def test_cache_params_refuse_a_bad_speedup_in_one_line(bad):
+    with pytest.raises(CacheConfigError) as exc:
+        CacheParams(speedup=bad)
+    assert exc.value.param == "cache_speedup" and "cache speedup must be a number >= 1" in one_line(exc)
+
+
+def test_speedup_alone_selects_the_planner():
+    assert CacheParams(speedup=2).strategy == "planner" and CacheParams(speedup=1).speedup == 1.0
+    assert CacheParams(strategy="magcache", speedup=3).strategy == "magcache"
+    assert CacheParams().strategy == "none" and CacheParams().speedup is None
