@@ -307,3 +307,130 @@ def test_speedup_alone_selects_the_planner():
     assert CacheParams(speedup=2).strategy == "planner" and CacheParams(speedup=1).speedup == 1.0
     assert CacheParams(strategy="magcache", speedup=3).strategy == "magcache"
     assert CacheParams().strategy == "none" and CacheParams().speedup is None
+
+
+# --------------------------------------------------------------------------- MagCache and TeaCache to a budget
+WAN13 = preset_ratio_table()["wan21_t2v_1.3b"]
+
+
+@pytest.mark.parametrize("steps", [20, 30, 50])
+@pytest.mark.parametrize("speedup", [1.5, 2, 2.5, 3])
+def test_magcache_meets_the_budget_with_the_release_rule(steps, speedup):
+    """Measured on the published Wan2.1 1.3B ratios: every case is reached exactly (K raised from 2
+    to 3-5 at 2.5x and 3x), and the plan is the release rule's at the tuned threshold and K."""
+    passes = budget_passes(steps, speedup)
+    cache = MagCache(MagCacheConfig(mag_ratios=WAN13), steps)
+    cache.meet_budget(passes)
+    plan = cache.plan()
+    assert sum(plan[COND]) == passes and sum(plan[UNCOND]) == passes
+    config = cache.config
+    assert config.max_skip_steps >= 2 and 0 < config.threshold < 1e6
+    ratios = [nearest_interp(WAN13[b], steps) for b in (COND, UNCOND)]
+    assert plan[COND] == joint_magcache_plan(ratios, config.threshold, config.max_skip_steps,
+                                             int(0.2 * steps + 0.5), config.end_steps)
+    fresh = MagCache(MagCacheConfig(mag_ratios=WAN13, threshold=config.threshold,
+                                    max_skip_steps=config.max_skip_steps), steps)
+    assert fresh.plan() == plan
+
+
+def test_magcache_refuses_a_budget_below_its_retention_in_one_line():
+    """20% retention at 20 steps runs steps 0-3 whatever the threshold: 3 passes cannot be met."""
+    cache = MagCache(MagCacheConfig(mag_ratios=WAN13), 20)
+    before = cache.plan()
+    with pytest.raises(CacheConfigError) as exc:
+        cache.meet_budget(3)
+    assert exc.value.param == "cache_speedup" and "magcache cannot run exactly 3 of 20 steps" in one_line(exc)
+    assert cache.plan() == before and cache.config.threshold == MagCacheConfig(mag_ratios=WAN13).threshold
+
+
+def indicator_walk(steps: int, seed: int) -> list[torch.Tensor]:
+    """A modulated input that changes 1-10% per step, more towards the end."""
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(1, 16, generator=g) + 3.0]
+    for t in range(1, steps):
+        x.append(x[-1] + torch.randn(1, 16, generator=g) * (0.03 + 0.2 * t / steps))
+    return x
+
+
+def calibrated_changes(steps: int, seed: int) -> list[float]:
+    walk = indicator_walk(steps, seed)
+    return [0.0] + [float(((b - a).abs().mean() / a.abs().mean())) for a, b in zip(walk, walk[1:])]
+
+
+def drive(cache: TimestepCache, inputs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, list[int]]:
+    """Run ``cache`` like the denoising stage; the computed steps per branch."""
+    for step in range(cache.num_inference_steps):
+        for branch in cache.branches:
+            feats = StepFeatures(timestep=torch.tensor([float(step)]),
+                                 modulated_input=None if inputs is None else inputs[branch][step])
+            if cache.should_compute(step, branch, feats):
+                cache.store(step, branch, torch.full((1, 4), float(step)))
+            else:
+                cache.reuse(step, branch)
+    return {b: s.computed_steps for b, s in cache.stats.branches.items()}
+
+
+def test_teacache_refuses_a_budget_without_calibrated_indicator_changes():
+    cache = TeaCache(TeaCacheConfig(coefficients=[1.0, 0.0]), 20)
+    with pytest.raises(CacheConfigError) as exc:
+        cache.meet_budget(10)
+    assert exc.value.param == "cache_speedup" and "sglang calibrate" in one_line(exc)
+    partial = TeaCache(TeaCacheConfig(coefficients=[1.0, 0.0], indicator_changes={COND: [0.0] * 20}), 20)
+    with pytest.raises(CacheConfigError):
+        partial.meet_budget(10)
+
+
+@pytest.mark.parametrize("scale", [0.2, 1.0], ids=["run-skips-more", "run-skips-less"])
+@pytest.mark.parametrize("steps", [20, 30])
+def test_teacache_run_makes_exactly_the_budget(steps, scale):
+    """The threshold is tuned on the calibration's changes; the run's own changes differ (another
+    walk, and scaled calibrated changes), so left alone it runs more or fewer steps than the budget,
+    and enforce_pass_budget holds it to the budget either way."""
+    changes = {COND: [scale * c for c in calibrated_changes(50, seed=1)],
+               UNCOND: [scale * c for c in calibrated_changes(50, seed=2)]}
+    inputs = {COND: indicator_walk(steps, seed=3), UNCOND: indicator_walk(steps, seed=4)}
+    unguarded = []
+    for speedup in (1.5, 2, 3, 5):
+        passes = budget_passes(steps, speedup)
+        cache = TeaCache(TeaCacheConfig(coefficients=[2.0, 0.0], indicator_changes=changes, calibration_steps=50),
+                         steps)
+        cache.meet_budget(passes)
+        computed = drive(cache, inputs)
+        assert {b: len(s) for b, s in computed.items()} == {COND: passes, UNCOND: passes}, speedup
+        assert computed[COND][0] == 0
+        # A second request on the same instance is held to the budget too.
+        cache.reset()
+        assert {b: len(s) for b, s in drive(cache, inputs).items()} == {COND: passes, UNCOND: passes}
+        free = TeaCache(cache.config, steps)  # the tuned threshold without the guard
+        unguarded.extend(len(s) - passes for s in drive(free, inputs).values())
+    assert all(d > 0 for d in unguarded) if scale < 1 else all(d < 0 for d in unguarded), unguarded
+
+
+# --------------------------------------------------------------------------- the runtime guard
+class Fixed(TimestepCache):
+    """Decides from a given mask (not registered: a test double of a run-time strategy)."""
+
+    name = "fixed-test"
+
+    def __init__(self, mask: list[bool]) -> None:
+        self.mask = mask
+        super().__init__(None, len(mask), (COND,))
+
+    def _decide(self, step, branch, features):
+        return self.mask[step]
+
+
+@pytest.mark.parametrize("mask, budget, computed", [
+    ([True] * 6, 2, [0, 1]),  # budget spent -> every later step skips, even those the strategy runs
+    ([True] * 6, 6, [0, 1, 2, 3, 4, 5]),
+    ([False] * 6, 4, [0, 3, 4, 5]),  # steps left == budget left -> compute from step 3 on
+    ([False] * 6, 1, [0]),  # step 0 has no residual and runs; that spends it
+    ([True, False, False, True, False, False], 3, [0, 3, 5]),  # 1 left at the last step: run it
+    ([True, False, True, False, True, True], 3, [0, 2, 4]),  # spent at step 4: step 5 skips
+    ([True, False, False, False, False, True], 2, [0, 5]),
+])
+def test_within_budget_guard_edges(mask, budget, computed):
+    cache = Fixed(mask)
+    cache.enforce_pass_budget(budget)
+    assert drive(cache)[COND] == computed
+    assert len(computed) == budget
