@@ -123,3 +123,28 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
     result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)))
     _assert_budget(result, steps, 10, "planner")
     assert result.cache.config.sigmas == saved.sigmas
+
+
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_cli_refuses_a_speedup_below_one_before_the_model_is_looked_at(tmp_path, capsys):
+    from sglang.cli.main import main
+
+    args = ["generate", "--model-path", str(tmp_path / "no-such-model"), "--prompt", "a cat", "--output-path",
+            str(tmp_path / "x.mp4"), "--num-inference-steps", "4", "--cache-speedup", "0.5"]
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert "cache speedup must be a number >= 1" in line and "no-such-model" not in line
+
+
+def test_cli_cache_speedup_runs_the_planner(tmp_path, capsys):
+    from sglang.cli.main import main
+
+    args = ["generate", "--prompt", PROMPT, "--output-path", str(tmp_path / "x.mp4"), "--height", "32", "--width",
+            "48", "--num-frames", "5", "--num-inference-steps", "12", "--device", "cpu", "--cache-speedup", "3"]
+    assert main(args) == 0
+    assert "planner: computed 4 of 12 steps per branch" in capsys.readouterr().out

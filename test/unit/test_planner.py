@@ -434,3 +434,9 @@ def test_within_budget_guard_edges(mask, budget, computed):
     cache.enforce_pass_budget(budget)
     assert drive(cache)[COND] == computed
     assert len(computed) == budget
+
+
+def test_a_strategy_without_meet_budget_refuses_a_speedup_in_one_line():
+    with pytest.raises(CacheConfigError) as exc:
+        Fixed([True] * 4).meet_budget(2)
+    assert exc.value.param == "cache_speedup" and "fixed-test cannot be tuned to a speedup" in one_line(exc)
