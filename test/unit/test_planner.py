@@ -440,3 +440,16 @@ def test_a_strategy_without_meet_budget_refuses_a_speedup_in_one_line():
     with pytest.raises(CacheConfigError) as exc:
         Fixed([True] * 4).meet_budget(2)
     assert exc.value.param == "cache_speedup" and "fixed-test cannot be tuned to a speedup" in one_line(exc)
+
+
+def test_planner_refusal_counts_the_window_too():
+    """3 request steps of a 50-step calibration with window 16 sit ~17 calibration steps apart, so no
+    gap can be costed: only 3 of 3 passes can be planned, and the refusal must say so (it used to
+    say "needs at least 1 passes" from max_skip_steps alone)."""
+    grams = {b: gram_of(residual_walk(50, n), 16) for n, b in enumerate((COND, UNCOND))}
+    cache = BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(50, 0)), 3)
+    with pytest.raises(CacheConfigError) as exc:
+        cache.meet_budget(2)
+    assert "cannot run 2 of 3 steps" in one_line(exc) and "at least 3 passes" in str(exc.value)
+    cache.meet_budget(3)
+    assert cache.plan()[COND] == [True] * 3
