@@ -148,3 +148,13 @@ def test_cli_cache_speedup_runs_the_planner(tmp_path, capsys):
             "48", "--num-frames", "5", "--num-inference-steps", "12", "--device", "cpu", "--cache-speedup", "3"]
     assert main(args) == 0
     assert "planner: computed 4 of 12 steps per branch" in capsys.readouterr().out
+
+
+def test_a_model_without_calibration_falls_back_to_magcache_presets(wan_generator, caplog):
+    """The tiny random Wan ships no calibration file: the speedup still holds, through MagCache's presets."""
+    params = SamplingParams(prompt=PROMPT, seed=0, height=32, width=32, num_frames=5, num_inference_steps=12,
+                            cache=CacheParams(speedup=3))
+    with caplog.at_level(logging.WARNING):
+        result = wan_generator.generate(params)
+    _assert_budget(result, 12, 4, "magcache")
+    assert len([r for r in caplog.records if "no planner calibration" in r.getMessage()]) == 1
