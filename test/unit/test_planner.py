@@ -34,7 +34,6 @@ from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, ne
 from sglang.multimodal_gen.runtime.cache.planner import PLANNABLE_ESTIMATORS, GapCosts, best_plan
 
 ESTIMATORS = [("reuse", 0.0), ("forecast1", 0.0), ("forecast1_sigma", 0.0), ("blend", 0.3)]
-FEATURES = StepFeatures(timestep=torch.tensor([500.0]))
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -76,7 +75,8 @@ def forecast_rule(seen: list[int], k: int, residuals: np.ndarray, sigmas: list[f
     return last + alpha * (line - last) if estimator == "blend" else line
 
 
-def direct_cost(runs: list[np.ndarray], sigmas: list[float], computed: list[int], estimator: str, alpha: float) -> float:
+def direct_cost(runs: list[np.ndarray], sigmas: list[float], computed: list[int], estimator: str,
+                alpha: float) -> float:
     """The planner's objective computed from the vectors themselves: per branch and gap,
     ``|sum_k dt_k (e_k - r_k)|`` over the gap's skipped steps, summed over gaps and branches."""
     steps = len(runs[0])
@@ -240,15 +240,17 @@ def test_planner_refuses_a_budget_its_max_skip_steps_cannot_reach():
     assert all(sum(mask) == 10 for mask in cache.plan().values())
 
 
-def test_planner_picks_the_cheapest_estimator_and_the_same_plan_on_every_branch():
+def test_planner_plans_for_the_estimator_it_uses_and_the_same_plan_on_every_branch():
     cache = planner(steps=25, calibrated_blend_alpha=0.4)
     cache.meet_budget(10)
     plan = cache.plan()
     assert plan[COND] == plan[UNCOND] and sum(plan[COND]) == 10 and plan[COND][0]
     costs = [GapCosts(cache.config.gram[b], cache.config.sigmas, 25) for b in (COND, UNCOND)]
-    totals = {e: best_plan(costs, 10, 6, e, 0.4)[0] for e in PLANNABLE_ESTIMATORS}
-    assert cache.estimator.name == min(totals, key=totals.get)
-    assert cache.predicted_error == pytest.approx(min(totals.values()))
+    chosen = cache.estimator.name
+    assert chosen in PLANNABLE_ESTIMATORS
+    alpha = cache.estimator.alpha if chosen == "blend" else 0.0
+    total, steps = best_plan(costs, 10, 6, chosen, alpha)
+    assert cache.predicted_error == pytest.approx(total) and plan[COND] == [s in steps for s in range(25)]
     named = planner(steps=25)
     named.meet_budget(10, estimator="reuse")
     assert named.estimator.name == "reuse"  # build_cache applies the request's estimator afterwards
