@@ -1,0 +1,23 @@
+"""`cache_speedup` over HTTP: a bad one is a 400 naming it, a good one runs the planner to the budget."""
+
+from __future__ import annotations
+
+from .conftest import SMALL, wait_finished
+
+
+def test_a_speedup_below_one_is_400_naming_cache_speedup(http):
+    response = http.post("/v1/videos", json={"prompt": "a red circle", **SMALL, "cache_speedup": 0})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "cache_speedup" and "cache speedup must be a number >= 1" in error["message"]
+
+
+def test_a_speedup_alone_runs_the_planner_to_the_budget(http):
+    response = http.post("/v1/videos", json={"prompt": "a red circle moving left", **SMALL, "seed": 1,
+                                              "cache_speedup": 2})
+    assert response.status_code == 200, response.text
+    video = wait_finished(http, response.json()["id"])
+    assert video["status"] == "completed", video
+    assert video["cache"] == "planner" and video["cache_stats"]["strategy"] == "planner"
+    for branch in video["cache_stats"]["branches"].values():
+        assert branch["computed"] == 4 and branch["skipped"] == 4  # round(8 / 2) of SMALL's 8 steps
