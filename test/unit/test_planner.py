@@ -31,7 +31,7 @@ from sglang.multimodal_gen.runtime.cache import (
 from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagrange_weights
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
-from sglang.multimodal_gen.runtime.cache.planner import PLANNABLE_ESTIMATORS, GapCosts, best_plan
+from sglang.multimodal_gen.runtime.cache.planner import PLANNABLE_ESTIMATORS, GapCosts, best_plan, fitted_blend_alpha
 
 ESTIMATORS = [("reuse", 0.0), ("forecast1", 0.0), ("forecast1_sigma", 0.0), ("blend", 0.3)]
 
@@ -241,15 +241,14 @@ def test_planner_refuses_a_budget_its_max_skip_steps_cannot_reach():
 
 
 def test_planner_plans_for_the_estimator_it_uses_and_the_same_plan_on_every_branch():
-    cache = planner(steps=25, calibrated_blend_alpha=0.4)
+    cache = planner(steps=25)
     cache.meet_budget(10)
     plan = cache.plan()
     assert plan[COND] == plan[UNCOND] and sum(plan[COND]) == 10 and plan[COND][0]
     costs = [GapCosts(cache.config.gram[b], cache.config.sigmas, 25) for b in (COND, UNCOND)]
-    chosen = cache.estimator.name
-    assert chosen in PLANNABLE_ESTIMATORS
-    alpha = cache.estimator.alpha if chosen == "blend" else 0.0
-    total, steps = best_plan(costs, 10, 6, chosen, alpha)
+    # Unnamed, the estimator is blend at the alpha fitted at the request's own step count.
+    assert cache.estimator.name == "blend" and cache.estimator.alpha == pytest.approx(fitted_blend_alpha(costs))
+    total, steps = best_plan(costs, 10, 6, "blend", cache.estimator.alpha)
     assert cache.predicted_error == pytest.approx(total) and plan[COND] == [s in steps for s in range(25)]
     named = planner(steps=25)
     named.meet_budget(10, estimator="reuse")
@@ -455,3 +454,26 @@ def test_planner_refusal_counts_the_window_too():
     assert "cannot run 2 of 3 steps" in one_line(exc) and "at least 3 passes" in str(exc.value)
     cache.meet_budget(3)
     assert cache.plan()[COND] == [True] * 3
+
+
+def test_fitted_blend_alpha_is_the_least_squares_alpha_of_the_residuals_themselves():
+    """At the calibration's own step count the alpha fitted from inner products is the one fitted
+    directly on the residuals: argmin sum |r_t - r_{t-1} - alpha (r_{t-1} - r_{t-2})|^2 over both branches."""
+    walks = [residual_walk(12, 3), residual_walk(12, 4)]
+    costs = [GapCosts(gram_of(w, 16), schedule(12, 3), 12) for w in walks]
+    change = np.concatenate([w[2:] - w[1:-1] for w in walks])
+    last_change = np.concatenate([w[1:-1] - w[:-2] for w in walks])
+    expected = float(np.sum(change * last_change) / np.sum(last_change * last_change))
+    assert fitted_blend_alpha(costs) == pytest.approx(expected, rel=1e-9)
+    still = [GapCosts(gram_of(np.ones((6, 3)), 16), [], 6)]  # residuals that never change: no fit
+    assert fitted_blend_alpha(still) == 0.5
+
+
+def test_planner_falls_back_to_reuse_when_the_forecast_base_leaves_the_window():
+    """6 steps from a 30-step calibration: a window of 16 calibration steps spans 3.2 request steps,
+    so no 2-pass plan can cost blend's forecast from step 0, but reuse's gaps fit."""
+    cache = planner(steps=6)
+    cache.meet_budget(2)
+    assert cache.estimator.name == "reuse" and sum(cache.plan()[COND]) == 2
+    with pytest.raises(CacheConfigError):  # named, the estimator is kept and the budget refused
+        planner(steps=6).meet_budget(2, estimator="blend")

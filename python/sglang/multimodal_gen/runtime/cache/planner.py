@@ -287,12 +287,15 @@ class BudgetPlanner(TimestepCache):
         else:
             alpha = fitted_blend_alpha(costs)
         total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
+        if not steps and estimator is None:
+            # Few steps from a long calibration: a forecast's base falls out of the window, reuse's may not.
+            chosen = "reuse"
+            total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
         if not steps:
             # The fewest passes any candidate can plan: max_skip_steps alone would say too few where
             # the calibration window is what stops it (a few steps resampled from a long calibration).
             most = next(more for more in range(passes + 1, self.num_inference_steps + 1)
-                        if any(best_plan(costs, more, self.config.max_skip_steps, name, alpha or 0.0)[1]
-                               for name in candidates))
+                        if best_plan(costs, more, self.config.max_skip_steps, chosen, alpha)[1])
             raise CacheConfigError(
                 f"the planner cannot run {passes} of {self.num_inference_steps} steps: with max_skip_steps "
                 f"{self.config.max_skip_steps} and its calibration window it needs at least {most} passes; "
