@@ -36,6 +36,9 @@ OURS_MAGCACHE_PER_BRANCH = "ours magcache, per-branch plans (release)"
 OURS_TEACACHE = "ours teacache"
 OURS_MAGCACHE_SHARED = "ours magcache, diffusers' settings"
 DIFFUSERS_MAGCACHE = "diffusers magcache hook"
+OURS_PLANNER = "ours planner"
+# The speedups the planner is asked for (--cache-speedup), as presets: their passes are exact.
+PLANNER_SPEEDUPS = (1.5, 2.0, 3.0)
 # matplotlib format of each strategy's line, in legend order; a strategy not named here is not plotted.
 FRONTIER_STYLES = {OURS_MAGCACHE: "o-", OURS_MAGCACHE_PER_BRANCH: "x-.", OURS_TEACACHE: "s-",
                    OURS_MAGCACHE_SHARED: "^--", DIFFUSERS_MAGCACHE: "v:"}
@@ -111,6 +114,8 @@ def build_configs(
                     for t in sweep.teacache_thresholds]
         configs += [BenchConfig(f"teacache preset {p}", tea, "preset", CacheParams("teacache", preset=p, **cal))
                     for p in ("default", "fast")]
+    configs += [BenchConfig(f"planner {x:g}x", OURS_PLANNER, "preset", CacheParams(speedup=x, **cal))
+                for x in PLANNER_SPEEDUPS]
     if peer:
         shared = {"mag_ratios": {COND: shared_ratios, UNCOND: shared_ratios}}
         hook = {"mag_ratios": shared_ratios, **knobs}
@@ -137,6 +142,7 @@ def describe(config: BenchConfig) -> str:
     if not cache.enabled:
         return ""
     parts = [f"preset {cache.preset}"] if cache.preset else []
+    parts += [f"speedup {cache.speedup:g}x"] if cache.speedup else []
     parts += [f"{k} {v}" for k, v in (("threshold", cache.threshold), ("K", cache.max_skip_steps),
                                       ("retention", cache.retention_ratio)) if v is not None]
     if "mag_ratios" in cache.options:

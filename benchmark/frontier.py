@@ -2,11 +2,12 @@
 
     python benchmark/frontier.py                                  # built-in model, 8 prompts x 2 seeds
     python benchmark/frontier.py --model-path /work/models/wan-seed4242 --calibration C.json
+    python benchmark/frontier.py --steps 20                       # at another step count
     python benchmark/frontier.py --quick                          # 1 prompt, 1 seed (a smoke run)
 
-For each held-out prompt and seed: the uncached 50-step run is the reference; every method of
-``frontier_configs.METHODS`` is asked for 1.5x, 2x, 2.5x and 3x (``round(50 / x)`` passes per
-branch) and scored by PSNR and SSIM of its decoded frames against the reference. The report gives
+For each held-out prompt and seed: the uncached run (50 steps unless ``--steps``) is the reference;
+every method of ``frontier_configs.METHODS`` is asked for 1.5x, 2x, 2.5x and 3x (``round(steps /
+x)`` passes per branch) and scored by PSNR and SSIM of its decoded frames against the reference. The report gives
 mean and worst case over samples with each method's real pass count, and a plot
 (``frontier_report.py``). It also gives, for our pipeline's methods, the measured denoising
 speedup: the median over samples of the uncached runs' denoising time over the median of the
@@ -54,7 +55,7 @@ class DiffusersTaylorSeer:
         self.pipe.transformer.register_forward_pre_hook(lambda *_: self._ran.append(False))
         self._ran: list[bool] = []
 
-    def run(self, prompt: str, seed: int, settings: dict) -> tuple[np.ndarray, int]:
+    def run(self, prompt: str, seed: int, steps: int, settings: dict) -> tuple[np.ndarray, int]:
         from diffusers import TaylorSeerCacheConfig
 
         transformer = self.pipe.transformer
@@ -65,19 +66,20 @@ class DiffusersTaylorSeer:
         p = self.params
         frames = self.pipe(
             prompt=prompt, negative_prompt=p.negative_prompt, height=p.height, width=p.width, num_frames=p.num_frames,
-            num_inference_steps=STEPS, guidance_scale=p.guidance_scale,
+            num_inference_steps=steps, guidance_scale=p.guidance_scale,
             generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_sequence_length=self.text_length,
         ).frames[0]
         return np.asarray(frames, dtype=np.float32), sum(self._ran[0::2])  # the cond branch's passes
 
 
 def run_method(
-    gen: DiffGenerator, peer: DiffusersTaylorSeer | None, method: FrontierMethod, speedup: float, prompt: str, seed: int
+    gen: DiffGenerator, peer: DiffusersTaylorSeer | None, method: FrontierMethod, speedup: float, steps: int,
+    prompt: str, seed: int,
 ) -> tuple[np.ndarray, int, float | None]:
     """Frames, passes per branch and (our pipeline only) denoising seconds of one method at one speedup."""
-    request: Request = method.request(speedup, STEPS)
+    request: Request = method.request(speedup, steps)
     if request.taylorseer is not None:
-        return (*peer.run(prompt, seed, request.taylorseer), None)
+        return (*peer.run(prompt, seed, steps, request.taylorseer), None)
     params = SamplingParams(prompt=prompt, seed=seed, num_inference_steps=request.num_inference_steps)
     if request.cache is not None:
         params = dataclasses.replace(params, cache=request.cache)
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--model-path", default=None, help="a Wan folder (default: the built-in model)")
     parser.add_argument("--calibration", default=None, help="calibration file (default: the folder's own)")
     parser.add_argument("--quick", action="store_true", help="1 prompt, 1 seed")
+    parser.add_argument("--steps", type=int, default=STEPS, help="step count of the reference and the cached runs")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
     parser.add_argument("--output", default=str(REPO / "benchmark/results/frontier.json"))
     parser.add_argument("--plot", default=str(REPO / "docs/images/frontier.png"))
@@ -101,19 +104,20 @@ def main() -> None:
     methods = [m for m in METHODS if args.methods is None or m.name in args.methods.split(",")]
     samples = [(p, s) for p in (PROMPTS[:1] if args.quick else PROMPTS) for s in (SEEDS[:1] if args.quick else SEEDS)]
     gen = DiffGenerator.from_pretrained(args.model_path, device="cpu", cache_calibration=args.calibration)
-    defaults = gen.validate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=STEPS))
+    steps = args.steps
+    defaults = gen.validate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=steps))
     peer = DiffusersTaylorSeer(str(gen.pipeline.model_info.path), defaults) if any(
         m.name == "diffusers taylorseer" for m in methods) else None
-    gen.generate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=STEPS))  # warm-up, not measured
+    gen.generate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=steps))  # warm-up, not measured
     rows: list[dict] = []
     bar = tqdm(total=len(samples) * (1 + len(methods) * len(SPEEDUPS)), desc="frontier", unit="run")
     for prompt, seed in samples:
-        uncached = gen.generate(SamplingParams(prompt=prompt, seed=seed, num_inference_steps=STEPS))
+        uncached = gen.generate(SamplingParams(prompt=prompt, seed=seed, num_inference_steps=steps))
         reference = uncached.frames
         bar.update()
         for method in methods:
             for speedup in SPEEDUPS:
-                frames, passes, seconds = run_method(gen, peer, method, speedup, prompt, seed)
+                frames, passes, seconds = run_method(gen, peer, method, speedup, steps, prompt, seed)
                 rows.append(dict(method=method.name, speedup=speedup, prompt=prompt, seed=seed, passes=passes,
                                  psnr=psnr(frames, reference), ssim=ssim(frames, reference), seconds=seconds,
                                  uncached_seconds=uncached.timings["denoising"]))
@@ -121,14 +125,14 @@ def main() -> None:
     bar.close()
     summary = summarise(rows)
     model = gen.model_name
-    header = (f"{model}, {STEPS} steps, {len(samples)} samples (held-out prompts x seeds); "
-              "PSNR dB / SSIM against the uncached 50-step run: mean (worst)")
+    header = (f"{model}, {steps} steps, {len(samples)} samples (held-out prompts x seeds); "
+              f"PSNR dB / SSIM against the uncached {steps}-step run: mean (worst)")
     print(header)
     print(markdown_table(summary, [m.name for m in methods]))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"model": model, "steps": STEPS, "samples": samples,
+    Path(args.output).write_text(json.dumps({"model": model, "steps": steps, "samples": samples,
                                              "summary": summary, "runs": rows}, indent=1) + "\n")
-    plot_frontier(summary, methods, f"{model}: {len(samples)} held-out samples, {STEPS} steps", args.plot)
+    plot_frontier(summary, methods, f"{model}: {len(samples)} held-out samples, {steps} steps", args.plot)
     print(f"wrote {args.output} and {args.plot}")
 
 

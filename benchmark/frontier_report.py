@@ -70,8 +70,8 @@ def plot_frontier(summary: Sequence[dict], methods: Sequence, title: str, path: 
         line, = ax.plot(passes, [e["psnr_mean"] for e in entries], method.style, label=method.name)
         ax.plot(passes, [e["psnr_worst"] for e in entries], method.style.lstrip("kcbgrmyw"), color=line.get_color(),
                 alpha=0.3)
-    ax.set_xlabel("transformer passes per branch (50 = uncached)")
-    ax.set_ylabel("PSNR vs uncached 50 steps (dB)")
+    ax.set_xlabel("transformer passes per branch")
+    ax.set_ylabel("PSNR vs uncached (dB)")
     ax.set_title(f"{title}; faint: worst case", fontsize=9)
     ax.invert_xaxis()
     ax.legend(fontsize=8)

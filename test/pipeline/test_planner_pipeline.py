@@ -94,6 +94,7 @@ def test_a_calibration_without_planner_data_falls_back_to_magcache_in_one_warnin
     assert all("gram" in branch for branch in data["branches"].values())
     for branch in data["branches"].values():
         del branch["gram"]
+    del data["planner_tables"]  # as a file written before the planner
     old = tmp_path / "before-planner.json"
     old.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING):
@@ -125,6 +126,26 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
     assert result.cache.config.sigmas == saved.sigmas
 
 
+def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_use(builtin_generator, tmp_path):
+    """--planner-steps: the same prompts uncached at more step counts; a request plans from the
+    table nearest its step count (by ratio), so 25 steps takes 30's, not 20's."""
+    from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate
+
+    output = tmp_path / "tables.json"
+    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=20, seed=0), output,
+              planner_steps=[8, 30, 20, 8])
+    saved = CalibrationResult.load(output)
+    assert [t["num_inference_steps"] for t in saved.planner_tables] == [8, 30]  # 20 is the main run, 8 once
+    for table in saved.planner_tables:
+        n = table["num_inference_steps"]
+        assert len(table["sigmas"]) == n + 1 and table["sigmas"][-1] == 0.0
+        assert {b: len(rows) for b, rows in table["gram"].items()} == {COND: n, UNCOND: n}
+    for steps, table_steps in [(8, 8), (12, 8), (20, 20), (25, 30), (30, 30), (50, 30)]:
+        result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)))
+        _assert_budget(result, steps, budget_passes(steps, 2), "planner")
+        assert len(result.cache.config.sigmas) == table_steps + 1, steps
+
+
 def _one_error_line(capsys) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -139,6 +160,17 @@ def test_cli_refuses_a_speedup_below_one_before_the_model_is_looked_at(tmp_path,
     assert main(args) == 2
     line = _one_error_line(capsys)
     assert "cache speedup must be a number >= 1" in line and "no-such-model" not in line
+
+
+@pytest.mark.parametrize("value", ["1", "20,x", "0,30"])
+def test_cli_refuses_bad_planner_steps_before_the_model_is_looked_at(tmp_path, capsys, value):
+    from sglang.cli.main import main
+
+    args = ["calibrate", "--model-path", str(tmp_path / "no-such-model"), "--prompt", "a cat", "--output",
+            str(tmp_path / "c.json"), "--planner-steps", value]
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert "--planner-steps must be comma-separated whole numbers >= 2" in line and "no-such-model" not in line
 
 
 def test_cli_cache_speedup_runs_the_planner(tmp_path, capsys):

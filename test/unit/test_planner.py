@@ -477,3 +477,16 @@ def test_planner_falls_back_to_reuse_when_the_forecast_base_leaves_the_window():
     assert cache.estimator.name == "reuse" and sum(cache.plan()[COND]) == 2
     with pytest.raises(CacheConfigError):  # named, the estimator is kept and the budget refused
         planner(steps=6).meet_budget(2, estimator="blend")
+
+
+def test_the_planner_reuses_where_the_residual_turns_back():
+    """Residual changes that reverse step after step fit a negative alpha: extrapolating them is
+    worse than reusing, so an unnamed estimator becomes reuse (the built-in model at 20 steps)."""
+    zigzag = np.cumsum([(1.0 if t % 2 else -0.6) * np.ones(4) + 0.01 * t for t in range(20)], axis=0)
+    grams = {b: gram_of(zigzag + n, 16) for n, b in enumerate((COND, UNCOND))}
+    cache = BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(20, 1)), 20)
+    costs = [GapCosts(grams[b], schedule(20, 1), 20) for b in (COND, UNCOND)]
+    assert fitted_blend_alpha(costs) < 0
+    cache.meet_budget(10)
+    assert cache.estimator.name == "reuse"
+    assert cache.predicted_error == pytest.approx(best_plan(costs, 10, 6, "reuse")[0])

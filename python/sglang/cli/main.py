@@ -140,6 +140,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_step_list(value: str | None) -> list[int]:
+    """``--planner-steps 20,30`` -> ``[20, 30]``, or one line saying what is wrong."""
+    try:
+        steps = [int(part) for part in (value or "").split(",") if part.strip()]
+    except ValueError:
+        steps = [0]
+    if any(step < 2 for step in steps):
+        raise UserError(f"--planner-steps must be comma-separated whole numbers >= 2 (e.g. 20,30), got {value!r}")
+    return steps
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from sglang.multimodal_gen.runtime.entrypoints.calibrate import (
         calibrate,
@@ -151,12 +162,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts-file")
+    planner_steps = parse_step_list(args.planner_steps)
     template = sampling_params_from_args(args)
     check_before_load(args, [dataclasses.replace(template, prompt=prompt, seed=template.seed + index)
                              for index, prompt in enumerate(prompts)])  # seeds as calibrate() draws them
     check_calibration_output(args.output)
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
-    result = calibrate(generator, prompts, template, args.output, show_progress=True)
+    result = calibrate(generator, prompts, template, args.output, show_progress=True, planner_steps=planner_steps)
     for name, branch in result.branches.items():
         ratios = branch.mag_ratio
         print(f"  {name:<7s} magnitude ratio: min {min(ratios):.4f}, last {ratios[-1]:.4f}")
@@ -185,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--prompts-file", default=None, help="file with one prompt per line")
     add_sampling_args(calibrate)
     calibrate.add_argument("--output", required=True, help="calibration .json to write (a .png plot goes beside it)")
+    calibrate.add_argument("--planner-steps", default=None,
+                           help="comma-separated further step counts to record the budget planner's data at "
+                                "(e.g. 20,30), for --cache-speedup requests at those step counts")
     calibrate.set_defaults(func=cmd_calibrate)
 
     from sglang.cli.serve import add_serve_parser

@@ -346,8 +346,9 @@ class TimestepCache(abc.ABC):
         return level
 
     @classmethod
-    def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
-        """Config options a ``CalibrationResult`` supplies in place of the shipped presets."""
+    def options_from_calibration(cls, calibration: Any, num_inference_steps: int | None = None) -> dict[str, Any]:
+        """Config options a ``CalibrationResult`` supplies in place of the shipped presets, for a
+        request of ``num_inference_steps`` (``None``: unknown)."""
         return {}
 
     # ----------------------------------------------------------------------------- lifecycle

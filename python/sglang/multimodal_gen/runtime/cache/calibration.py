@@ -77,6 +77,10 @@ class CalibrationResult:
     #: The scheduler's sigma at each calibration step and after the last (``num_inference_steps +
     #: 1`` values; the planner weighs each step's error by its sigma step). Empty when unknown.
     sigmas: list[float] = field(default_factory=list)
+    #: The planner's data at further step counts (``sglang calibrate --planner-steps``), each
+    #: ``{"num_inference_steps": n, "sigmas": [...], "gram": {branch: rows}}``: the residuals move
+    #: differently at another spacing, so a request plans from the table nearest its step count.
+    planner_tables: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -99,6 +103,26 @@ class CalibrationResult:
         result.teacache_coefficients = fit_teacache_polynomial(*result.teacache_pairs())
         result.blend_alpha = fit_blend_alpha(runs)
         return result
+
+    def add_planner_table(self, runs: Sequence[Mapping[str, CalibrationRecord]], num_inference_steps: int) -> None:
+        """Keep the planner's data of calibration runs at another step count."""
+        sigmas = list(next(iter(runs[0].values())).sigma)
+        self.planner_tables.append({
+            "num_inference_steps": num_inference_steps,
+            "sigmas": [*sigmas, 0.0] if sigmas and all(s is not None for s in sigmas) else [],
+            "gram": {branch: average_gram([run[branch].gram for run in runs]) for branch in runs[0]},
+        })
+
+    def planner_table(self, num_inference_steps: int) -> tuple[dict[str, list[list[float]]], list[float]] | None:
+        """The planner's (gram per branch, sigmas) nearest ``num_inference_steps`` (by ratio), or None."""
+        tables = [t for t in self.planner_tables if t["gram"]]
+        if self.branches and all(b.gram for b in self.branches.values()):
+            tables.append({"num_inference_steps": self.num_inference_steps, "sigmas": self.sigmas,
+                           "gram": {name: b.gram for name, b in self.branches.items()}})
+        if not tables:
+            return None
+        nearest = min(tables, key=lambda t: abs(math.log(t["num_inference_steps"] / num_inference_steps)))
+        return nearest["gram"], nearest["sigmas"]
 
     def teacache_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(indicator change, output change) of every branch, first step left out (no previous)."""
@@ -236,7 +260,8 @@ def apply_calibration(
     calibration.check_model(model_family)
     if calibration.resampled_far(num_inference_steps):
         _warn_resampled_once(str(calibration_file), calibration.num_inference_steps, num_inference_steps)
-    options = {**get_cache_class(params.strategy).options_from_calibration(calibration), **params.options}
+    options = {**get_cache_class(params.strategy).options_from_calibration(calibration, num_inference_steps),
+               **params.options}
     params = dataclasses.replace(params, options=options, calibration_file=str(calibration_file))
     if params.estimator == "blend" and params.blend_alpha is None and calibration.blend_alpha is not None:
         params = dataclasses.replace(params, blend_alpha=calibration.blend_alpha)  # the user's own alpha wins

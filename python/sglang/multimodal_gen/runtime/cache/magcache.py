@@ -337,7 +337,7 @@ class MagCache(TimestepCache):
         return sorted(preset_ratio_table())
 
     @classmethod
-    def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
+    def options_from_calibration(cls, calibration: Any, num_inference_steps: int | None = None) -> dict[str, Any]:
         return {"mag_ratios": {name: list(b.mag_ratio) for name, b in calibration.branches.items()}}
 
     @classmethod

@@ -260,14 +260,14 @@ class BudgetPlanner(TimestepCache):
         self.predicted_error: float | None = None
 
     @classmethod
-    def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
-        """The inner products and sigmas, when the file has them (files from before the planner do not)."""
-        if not has_planner_data(calibration):
+    def options_from_calibration(cls, calibration: Any, num_inference_steps: int | None = None) -> dict[str, Any]:
+        """The inner products and sigmas of the calibration's table nearest the request's step
+        count, when the file has any (files from before the planner do not)."""
+        table = calibration.planner_table(num_inference_steps or calibration.num_inference_steps)
+        if table is None:
             return {}
-        return {
-            "gram": {name: branch.gram for name, branch in calibration.branches.items()},
-            "sigmas": list(calibration.sigmas),
-        }
+        gram, sigmas = table
+        return {"gram": gram, "sigmas": list(sigmas)}
 
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Plan exactly ``passes`` computed steps for the request's estimator; with none named, for
@@ -278,7 +278,6 @@ class BudgetPlanner(TimestepCache):
                 f"the planner cannot cost estimator {estimator!r}; use one of {', '.join(PLANNABLE_ESTIMATORS)}",
                 param="cache_estimator",
             )
-        chosen = estimator or DEFAULT_ESTIMATOR
         costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
         if blend_alpha is not None:
             alpha = blend_alpha
@@ -286,6 +285,9 @@ class BudgetPlanner(TimestepCache):
             alpha = DEFAULT_BLEND_ALPHA  # what the request's own blend estimator (built after this) uses
         else:
             alpha = fitted_blend_alpha(costs)
+        # Unnamed: blend while the residual keeps moving the way it moved (alpha > 0); where its
+        # changes turn back (alpha <= 0, e.g. the built-in model at 20 steps) extrapolating hurts.
+        chosen = estimator or (DEFAULT_ESTIMATOR if alpha > 0 else "reuse")
         total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
         if not steps and estimator is None:
             # Few steps from a long calibration: a forecast's base falls out of the window, reuse's may not.
@@ -318,7 +320,7 @@ class BudgetPlanner(TimestepCache):
 
 def has_planner_data(calibration: Any) -> bool:
     """Whether a ``CalibrationResult`` carries what the planner needs."""
-    return calibration is not None and all(branch.gram for branch in calibration.branches.values())
+    return calibration is not None and calibration.planner_table(calibration.num_inference_steps) is not None
 
 
 #: The strategy a budget falls back to on a model without a planner calibration.

@@ -261,7 +261,7 @@ class TeaCache(TimestepCache):
         return sorted(preset_table())
 
     @classmethod
-    def options_from_calibration(cls, calibration: Any) -> dict[str, Any]:
+    def options_from_calibration(cls, calibration: Any, num_inference_steps: int | None = None) -> dict[str, Any]:
         """The polynomial fitted on the modulated input's change (the indicator calibration records)."""
         if not calibration.teacache_coefficients:
             return {}

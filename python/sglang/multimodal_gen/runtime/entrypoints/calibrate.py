@@ -49,26 +49,49 @@ def check_calibration_output(output: str | Path) -> Path:
     return output
 
 
+def check_planner_steps(values: Sequence[int]) -> list[int]:
+    """Step counts for ``--planner-steps``: whole numbers of at least 2, each once."""
+    checked = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise InvalidRequestError(f"planner step counts must be whole numbers >= 2, got {value!r}",
+                                      param="planner_steps")
+        if value not in checked:
+            checked.append(value)
+    return checked
+
+
 def calibrate(
     generator: DiffGenerator,
     prompts: Sequence[str],
     template: SamplingParams,
     output: str | Path,
     show_progress: bool = False,
+    planner_steps: Sequence[int] = (),
 ) -> CalibrationResult:
-    """Run each prompt uncached (seed ``template.seed + index``), save the averaged result and its plot."""
+    """Run each prompt uncached (seed ``template.seed + index``), save the averaged result and its plot.
+
+    ``planner_steps``: further step counts to record the budget planner's data at (the same
+    prompts and seeds, uncached), for requests at those step counts.
+    """
     output = check_calibration_output(output)
     for prompt in prompts:
         check_prompt(prompt)
-    runs = []
-    resolved = None
-    for index, prompt in enumerate(tqdm(prompts, desc="calibrating", unit="prompt", disable=not show_progress)):
-        params = dataclasses.replace(
-            template, prompt=prompt, seed=template.seed + index, cache=CacheParams(), output_path=None
-        )
-        result = generator.generate(params, show_progress_bar=show_progress, calibrate=True)
-        runs.append(dict(result.cache.calibration_records()))
-        resolved = result.params
+    planner_steps = check_planner_steps(planner_steps)
+
+    def run_all(steps: int | None, label: str):
+        runs, resolved = [], None
+        for index, prompt in enumerate(tqdm(prompts, desc=label, unit="prompt", disable=not show_progress)):
+            params = dataclasses.replace(
+                template, prompt=prompt, seed=template.seed + index, cache=CacheParams(), output_path=None,
+                **({} if steps is None else {"num_inference_steps": steps}),
+            )
+            result = generator.generate(params, show_progress_bar=show_progress, calibrate=True)
+            runs.append(dict(result.cache.calibration_records()))
+            resolved = result.params
+        return runs, resolved
+
+    runs, resolved = run_all(None, "calibrating")
     pipeline = generator.pipeline
     calibration = CalibrationResult.from_records(
         runs,
@@ -81,6 +104,9 @@ def calibrate(
         guidance_scale=float(resolved.guidance_scale),
         size=[resolved.num_frames, resolved.height, resolved.width],
     )
+    for steps in planner_steps:
+        if steps != calibration.num_inference_steps:
+            calibration.add_planner_table(run_all(steps, f"planner tables, {steps} steps")[0], steps)
     calibration.save(output)
     plot_magnitude_ratios(calibration, output.with_suffix(".png"))
     return calibration
