@@ -31,7 +31,7 @@ from sglang.multimodal_gen.runtime.cache import (
 from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagrange_weights
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
-from sglang.multimodal_gen.runtime.cache.planner import PLANNABLE_ESTIMATORS, GapCosts, best_plan, fitted_blend_alpha
+from sglang.multimodal_gen.runtime.cache.planner import GapCosts, best_plan, fitted_blend_alpha
 
 ESTIMATORS = [("reuse", 0.0), ("forecast1", 0.0), ("forecast1_sigma", 0.0), ("blend", 0.3)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Mapping, Sequence, TypeVar
@@ -242,6 +243,16 @@ class CalibrationRecord:
 #: planner can cost. Memory: this many residuals per branch (one Wan2.1-1.3B 480p residual is
 #: about 200 MB in fp32).
 CALIBRATION_WINDOW = 16
+
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool (JSON's ``true`` is not a threshold)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_whole(value: Any, minimum: int = 0) -> bool:
+    """A whole number (``3`` or ``3.0``) of at least ``minimum``: what config counts take."""
+    return is_number(value) and float(value).is_integer() and value >= minimum
 
 
 def budget_passes(num_inference_steps: int, speedup: float) -> int:

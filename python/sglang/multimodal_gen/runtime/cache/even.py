@@ -8,7 +8,6 @@ shortest complete example of a strategy: a config dataclass, a plan known up fro
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -18,6 +17,8 @@ from sglang.multimodal_gen.runtime.cache.base import (
     CacheConfigError,
     StepFeatures,
     TimestepCache,
+    is_number,
+    is_whole,
     register_cache,
 )
 
@@ -40,15 +41,12 @@ class EvenCacheConfig:
     retention_ratio: float = 0.2
 
     def __post_init__(self) -> None:
-        value = self.interval
-        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
-                and value >= 1):
-            raise CacheConfigError(f"even interval must be a whole number >= 1 (1 never skips), got {value!r}")
-        self.interval = int(value)
-        ratio = self.retention_ratio
-        if not (isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0.0 <= ratio <= 1.0):
-            raise CacheConfigError(f"even retention_ratio must be in [0, 1], got {ratio!r}")
-        self.retention_ratio = float(ratio)
+        if not is_whole(self.interval, minimum=1):
+            raise CacheConfigError(f"even interval must be a whole number >= 1 (1 never skips), got {self.interval!r}")
+        self.interval = int(self.interval)
+        if not (is_number(self.retention_ratio) and 0.0 <= self.retention_ratio <= 1.0):
+            raise CacheConfigError(f"even retention_ratio must be in [0, 1], got {self.retention_ratio!r}")
+        self.retention_ratio = float(self.retention_ratio)
 
 
 def even_steps(num_steps: int, warmup: int, passes: int) -> list[int]:

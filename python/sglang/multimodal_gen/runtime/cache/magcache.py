@@ -34,7 +34,6 @@ import functools
 import json
 import logging
 import math
-import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
@@ -48,6 +47,8 @@ from sglang.multimodal_gen.runtime.cache.base import (
     StepFeatures,
     TimestepCache,
     n_steps,
+    is_number,
+    is_whole,
     register_cache,
     threshold_above,
 )
@@ -107,17 +108,17 @@ class MagCacheConfig:
     end_steps: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_number(self.threshold) or not math.isfinite(self.threshold) or self.threshold < 0:
+        if not is_number(self.threshold) or not math.isfinite(self.threshold) or self.threshold < 0:
             raise CacheConfigError(
                 f"magcache threshold must be a number >= 0 (higher skips more), got {self.threshold!r}"
             )
-        if not _is_whole(self.max_skip_steps):
+        if not is_whole(self.max_skip_steps):
             raise CacheConfigError(
                 f"magcache max_skip_steps (K) must be a whole number >= 0, got {self.max_skip_steps!r}"
             )
-        if not _is_number(self.retention_ratio) or not 0.0 <= self.retention_ratio <= 1.0:
+        if not is_number(self.retention_ratio) or not 0.0 <= self.retention_ratio <= 1.0:
             raise CacheConfigError(f"magcache retention_ratio must be in [0, 1], got {self.retention_ratio!r}")
-        if not _is_whole(self.end_steps):
+        if not is_whole(self.end_steps):
             raise CacheConfigError(f"magcache end_steps must be a whole number >= 0, got {self.end_steps!r}")
         for name in ("sqrt_ratios", "scale_residual", "sync_branches"):
             if not isinstance(getattr(self, name), bool):
@@ -410,14 +411,6 @@ def preset_ratio_table() -> dict[str, dict[str, list[float]]]:
 
 
 # --------------------------------------------------------------------------- validation helpers
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_whole(value: Any) -> bool:
-    return _is_number(value) and float(value).is_integer() and value >= 0
-
-
 def _check_ratios(mag_ratios: Any) -> dict[str, list[float]]:
     if mag_ratios is None:
         return {}
@@ -435,7 +428,7 @@ def _check_ratios(mag_ratios: Any) -> dict[str, list[float]]:
                 f"magcache mag_ratios[{branch!r}] has {len(ratios)} value(s); at least 2 are needed to resample "
                 "it to the request's steps (calibrate with `sglang calibrate`)"
             )
-        values = [float(r) if _is_number(r) else float("nan") for r in ratios]
+        values = [float(r) if is_number(r) else float("nan") for r in ratios]
         if not all(math.isfinite(v) and v > 0 for v in values):
             raise CacheConfigError(f"magcache mag_ratios[{branch!r}] must hold positive finite numbers")
         checked[str(branch)] = values

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
@@ -43,6 +42,7 @@ from sglang.multimodal_gen.runtime.cache.base import (
     CacheConfigError,
     StepFeatures,
     TimestepCache,
+    is_whole,
     register_cache,
 )
 
@@ -87,11 +87,9 @@ class PlannerConfig:
     max_skip_steps: int = 6
 
     def __post_init__(self) -> None:
-        value = self.max_skip_steps
-        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
-                and value >= 0):
-            raise CacheConfigError(f"planner max_skip_steps must be a whole number >= 0, got {value!r}")
-        self.max_skip_steps = int(value)
+        if not is_whole(self.max_skip_steps):
+            raise CacheConfigError(f"planner max_skip_steps must be a whole number >= 0, got {self.max_skip_steps!r}")
+        self.max_skip_steps = int(self.max_skip_steps)
         if not isinstance(self.gram, dict) or not all(isinstance(g, list) for g in self.gram.values()):
             raise CacheConfigError("planner gram must map each CFG branch to its calibration rows")
 

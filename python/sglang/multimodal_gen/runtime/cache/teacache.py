@@ -32,7 +32,6 @@ import functools
 import json
 import logging
 import math
-import numbers
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
@@ -46,6 +45,7 @@ from sglang.multimodal_gen.runtime.cache.base import (
     CacheConfigError,
     StepFeatures,
     TimestepCache,
+    is_number,
     register_cache,
     relative_l1,
     threshold_above,
@@ -112,7 +112,7 @@ class TeaCacheConfig:
     indicator_changes: dict[str, list[float]] | None = None
 
     def __post_init__(self) -> None:
-        if not _is_number(self.threshold) or not math.isfinite(self.threshold) or self.threshold < 0:
+        if not is_number(self.threshold) or not math.isfinite(self.threshold) or self.threshold < 0:
             raise CacheConfigError(
                 f"teacache threshold must be a number >= 0 (higher skips more), got {self.threshold!r}"
             )
@@ -120,13 +120,13 @@ class TeaCacheConfig:
             raise CacheConfigError(f"teacache indicator must be one of {', '.join(INDICATORS)}, got {self.indicator!r}")
         for name in ("warmup_steps", "end_steps"):
             value = getattr(self, name)
-            if not (_is_number(value) and float(value).is_integer() and value >= 0):
+            if not (is_number(value) and float(value).is_integer() and value >= 0):
                 raise CacheConfigError(f"teacache {name} must be a whole number >= 0, got {value!r}")
             setattr(self, name, int(value))
         self.threshold = float(self.threshold)
         if self.calibration_steps is not None:
             value = self.calibration_steps
-            if not (_is_number(value) and float(value).is_integer() and value >= 1):
+            if not (is_number(value) and float(value).is_integer() and value >= 1):
                 raise CacheConfigError(
                     f"teacache calibration_steps must be a whole number >= 1 (the step count the coefficients "
                     f"were fitted at) or null, got {value!r}"
@@ -135,7 +135,7 @@ class TeaCacheConfig:
         if self.coefficients is not None:
             if isinstance(self.coefficients, (str, bytes)) or not hasattr(self.coefficients, "__len__"):
                 raise CacheConfigError(f"teacache coefficients must be a list of numbers, got {self.coefficients!r}")
-            values = [float(c) if _is_number(c) else float("nan") for c in self.coefficients]
+            values = [float(c) if is_number(c) else float("nan") for c in self.coefficients]
             if not values or not all(math.isfinite(v) for v in values):
                 raise CacheConfigError(
                     "teacache coefficients must be a non-empty list of finite numbers, highest power first"
@@ -388,6 +388,3 @@ def preset_table() -> dict[str, dict[str, dict[str, Any]]]:
         for key, modes in _PRESET_SOURCES.items()
     }
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
