@@ -136,6 +136,10 @@ def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_us
               planner_steps=[8, 30, 20, 8])
     saved = CalibrationResult.load(output)
     assert [t["num_inference_steps"] for t in saved.planner_tables] == [8, 30]  # 20 is the main run, 8 once
+    for table in saved.planner_tables + [{"estimator": saved.planner_estimator}]:
+        # The estimator measured on the calibration prompts, per checked speedup.
+        assert set(table["estimator"]) == {"1.5", "2", "2.5", "3"}, table["estimator"]
+        assert set(table["estimator"].values()) <= {"reuse", "forecast1", "blend"}
     for table in saved.planner_tables:
         n = table["num_inference_steps"]
         assert len(table["sigmas"]) == n + 1 and table["sigmas"][-1] == 0.0

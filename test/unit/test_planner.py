@@ -78,7 +78,7 @@ def forecast_rule(seen: list[int], k: int, residuals: np.ndarray, sigmas: list[f
 def direct_cost(runs: list[np.ndarray], sigmas: list[float], computed: list[int], estimator: str,
                 alpha: float) -> float:
     """The planner's objective computed from the vectors themselves: per branch and gap,
-    ``|sum_k dt_k (e_k - r_k)|`` over the gap's skipped steps, summed over gaps and branches."""
+    ``|sum_k dt_k (e_k - r_k)|^2`` over the gap's skipped steps, summed over gaps and branches."""
     steps = len(runs[0])
     if not sigmas:
         sigmas = [1.0 - k / steps for k in range(steps + 1)]
@@ -88,13 +88,13 @@ def direct_cost(runs: list[np.ndarray], sigmas: list[float], computed: list[int]
         gap_error = np.zeros_like(residuals[0])
         for k in range(steps):
             if k in computed:
-                total += float(np.linalg.norm(gap_error))
+                total += float(np.linalg.norm(gap_error)) ** 2
                 gap_error = np.zeros_like(residuals[0])
                 seen.append(k)
             else:
                 estimate = forecast_rule(seen, k, residuals, sigmas, estimator, alpha)
                 gap_error += abs(sigmas[k + 1] - sigmas[k]) * (estimate - residuals[k])
-        total += float(np.linalg.norm(gap_error))
+        total += float(np.linalg.norm(gap_error)) ** 2
     return total
 
 
@@ -490,3 +490,23 @@ def test_the_planner_reuses_where_the_residual_turns_back():
     cache.meet_budget(10)
     assert cache.estimator.name == "reuse"
     assert cache.predicted_error == pytest.approx(best_plan(costs, 10, 6, "reuse")[0])
+
+
+def test_the_planner_takes_the_estimator_calibration_measured_at_the_nearest_speedup():
+    measured = {"1.5": "forecast1", "2": "blend", "3": "reuse"}
+    grams = {b: gram_of(residual_walk(30, 7 + n), 16) for n, b in enumerate((COND, UNCOND))}
+    for passes, expected in [(20, "forecast1"), (17, "blend"), (15, "blend"), (13, "blend"), (12, "reuse"), (10, "reuse"), (8, "reuse")]:
+        cache = BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(30, 7), measured_estimator=measured), 30)
+        cache.meet_budget(passes)
+        assert cache.estimator.name == expected, (passes, 30 / passes)
+    named = BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(30, 7), measured_estimator=measured), 30)
+    named.meet_budget(10, estimator="forecast1")  # a request's own estimator wins; build_cache applies it
+    assert named.predicted_error == pytest.approx(best_plan(
+        [GapCosts(grams[b], schedule(30, 7), 30) for b in (COND, UNCOND)], 10, 6, "forecast1")[0])
+
+
+@pytest.mark.parametrize("measured", ["reuse", {"2": "forecast2"}, {"fast": "reuse"}, {"0.5": "reuse"}])
+def test_planner_refuses_a_malformed_measured_estimator(measured):
+    with pytest.raises(CacheConfigError) as exc:
+        PlannerConfig(gram={}, measured_estimator=measured)
+    assert "measured_estimator" in one_line(exc)

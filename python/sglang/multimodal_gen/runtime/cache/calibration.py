@@ -81,6 +81,10 @@ class CalibrationResult:
     #: ``{"num_inference_steps": n, "sigmas": [...], "gram": {branch: rows}}``: the residuals move
     #: differently at another spacing, so a request plans from the table nearest its step count.
     planner_tables: list[dict[str, Any]] = field(default_factory=list)
+    #: The planner's estimator per speedup (``{"1.5": "forecast1", ...}``) at this file's own step
+    #: count, measured by ``sglang calibrate`` (``choose_planner_estimator``); empty in files written
+    #: before it. Tables carry their own.
+    planner_estimator: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -113,16 +117,30 @@ class CalibrationResult:
             "gram": {branch: average_gram([run[branch].gram for run in runs]) for branch in runs[0]},
         })
 
-    def planner_table(self, num_inference_steps: int) -> tuple[dict[str, list[list[float]]], list[float]] | None:
-        """The planner's (gram per branch, sigmas) nearest ``num_inference_steps`` (by ratio), or None."""
+    def set_planner_estimator(self, num_inference_steps: int, estimator: dict[str, str]) -> None:
+        """Record the estimators measured best (per speedup) for the table at ``num_inference_steps``."""
+        if num_inference_steps == self.num_inference_steps:
+            self.planner_estimator = estimator
+        for table in self.planner_tables:
+            if table["num_inference_steps"] == num_inference_steps:
+                table["estimator"] = estimator
+
+    def nearest_planner_table(self, num_inference_steps: int) -> dict[str, Any] | None:
+        """The planner's table nearest ``num_inference_steps`` (by ratio): ``num_inference_steps``,
+        ``sigmas``, ``gram`` per branch and, when measured, ``estimator``; None without any."""
         tables = [t for t in self.planner_tables if t["gram"]]
         if self.branches and all(b.gram for b in self.branches.values()):
             tables.append({"num_inference_steps": self.num_inference_steps, "sigmas": self.sigmas,
-                           "gram": {name: b.gram for name, b in self.branches.items()}})
+                           "gram": {name: b.gram for name, b in self.branches.items()},
+                           "estimator": self.planner_estimator})
         if not tables:
             return None
-        nearest = min(tables, key=lambda t: abs(math.log(t["num_inference_steps"] / num_inference_steps)))
-        return nearest["gram"], nearest["sigmas"]
+        return min(tables, key=lambda t: abs(math.log(t["num_inference_steps"] / num_inference_steps)))
+
+    def planner_table(self, num_inference_steps: int) -> tuple[dict[str, list[list[float]]], list[float]] | None:
+        """The planner's (gram per branch, sigmas) nearest ``num_inference_steps`` (by ratio), or None."""
+        table = self.nearest_planner_table(num_inference_steps)
+        return None if table is None else (table["gram"], table["sigmas"])
 
     def teacache_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(indicator change, output change) of every branch, first step left out (no previous)."""

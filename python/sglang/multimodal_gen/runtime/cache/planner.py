@@ -14,9 +14,16 @@ What the gap moves the latent by, against the uncached run, is about ``E = sum_k
 r_k)`` with ``dt_k`` the scheduler's sigma step: errors within a gap are summed before the norm
 because they are correlated (a stale residual is wrong the same way on consecutive steps), which
 a per-step summed cost misses and which is why it stopped predicting the final error beyond 2x
-(shared/reference/frontier-notes.md). Gaps add by their norms ``|E|`` (the triangle bound on the
-final error), over branches too. The plan minimises that total for exactly the requested passes,
-with at most ``max_skip_steps`` skipped in a row.
+(shared/reference/frontier-notes.md). Different gaps, separated by a computed step, add in
+quadrature (``|E|^2``, as independent errors do), over branches too: measured against adding their
+norms (the triangle bound), this kept a better worst case on both trained models at 1.5x and
+2x. The plan minimises that total for exactly the requested passes, with at most
+``max_skip_steps`` skipped in a row.
+
+Which estimator the plan is for is measured, not predicted: the cost model ranks the plans of
+one estimator but cannot tell how an estimator's errors grow through the solver, so
+``sglang calibrate`` runs the planner with each candidate on its calibration prompts and records
+the one whose final latents came closest (``runtime/entrypoints/calibrate.py``).
 
 Step counts other than the calibration's are planned on resampled costs: request step ``k`` of
 ``N`` sits at calibration position ``k * N_cal / N`` (the same fraction of the schedule), and a
@@ -42,6 +49,7 @@ from sglang.multimodal_gen.runtime.cache.base import (
     CacheConfigError,
     StepFeatures,
     TimestepCache,
+    is_number,
     is_whole,
     register_cache,
 )
@@ -59,6 +67,9 @@ DEFAULT_SPEEDUP = 2.0
 #: trained one, blend at the fitted alpha kept the best worst case at every speedup, where the pure
 #: first-order forecast fell apart from 2.5x (docs/benchmarks.md).
 DEFAULT_ESTIMATOR = "blend"
+#: The estimators ``sglang calibrate`` tries for the planner, and the speedups it measures them at.
+PLANNER_CANDIDATES = ("reuse", "forecast1", "blend")
+PLANNER_CHECK_SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
 #: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
 #: core and grows with the square of the step count.
 MAX_PLANNED_STEPS = 250
@@ -77,6 +88,11 @@ class PlannerConfig:
         sigmas (`list[float]`):
             The calibration run's sigma per step and after the last; each step's error is weighed
             by its sigma step. Empty: equal weights.
+        measured_estimator (`dict[str, str]`):
+            The estimator `sglang calibrate` measured best for the planner per speedup at the
+            table's step count, e.g. `{"1.5": "forecast1", "2": "blend", "3": "blend"}` (the
+            calibration file supplies it); a request that names none takes the one measured at the
+            nearest speedup. Empty: `blend` where the fitted alpha is positive, else `reuse`.
         max_skip_steps (`int`, defaults to `6`):
             The most consecutive steps a plan may skip. Higher lets the planner put more of the
             budget where it matters; long gaps are also costed as such, so it rarely needs a cap.
@@ -85,6 +101,7 @@ class PlannerConfig:
     gram: dict[str, list[list[float]]] = field(default_factory=dict)
     sigmas: list[float] = field(default_factory=list)
     max_skip_steps: int = 6
+    measured_estimator: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not is_whole(self.max_skip_steps):
@@ -92,6 +109,19 @@ class PlannerConfig:
         self.max_skip_steps = int(self.max_skip_steps)
         if not isinstance(self.gram, dict) or not all(isinstance(g, list) for g in self.gram.values()):
             raise CacheConfigError("planner gram must map each CFG branch to its calibration rows")
+        measured = self.measured_estimator
+        if not isinstance(measured, dict) or not all(
+                is_number(_as_float(k)) and _as_float(k) >= 1 and v in PLANNABLE_ESTIMATORS for k, v in measured.items()):
+            raise CacheConfigError(
+                "planner measured_estimator must map speedups (e.g. \"2\") to one of "
+                f"{', '.join(PLANNABLE_ESTIMATORS)}, got {measured!r}")
+
+
+def _as_float(text: Any) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- costs
@@ -188,8 +218,9 @@ def fitted_blend_alpha(costs: Sequence[GapCosts]) -> float:
 def best_plan(
     costs: Sequence[GapCosts], passes: int, max_skip_steps: int, estimator: str, alpha: float = 0.0
 ) -> tuple[float, list[int]]:
-    """The computed steps (step 0 first) minimising the summed gap costs over branches, with
-    exactly ``passes`` of them; ``(inf, [])`` when no plan fits ``max_skip_steps`` and the window.
+    """The computed steps (step 0 first) minimising the sum of squared gap costs over gaps and
+    branches, with exactly ``passes`` of them; ``(inf, [])`` when no plan fits ``max_skip_steps``
+    and the window.
 
     Dynamic programming over states (previous computed step, last computed step): the forecast's
     cost of a gap depends on both.
@@ -201,7 +232,7 @@ def best_plan(
 
     def cost(h: int | None, i: int, j: int) -> float:
         if (h, i, j) not in known:
-            known[(h, i, j)] = sum(c.gap(h, i, j, estimator, alpha) for c in costs)
+            known[(h, i, j)] = sum(c.gap(h, i, j, estimator, alpha) ** 2 for c in costs)
         return known[(h, i, j)]
 
     # best[(h, i)] = (total, steps) with `len(steps)` computed so far; h = None before two exist.
@@ -261,11 +292,13 @@ class BudgetPlanner(TimestepCache):
     def options_from_calibration(cls, calibration: Any, num_inference_steps: int | None = None) -> dict[str, Any]:
         """The inner products and sigmas of the calibration's table nearest the request's step
         count, when the file has any (files from before the planner do not)."""
-        table = calibration.planner_table(num_inference_steps or calibration.num_inference_steps)
+        table = calibration.nearest_planner_table(num_inference_steps or calibration.num_inference_steps)
         if table is None:
             return {}
-        gram, sigmas = table
-        return {"gram": gram, "sigmas": list(sigmas)}
+        options = {"gram": table["gram"], "sigmas": list(table["sigmas"])}
+        if isinstance(table.get("estimator"), dict):
+            options["measured_estimator"] = dict(table["estimator"])
+        return options
 
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Plan exactly ``passes`` computed steps for the request's estimator; with none named, for
@@ -283,9 +316,9 @@ class BudgetPlanner(TimestepCache):
             alpha = DEFAULT_BLEND_ALPHA  # what the request's own blend estimator (built after this) uses
         else:
             alpha = fitted_blend_alpha(costs)
-        # Unnamed: blend while the residual keeps moving the way it moved (alpha > 0); where its
-        # changes turn back (alpha <= 0, e.g. the built-in model at 20 steps) extrapolating hurts.
-        chosen = estimator or (DEFAULT_ESTIMATOR if alpha > 0 else "reuse")
+        # Unnamed: what calibration measured best; without a measurement, blend while the residual
+        # keeps moving the way it moved (alpha > 0), reuse where its changes turn back (alpha <= 0).
+        chosen = estimator or self._measured_estimator(passes) or (DEFAULT_ESTIMATOR if alpha > 0 else "reuse")
         total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
         if not steps and estimator is None:
             # Few steps from a long calibration: a forecast's base falls out of the window, reuse's may not.
@@ -309,6 +342,14 @@ class BudgetPlanner(TimestepCache):
         logger.info("planner: %d of %d steps with %s (predicted error %.3g)", passes, self.num_inference_steps,
                     chosen, total)
 
+    def _measured_estimator(self, passes: int) -> str | None:
+        """The calibration's measured estimator at the checked speedup nearest this budget's."""
+        measured = self.config.measured_estimator
+        if not measured:
+            return None
+        speedup = self.num_inference_steps / passes
+        return measured[min(measured, key=lambda key: abs(math.log(float(key) / speedup)))]
+
     def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
         return self._mask[step]
 
@@ -328,7 +369,7 @@ FALLBACK_STRATEGY = "magcache"
 def planner_or_fallback(params: "CacheParams", calibration: Any) -> "CacheParams":
     """The request's planner settings, or, without a planner calibration, MagCache tuned to the
     same budget (its shipped presets), said in one warning line."""
-    if has_planner_data(calibration):
+    if has_planner_data(calibration) or params.options.get("gram"):
         return params
     logger.warning(
         "no planner calibration for this model (run `sglang calibrate`); using %s tuned to %gx instead",
