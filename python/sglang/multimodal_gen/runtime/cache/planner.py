@@ -22,8 +22,9 @@ norms (the triangle bound), this kept a better worst case on both trained models
 
 Which estimator the plan is for is measured, not predicted: the cost model ranks the plans of
 one estimator but cannot tell how an estimator's errors grow through the solver, so
-``sglang calibrate`` runs the planner with each candidate on its calibration prompts and records
-the one whose final latents came closest (``runtime/entrypoints/calibrate.py``).
+``sglang calibrate`` runs the planner with each candidate on its calibration prompts and records,
+per speedup, the one whose decoded frames came closest on average
+(``runtime/entrypoints/calibrate.py``, ``choose_planner_estimator``).
 
 Step counts other than the calibration's are planned on resampled costs: request step ``k`` of
 ``N`` sits at calibration position ``k * N_cal / N`` (the same fraction of the schedule), and a
@@ -63,9 +64,9 @@ logger = logging.getLogger(__name__)
 PLANNABLE_ESTIMATORS = ("reuse", "forecast1", "forecast1_sigma", "blend")
 #: The speedup of ``--cache planner`` without ``--cache-speedup``.
 DEFAULT_SPEEDUP = 2.0
-#: What skipped steps add unless the request names an estimator: on the built-in model and a second
-#: trained one, blend at the fitted alpha kept the best worst case at every speedup, where the pure
-#: first-order forecast fell apart from 2.5x (docs/benchmarks.md).
+#: What skipped steps add when neither the request nor the calibration names an estimator (and the
+#: fitted alpha is positive): on both trained models blend never fell apart, where the pure
+#: first-order forecast did from 2.5x (docs/benchmarks.md).
 DEFAULT_ESTIMATOR = "blend"
 #: The estimators ``sglang calibrate`` tries for the planner, and the speedups it measures them at.
 PLANNER_CANDIDATES = ("reuse", "forecast1", "blend")
