@@ -538,7 +538,8 @@ class TimestepCache(abc.ABC):
         window = self._window[branch]
         window.appendleft(residual)
         current = residual.float()
-        record.gram.append([torch.sum(current * earlier.float(), dtype=torch.float64).item() for earlier in window])
+        products = [torch.sum(current * earlier.float(), dtype=torch.float64) for earlier in window]
+        record.gram.append(torch.stack(products).tolist())  # one host sync per step, not one per pair
         record.sigma.append(self._sigma_at(step, branch))
         previous, older = self._residual[branch], self._older_residual[branch]
         record.input_change.append(self._pending_input_change[branch])
