@@ -510,3 +510,11 @@ def test_planner_refuses_a_malformed_measured_estimator(measured):
     with pytest.raises(CacheConfigError) as exc:
         PlannerConfig(gram={}, measured_estimator=measured)
     assert "measured_estimator" in one_line(exc)
+
+
+def test_a_speedup_and_a_threshold_together_are_refused_in_one_line():
+    """The budget tunes the threshold, so a threshold of the user's own would be silently dropped."""
+    for strategy in ("magcache", "teacache", "none"):
+        with pytest.raises(CacheConfigError) as exc:
+            CacheParams(strategy=strategy, speedup=2, threshold=0.3)
+        assert exc.value.param == "cache_speedup" and "not both" in one_line(exc)

@@ -96,6 +96,11 @@ class CacheParams:
             raise CacheConfigError(f"cache strategy must be a name such as 'magcache', got {self.strategy!r}")
         self.strategy = self.strategy.strip().lower()
         self.speedup = _check_speedup(self.speedup)
+        if self.speedup is not None and self.threshold is not None:
+            raise CacheConfigError(  # the budget sets the threshold; both would silently drop one
+                "give either a cache speedup or a cache threshold, not both: a speedup tunes the threshold itself",
+                param="cache_speedup",
+            )
         if self.strategy == "none" and self.speedup is not None:
             self.strategy = PLANNER  # a budget without a strategy: the planner meets it
         self.threshold = _check_threshold(self.threshold)
