@@ -44,12 +44,17 @@ def test_calibration_file_contents_and_plot(calibration_file):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_calibrating_twice_with_the_same_seed_writes_identical_files(tiny_wan_dir, calibration_file, tmp_path):
+def test_calibrating_twice_with_the_same_seed_writes_identical_files(tiny_wan_dir, calibration_file, tmp_path,
+                                                                    capsys):
     again = tmp_path / "again.json"
     args = ["calibrate", "--model-path", str(tiny_wan_dir), "--num-inference-steps", str(STEPS), "--seed", "4",
             "--output", str(again), *SIZE, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
     assert main(args) == 0
     assert again.read_bytes() == calibration_file.read_bytes()
+    # The summary names the planner's measured estimator per speedup.
+    measured = CalibrationResult.load(again).planner_estimator
+    line = f"planner estimator at {STEPS} steps: " + ", ".join(f"{k}x {v}" for k, v in measured.items())
+    assert set(measured) == {"1.5", "2", "2.5", "3"} and line in capsys.readouterr().out
 
 
 def test_fitted_polynomial_beats_published_wan_coefficients_on_this_model(calibration_file):

@@ -172,6 +172,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for name, branch in result.branches.items():
         ratios = branch.mag_ratio
         print(f"  {name:<7s} magnitude ratio: min {min(ratios):.4f}, last {ratios[-1]:.4f}")
+    tables = [(result.num_inference_steps, result.planner_estimator)]
+    tables += [(t["num_inference_steps"], t.get("estimator") or {}) for t in result.planner_tables]
+    for steps, measured in tables:
+        choices = ", ".join(f"{speedup}x {name}" for speedup, name in measured.items())
+        print(f"  planner estimator at {steps} steps: {choices or 'not measured'}")
     print(f"saved {args.output} and {Path(args.output).with_suffix('.png')}")
     return 0
 
