@@ -374,7 +374,6 @@ class TimestepCache(abc.ABC):
             branches={b: BranchStats() for b in self.branches},
         )
         self._calibration: dict[str, CalibrationRecord] = {b: CalibrationRecord() for b in self.branches}
-        self._older_residual: dict[str, torch.Tensor | None] = {b: None for b in self.branches}  # calibration only
         self._sigma: dict[str, tuple[int, float | None]] = {}
         self._window: dict[str, deque[torch.Tensor]] = {  # calibration only
             b: deque(maxlen=CALIBRATION_WINDOW + 1) for b in self.branches
@@ -541,9 +540,10 @@ class TimestepCache(abc.ABC):
         products = [torch.sum(current * earlier.float(), dtype=torch.float64) for earlier in window]
         record.gram.append(torch.stack(products).tolist())  # one host sync per step, not one per pair
         record.sigma.append(self._sigma_at(step, branch))
-        previous, older = self._residual[branch], self._older_residual[branch]
+        # Calibration computes every step, so the window holds the previous and older residuals too.
+        previous = window[1] if len(window) > 1 else None
+        older = window[2] if len(window) > 2 else None
         record.input_change.append(self._pending_input_change[branch])
-        self._older_residual[branch] = previous
         if older is None or previous is None:
             record.blend_numerator.append(0.0)
             record.blend_denominator.append(0.0)
