@@ -75,8 +75,8 @@ class EvenCache(TimestepCache):
         super().__init__(config, num_inference_steps, branches, calibrate)
         self.warmup_steps = int(config.retention_ratio * num_inference_steps + 0.5)
         warmup = max(1, self.warmup_steps)
-        computed = list(range(warmup)) + list(range(warmup, num_inference_steps, config.interval))
-        self._mask = [step in set(computed) for step in range(num_inference_steps)]
+        computed = set(range(warmup)) | set(range(warmup, num_inference_steps, config.interval))
+        self._mask = [step in computed for step in range(num_inference_steps)]
 
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Exactly ``passes`` steps: the warm-up (shortened if the budget is smaller), then evenly spread."""

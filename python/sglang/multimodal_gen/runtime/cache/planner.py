@@ -303,8 +303,9 @@ class BudgetPlanner(TimestepCache):
 
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Plan exactly ``passes`` computed steps for the request's estimator; with none named, for
-        ``blend`` at the alpha fitted at this step count (:func:`fitted_blend_alpha`), which
-        measured best (docs/benchmarks.md). A named ``blend`` plans with the request's alpha."""
+        the one calibration measured best at the nearest speedup (else blend or reuse by the sign of
+        the fitted alpha), and use it. ``blend`` plans at the request's alpha, else the one fitted
+        at this step count (:func:`fitted_blend_alpha`)."""
         if estimator is not None and estimator not in PLANNABLE_ESTIMATORS:
             raise CacheConfigError(
                 f"the planner cannot cost estimator {estimator!r}; use one of {', '.join(PLANNABLE_ESTIMATORS)}",
@@ -326,13 +327,13 @@ class BudgetPlanner(TimestepCache):
             chosen = "reuse"
             total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
         if not steps:
-            # The fewest passes any candidate can plan: max_skip_steps alone would say too few where
-            # the calibration window is what stops it (a few steps resampled from a long calibration).
-            most = next(more for more in range(passes + 1, self.num_inference_steps + 1)
-                        if best_plan(costs, more, self.config.max_skip_steps, chosen, alpha)[1])
+            # The fewest passes that can be planned: max_skip_steps alone would say too few where the
+            # calibration window is what stops it (a few steps resampled from a long calibration).
+            fewest = next(more for more in range(passes + 1, self.num_inference_steps + 1)
+                          if best_plan(costs, more, self.config.max_skip_steps, chosen, alpha)[1])
             raise CacheConfigError(
                 f"the planner cannot run {passes} of {self.num_inference_steps} steps: with max_skip_steps "
-                f"{self.config.max_skip_steps} and its calibration window it needs at least {most} passes; "
+                f"{self.config.max_skip_steps} and its calibration window it needs at least {fewest} passes; "
                 "ask for a smaller speedup or more steps", param="cache_speedup",
             )
         computed = set(steps)
