@@ -19,7 +19,7 @@ from sglang.multimodal_gen.runtime.cache import registered_caches
 from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
 
-SHIPPED_STRATEGIES = ("teacache", "magcache")
+SHIPPED_STRATEGIES = ("teacache", "magcache", "easycache")
 HALF = ("bfloat16", "float16")
 # A strategy that skips steps in half precision stays this close (PSNR of frames, dB) to the same
 # strategy in fp32 on the random tiny models; measured 42.8-60.2 dB in bf16, 72.7-76.6 dB in fp16.
@@ -50,9 +50,10 @@ def generators(tiny_wan_dir, tiny_hunyuan_dir):
 
 
 def _request(family: str, strategy: str) -> SamplingParams:
-    # Thresholds high enough that both strategies skip on the random tiny models.
+    # Thresholds high enough that every strategy skips on the random tiny models.
     knobs = {"teacache": dict(threshold=2.0, options={"coefficients": [1.0, 0.0]}),
-             "magcache": dict(threshold=0.5, max_skip_steps=3)}.get(strategy, {})
+             "magcache": dict(threshold=0.5, max_skip_steps=3),
+             "easycache": dict(threshold=0.3, options={"warmup_steps": 3})}.get(strategy, {})
     request = {**TINY_REQUEST, "num_inference_steps": 10, "guidance_scale": 5.0 if family == "wan" else 6.0}
     return SamplingParams(prompt="a blue square moving up", seed=2, cache=CacheParams(strategy=strategy, **knobs),
                           **request)

@@ -256,3 +256,72 @@ def test_magcache_matches_diffusers_hook(family, dtype_name, tiny_wan_dir, tiny_
     assert result.cache_stats.total_skipped >= 3
     rtol, atol = TOLERANCE
     torch.testing.assert_close(result.latents, reference_latents.to(result.latents.dtype), rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- EasyCache vs the release rule
+EASY_STEPS = 12
+EASY_SETTINGS = dict(threshold=0.3, warmup_steps=3)
+
+
+class ReleaseEasyCacheForward:
+    """The release's ``easycache_forward`` rule (H-EmbodVis/EasyCache) around a diffusers
+    transformer's forward, written apart from ours: one counter over the model calls, the decision
+    on the first call of each step, the cached output-minus-input per call slot."""
+
+    def __init__(self, transformer, steps: int, calls_per_step: int, threshold: float, warmup_steps: int) -> None:
+        self.forward, self.calls = transformer.forward, calls_per_step
+        self.num_calls, self.thresh = steps * calls_per_step, threshold
+        self.ret_calls, self.cutoff_calls = warmup_steps * calls_per_step, steps * calls_per_step - calls_per_step
+        self.cnt, self.k, self.acc, self.calc = 0, None, 0.0, True
+        self.prev_in = self.prev_out = self.prev_prev_in = None
+        self.cache: dict[int, torch.Tensor] = {}
+        self.decisions: list[bool] = []
+        transformer.forward = self
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        slot, raw = self.cnt % self.calls, hidden_states.clone()
+        if slot == 0:
+            if self.cnt < self.ret_calls or self.cnt >= self.cutoff_calls:
+                self.calc, self.acc = True, 0.0
+            elif self.prev_in is not None and self.prev_out is not None and self.k is not None:
+                self.acc += self.k * ((raw - self.prev_in).abs().mean() / self.prev_out.abs().mean())
+                self.calc = not self.acc < self.thresh
+                if self.calc:
+                    self.acc = 0.0
+            else:
+                self.calc = True
+            self.prev_in = raw
+            self.decisions.append(self.calc)
+        self.cnt += 1
+        if not self.calc:
+            return ((raw + self.cache[slot]).to(hidden_states.dtype),)
+        output = self.forward(hidden_states, *args, **kwargs)[0]
+        if slot == 0:
+            if self.prev_out is not None and self.prev_prev_in is not None:
+                self.k = (output - self.prev_out).abs().mean() / (self.prev_in - self.prev_prev_in).abs().mean()
+            self.prev_prev_in, self.prev_out = self.prev_in, output.clone()
+        self.cache[slot] = output - raw
+        return (output,)
+
+
+@pytest.mark.parametrize("cell", [c for c in CELLS if c[1] != "dtype"], ids=_cell_id)
+def test_easycache_matches_the_release_rule_around_diffusers(cell, variant_folder):
+    """Our whole-model skipping against diffusers' pipeline with the release rule around its
+    transformer, on every folder of the matrix: same skipped steps, same latents."""
+    family = cell[0]
+    folder = variant_folder(cell)
+    ours = DiffGenerator.from_pretrained(str(folder), device="cpu")
+    pipe = _diffusers_pipeline(family, folder, torch.float32, ours)
+    release = ReleaseEasyCacheForward(pipe.transformer, EASY_STEPS, 2 if family == "wan" else 1, **EASY_SETTINGS)
+    reference_latents = _diffusers_run(family, pipe, folder, seed=4, output_type="latent", steps=EASY_STEPS)
+
+    cache = CacheParams(strategy="easycache", threshold=EASY_SETTINGS["threshold"],
+                        options={"warmup_steps": EASY_SETTINGS["warmup_steps"]})
+    result = ours.generate(_our_params(family, seed=4, cache=cache, steps=EASY_STEPS))
+    computed = [step in result.cache_stats.branches[COND].computed_steps for step in range(EASY_STEPS)]
+    assert computed == release.decisions
+    assert 2 <= computed.count(False)
+    for stats in result.cache_stats.branches.values():
+        assert stats.computed_steps == result.cache_stats.branches[COND].computed_steps
+    rtol, atol = TOLERANCE
+    torch.testing.assert_close(result.latents, reference_latents.to(result.latents.dtype), rtol=rtol, atol=atol)

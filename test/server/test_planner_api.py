@@ -1,4 +1,5 @@
-"""`cache_speedup` over HTTP: a bad one is a 400 naming it, a good one runs the planner to the budget."""
+"""`cache_speedup` over HTTP: a bad one is a 400 naming it, a good one runs the planner to the
+budget; EasyCache runs without a calibration and refuses a speedup."""
 
 from __future__ import annotations
 
@@ -21,3 +22,23 @@ def test_a_speedup_alone_runs_the_planner_to_the_budget(http):
     assert video["cache"] == "planner" and video["cache_stats"]["strategy"] == "planner"
     for branch in video["cache_stats"]["branches"].values():
         assert branch["computed"] == 4 and branch["skipped"] == 4  # round(8 / 2) of SMALL's 8 steps
+
+
+def test_easycache_over_http_needs_no_calibration_and_reports_its_pairs(http):
+    response = http.post("/v1/videos", json={"prompt": "a red circle moving left", **SMALL, "seed": 1,
+                                              "cache": "easycache", "cache_threshold": 0.5,
+                                              "cache_params": {"warmup_steps": 2}})
+    assert response.status_code == 200, response.text
+    video = wait_finished(http, response.json()["id"])
+    assert video["status"] == "completed", video
+    stats = video["cache_stats"]
+    assert video["cache"] == "easycache" and stats["strategy"] == "easycache"
+    assert stats["branches"]["cond"]["skipped_steps"] == stats["branches"]["uncond"]["skipped_steps"] != []
+
+
+def test_easycache_with_a_speedup_is_400_naming_cache_speedup(http):
+    response = http.post("/v1/videos", json={"prompt": "a red circle", **SMALL, "cache": "easycache",
+                                              "cache_speedup": 2})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "cache_speedup" and "easycache cannot be tuned to a speedup" in error["message"]

@@ -180,7 +180,9 @@ class CacheParams:
                     f"unknown {self.strategy} option(s) {unknown} in --cache-params; valid keys are: {', '.join(valid)}"
                 )
         levels = getattr(cls, "preset_levels", None)
-        if self.preset is not None and levels and self.preset not in levels:
+        if self.preset is not None and not levels:
+            raise CacheConfigError(f"{self.strategy} has no presets; drop --cache-preset and set its knobs instead")
+        if self.preset is not None and self.preset not in levels:
             raise CacheConfigError(
                 f"unknown {self.strategy} preset {self.preset!r}; choose one of: {', '.join(levels)}"
             )

@@ -38,6 +38,7 @@ from sglang.multimodal_gen.runtime.cache.estimators import (
     register_estimator,
     registered_estimators,
 )
+from sglang.multimodal_gen.runtime.cache.easycache import EasyCache, EasyCacheConfig
 from sglang.multimodal_gen.runtime.cache.even import EvenCache, EvenCacheConfig
 from sglang.multimodal_gen.runtime.cache.magcache import MagCache, MagCacheConfig
 from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, PlannerConfig
@@ -101,6 +102,8 @@ __all__ = [
     "CacheConfigError",
     "CacheStats",
     "CalibrationRecord",
+    "EasyCache",
+    "EasyCacheConfig",
     "EvenCache",
     "EvenCacheConfig",
     "MagCache",

@@ -3,6 +3,11 @@
 The denoising stage asks one question per step and CFG branch: run the DiT blocks, or reuse the
 cached residual? A strategy answers it from the step index, the branch, the request's step count
 and the :class:`StepFeatures` the model adapter exposes. It never sees model internals.
+
+Two class attributes widen the question for strategies that need it (EasyCache): what a skip
+covers (``skips_whole_model``: the blocks, or the whole model call) and who decides
+(``decides_per_pair``: each branch, or the first branch for all of them). The stage and this base
+class implement both, so such a strategy is still one module.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 import numbers
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -45,12 +50,17 @@ class StepFeatures:
         sigma: The scheduler's sigma at this step (``scheduler.sigmas[step]``), filled by the
             denoising stage for the estimators that forecast in sigma. ``None`` when the
             scheduler has no ``sigmas``.
+        latents: The latent input of the model call, as the scheduler holds it (before the cast
+            to the model dtype). What strategies that skip the whole model call compare between
+            steps; for them ``modulated_input`` and ``timestep_projection`` are ``None``, since the
+            decision comes before the embedding runs.
     """
 
     timestep: torch.Tensor
     modulated_input: torch.Tensor | None = None
     timestep_projection: torch.Tensor | None = None
     sigma: float | None = None
+    latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -277,6 +287,11 @@ def n_steps(count: int) -> str:
     return f"{count} step" if count == 1 else f"{count} steps"
 
 
+def local_statistic(sums: torch.Tensor) -> torch.Tensor:
+    """The statistic reducer of a single process: this process holds every tensor whole."""
+    return sums
+
+
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """``mean|a - b| / mean|b|``: TeaCache's relative change between consecutive steps."""
     previous = previous.float()
@@ -309,6 +324,11 @@ class TimestepCache(abc.ABC):
     preset_levels: ClassVar[tuple[str, ...]] = ()
     #: The speedup a strategy that always works to a budget (the planner) takes without ``--cache-speedup``.
     default_speedup: ClassVar[float | None] = None
+    #: A skip covers the whole model call (embed, blocks and head), not only the blocks: what is
+    #: stored and reused is the model output minus its latent input.
+    skips_whole_model: ClassVar[bool] = False
+    #: One decision per step, taken on the first branch (cond) and followed by the others.
+    decides_per_pair: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -326,6 +346,7 @@ class TimestepCache(abc.ABC):
         self.branches: tuple[str, ...] = tuple(branches)
         self.calibrate = calibrate
         self._pass_budget: int | None = None
+        self._statistic_reducer: Callable[[torch.Tensor], torch.Tensor] = local_statistic
         self._estimator = self._build_estimator(None, {})
         self.reset()
 
@@ -378,6 +399,7 @@ class TimestepCache(abc.ABC):
         self._window: dict[str, deque[torch.Tensor]] = {  # calibration only
             b: deque(maxlen=CALIBRATION_WINDOW + 1) for b in self.branches
         }
+        self._pair_decision: tuple[int, bool] | None = None
         self._estimator.reset()
         self._stats.estimator = self._estimator.name
         self._reset_strategy_state()
@@ -419,30 +441,37 @@ class TimestepCache(abc.ABC):
 
     # ----------------------------------------------------------------------------- the contract
     def should_compute(self, step: int, branch: str, features: StepFeatures) -> bool:
-        """Decide whether ``branch`` must run the DiT blocks at ``step``. Called once per pair."""
+        """Decide whether ``branch`` must run the DiT blocks (or, with ``skips_whole_model``, the
+        model) at ``step``. Called once per step and branch."""
         self._check(step, branch)
         self._sigma[branch] = (step, features.sigma)
         if self.calibrate:
             self._record_input(branch, features)
             compute = True
+        elif self.decides_per_pair and branch != self.branches[0]:
+            compute = self._follow_pair_decision(step, branch)
         else:
             compute = self._decide(step, branch, features)
             if self._residual[branch] is None:
                 compute = True
             elif self._pass_budget is not None:
                 compute = self._within_budget(step, branch, compute)
+            self._pair_decision = (step, compute)
         stats = self._stats.branches[branch]
         (stats.computed_steps if compute else stats.skipped_steps).append(step)
         return compute
 
     def store(self, step: int, branch: str, residual: torch.Tensor) -> None:
-        """Keep the block residual ``blocks(h) - h`` of a computed step for later reuse."""
+        """Keep what a computed step's skip would replace for later reuse: the block residual
+        ``blocks(h) - h``, or with ``skips_whole_model`` the model output minus its latent input."""
         self._check(step, branch)
         if self.calibrate:
             self._record_residual(step, branch, residual)
         self._residual[branch] = residual
         self._estimator.observe(branch, step, self._sigma_at(step, branch), residual)
         self._stats.estimator_history_bytes = max(self._stats.estimator_history_bytes, self._estimator.history_bytes())
+        if not self.calibrate:
+            self._observe_computed(step, branch, residual)
 
     def reuse(self, step: int, branch: str) -> torch.Tensor:
         """The residual to add to the block input on a skipped step: the estimator's estimate."""
@@ -454,7 +483,32 @@ class TimestepCache(abc.ABC):
 
     @abc.abstractmethod
     def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
-        """Strategy logic: True to run the blocks. Only called outside calibration mode."""
+        """Strategy logic: True to run the blocks. Only called outside calibration mode (and with
+        ``decides_per_pair`` only for the first branch)."""
+
+    def _observe_computed(self, step: int, branch: str, residual: torch.Tensor) -> None:
+        """Learn from a computed step (what ``store`` got); outside calibration mode only.
+        EasyCache measures its rate of change here. The default learns nothing."""
+
+    # ----------------------------------------------------------------------------- statistics
+    def set_statistic_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Where :meth:`mean_abs`'s sums go before they are divided: a multi-process run installs
+        one that all-reduces them over a sequence shard's processes, or broadcasts them from the
+        rank that holds the first branch, so every process takes the same decision."""
+        self._statistic_reducer = reducer
+
+    def mean_abs(self, *tensors: torch.Tensor) -> list[float]:
+        """The mean absolute value of each tensor, over all of it wherever its parts are held.
+
+        The one statistic of latents and outputs a decision needs, and the one place it is taken:
+        sums and element counts (float64) go through the installed reducer together, one host
+        sync per call, and are divided after. A single process's reducer leaves them as they are.
+        """
+        sums = [t.detach().float().abs().sum(dtype=torch.float64) for t in tensors]
+        counts = [torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device) for t in tensors]
+        reduced = self._statistic_reducer(torch.stack(sums + counts)).tolist()
+        n = len(tensors)
+        return [total / count if count else 0.0 for total, count in zip(reduced[:n], reduced[n:])]
 
     def _scaled_residual(self, step: int, branch: str, residual: torch.Tensor) -> torch.Tensor:
         """What ``reuse`` returns; ``residual`` is the last stored one. Asks the estimator; a
@@ -469,9 +523,11 @@ class TimestepCache(abc.ABC):
         around it (the planner). Strategies that can be tuned to a budget override this; the
         default refuses.
         """
+        tunable = [n for n in registered_caches() if get_cache_class(n).meet_budget is not TimestepCache.meet_budget
+                   and get_cache_class(n).default_speedup is None]
         raise CacheConfigError(
             f"{self.name} cannot be tuned to a speedup; use --cache-speedup without --cache (the planner), "
-            "or with magcache or teacache", param="cache_speedup",
+            f"or with {', '.join(tunable)}", param="cache_speedup",
         )
 
     def enforce_pass_budget(self, passes: int) -> None:
@@ -513,6 +569,15 @@ class TimestepCache(abc.ABC):
         return self._calibration
 
     # ----------------------------------------------------------------------------- internals
+    def _follow_pair_decision(self, step: int, branch: str) -> bool:
+        """The first branch's decision at ``step``, for another branch of a per-pair strategy."""
+        if self._pair_decision is None or self._pair_decision[0] != step:
+            raise RuntimeError(
+                f"{self.name} decides once per step on the {self.branches[0]!r} branch; "
+                f"ask it before {branch!r} at step {step}"
+            )
+        return self._pair_decision[1] or self._residual[branch] is None
+
     def _check(self, step: int, branch: str) -> None:
         if branch not in self._residual:
             raise KeyError(f"{self.name}: unknown CFG branch {branch!r}; this request has {list(self.branches)}")

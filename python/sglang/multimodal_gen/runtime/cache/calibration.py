@@ -271,17 +271,20 @@ def plot_magnitude_ratios(result: CalibrationResult, path: str | Path) -> Path:
 def apply_calibration(
     params: "CacheParams", calibration_file: str | Path, model_family: str, num_inference_steps: int
 ) -> "CacheParams":
-    """``params`` with the calibration's options for its strategy; the user's own options win."""
+    """``params`` with the calibration's options for its strategy; the user's own options win.
+
+    Warns when the calibration was made at a step count far from the request's, unless the request
+    takes nothing from it (strategies that need no calibration, such as EasyCache)."""
     from sglang.multimodal_gen.runtime.cache.base import get_cache_class
 
     calibration = load_calibration(calibration_file)
     calibration.check_model(model_family)
-    if calibration.resampled_far(num_inference_steps):
+    supplied = get_cache_class(params.strategy).options_from_calibration(calibration, num_inference_steps)
+    takes_alpha = params.estimator == "blend" and params.blend_alpha is None and calibration.blend_alpha is not None
+    if (supplied or takes_alpha) and calibration.resampled_far(num_inference_steps):
         _warn_resampled_once(str(calibration_file), calibration.num_inference_steps, num_inference_steps)
-    options = {**get_cache_class(params.strategy).options_from_calibration(calibration, num_inference_steps),
-               **params.options}
-    params = dataclasses.replace(params, options=options, calibration_file=str(calibration_file))
-    if params.estimator == "blend" and params.blend_alpha is None and calibration.blend_alpha is not None:
+    params = dataclasses.replace(params, options={**supplied, **params.options}, calibration_file=str(calibration_file))
+    if takes_alpha:
         params = dataclasses.replace(params, blend_alpha=calibration.blend_alpha)  # the user's own alpha wins
     return params
 

@@ -18,11 +18,14 @@ logger = logging.getLogger(__name__)
 class DenoisingStage(PipelineStage):
     """Knows caching only through ``TimestepCache``: one ``should_compute`` per step and branch.
 
-    cond and uncond run as separate transformer passes (as diffusers' WanPipeline does), so each
-    branch has its own cache decision and its own residual. ``req.conditioning[branch]`` holds any
-    further model inputs of a branch and reaches ``adapter.embed`` as keyword arguments. A
-    :class:`PassTimer` times the loop and every blocks pass; with a cache the figures go to its
-    stats (``CacheStats.record_timing``) for the measured speedup.
+    cond and uncond run as separate transformer passes (as diffusers' WanPipeline does), cond
+    first, so each branch has its own cache decision and its own residual (unless the strategy
+    ``decides_per_pair``). ``req.conditioning[branch]`` holds any further model inputs of a branch
+    and reaches ``adapter.embed`` as keyword arguments. A strategy that ``skips_whole_model`` is
+    asked before the embedding and a skip returns the latents plus its estimate of the model
+    output minus them. A :class:`PassTimer` times the loop and every pass the cache may skip (the
+    blocks, or the whole model call); with a cache the figures go to its stats
+    (``CacheStats.record_timing``) for the measured speedup.
 
     Args:
         adapter: The model's embed / blocks / head split.
@@ -77,7 +80,8 @@ class DenoisingStage(PipelineStage):
                 timestep = timestep.to(latents.dtype)
             preds = {
                 branch: self._predict(
-                    step, branch, model_input, timestep, sigmas[step], embeds, conditioning[branch], req, timer
+                    step, branch, latents, model_input, timestep, sigmas[step], embeds, conditioning[branch], req,
+                    timer,
                 )
                 for branch, embeds in req.prompt_embeds.items()
             }
@@ -100,6 +104,7 @@ class DenoisingStage(PipelineStage):
         self,
         step: int,
         branch: str,
+        latents: torch.Tensor,
         model_input: torch.Tensor,
         timestep: torch.Tensor,
         sigma: float | None,
@@ -109,10 +114,21 @@ class DenoisingStage(PipelineStage):
         timer: PassTimer,
     ) -> torch.Tensor:
         cache = req.cache
+        if cache is not None and cache.skips_whole_model:
+            features = StepFeatures(timestep=timestep, sigma=sigma, latents=latents)
+            if not cache.should_compute(step, branch, features):
+                return (latents.float() + cache.reuse(step, branch)).to(self.dtype)
+            with timer.time_pass():
+                out = self.adapter.forward(model_input, timestep, encoder_hidden_states, **conditioning)
+            if out.shape != latents.shape:
+                raise RuntimeError(f"{cache.name} caches the model output minus its input, but this model maps "
+                                   f"latents {tuple(latents.shape)} to {tuple(out.shape)}")
+            cache.store(step, branch, out.float() - latents.float())
+            return out
         hidden, ctx = self.adapter.embed(model_input, timestep, encoder_hidden_states, **conditioning)
         features = StepFeatures(
             timestep=timestep, modulated_input=ctx.modulated_input, timestep_projection=ctx.timestep_projection,
-            sigma=sigma,
+            sigma=sigma, latents=latents,
         )
         if cache is None or cache.should_compute(step, branch, features):
             with timer.time_pass():
