@@ -9,7 +9,8 @@ For each held-out prompt and seed: the uncached run (50 steps unless ``--steps``
 every method of ``frontier_configs.METHODS`` is asked for 1.5x, 2x, 2.5x and 3x (``round(steps /
 x)`` passes per branch) and scored by PSNR and SSIM of its decoded frames against the reference. The report gives
 mean and worst case over samples with each method's real pass count, and a plot
-(``frontier_report.py``). It also gives, for our pipeline's methods, the measured denoising
+(``frontier_report.py``). A method without a budget (EasyCache) first has its threshold tuned per
+speedup on training captions (``threshold_search.py``); the thresholds go into the JSON. It also gives, for our pipeline's methods, the measured denoising
 speedup: the median over samples of the uncached runs' denoising time over the median of the
 method's, all in the same run (the uncached run of a sample just before its methods). One torch
 thread; other load on the machine shows in these ratios, not in the fidelity.
@@ -31,12 +32,23 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
-from frontier_configs import METHODS, PROMPTS, SEEDS, SPEEDUPS, STEPS, FrontierMethod, Request  # noqa: E402
+from frontier_configs import (  # noqa: E402
+    METHODS,
+    PROMPTS,
+    SEEDS,
+    SPEEDUPS,
+    STEPS,
+    TUNING_PROMPTS,
+    FrontierMethod,
+    Request,
+)
 from frontier_report import markdown_table, plot_frontier, summarise  # noqa: E402
 from metrics import psnr, ssim  # noqa: E402
+from threshold_search import nearest_threshold  # noqa: E402
 
 from sglang.multimodal_gen.configs.models import read_model_info  # noqa: E402
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
+from sglang.multimodal_gen.runtime.cache.base import budget_passes  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
 
 
@@ -72,12 +84,32 @@ class DiffusersTaylorSeer:
         return np.asarray(frames, dtype=np.float32), sum(self._ran[0::2])  # the cond branch's passes
 
 
+def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: int, quick: bool) -> dict:
+    """``{strategy: {speedup: (threshold, mean passes on the tuning prompts)}}`` for the methods that
+    need one; found once per strategy (with ``reuse``: the estimator barely moves the passes)."""
+    tuned: dict[str, dict[float, tuple[float, float]]] = {}
+    prompts = TUNING_PROMPTS[:1] if quick else TUNING_PROMPTS
+    for method in methods:
+        for speedup in SPEEDUPS:
+            request = method.request(speedup, steps)
+            strategy = request.cache.strategy if request.tune_threshold else None
+            if strategy is None or speedup in tuned.get(strategy, {}):
+                continue
+            base = dataclasses.replace(request.cache, estimator=None)
+            tuned.setdefault(strategy, {})[speedup] = nearest_threshold(
+                gen, base, budget_passes(steps, speedup), steps, prompts)
+    return tuned
+
+
 def run_method(
     gen: DiffGenerator, peer: DiffusersTaylorSeer | None, method: FrontierMethod, speedup: float, steps: int,
-    prompt: str, seed: int,
+    prompt: str, seed: int, tuned: dict,
 ) -> tuple[np.ndarray, int, float | None]:
     """Frames, passes per branch and (our pipeline only) denoising seconds of one method at one speedup."""
     request: Request = method.request(speedup, steps)
+    if request.tune_threshold:
+        threshold = tuned[request.cache.strategy][speedup][0]
+        request = dataclasses.replace(request, cache=dataclasses.replace(request.cache, threshold=threshold))
     if request.taylorseer is not None:
         return (*peer.run(prompt, seed, steps, request.taylorseer), None)
     params = SamplingParams(prompt=prompt, seed=seed, num_inference_steps=request.num_inference_steps)
@@ -95,13 +127,18 @@ def main() -> None:
     parser.add_argument("--calibration", default=None, help="calibration file (default: the folder's own)")
     parser.add_argument("--quick", action="store_true", help="1 prompt, 1 seed")
     parser.add_argument("--steps", type=int, default=STEPS, help="step count of the reference and the cached runs")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
+    parser.add_argument("--methods", default=None,
+                        help="subset of the method names, separated by ';' (names may hold commas)")
     parser.add_argument("--output", default=str(REPO / "benchmark/results/frontier.json"))
     parser.add_argument("--plot", default=str(REPO / "docs/images/frontier.png"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
-    methods = [m for m in METHODS if args.methods is None or m.name in args.methods.split(",")]
+    chosen = None if args.methods is None else [name.strip() for name in args.methods.split(";")]
+    unknown = sorted(set(chosen or ()) - {m.name for m in METHODS})
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from: {'; '.join(m.name for m in METHODS)}")
+    methods = [m for m in METHODS if chosen is None or m.name in chosen]
     samples = [(p, s) for p in (PROMPTS[:1] if args.quick else PROMPTS) for s in (SEEDS[:1] if args.quick else SEEDS)]
     gen = DiffGenerator.from_pretrained(args.model_path, device="cpu", cache_calibration=args.calibration)
     steps = args.steps
@@ -109,6 +146,10 @@ def main() -> None:
     peer = DiffusersTaylorSeer(str(gen.pipeline.model_info.path), defaults) if any(
         m.name == "diffusers taylorseer" for m in methods) else None
     gen.generate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=steps))  # warm-up, not measured
+    tuned = tune_thresholds(gen, methods, steps, args.quick)
+    for strategy, by_speedup in tuned.items():
+        print(f"{strategy} thresholds (mean passes on {len(TUNING_PROMPTS[:1] if args.quick else TUNING_PROMPTS)} "
+              f"training captions): " + ", ".join(f"{x:g}x {t:g} ({p:.1f})" for x, (t, p) in by_speedup.items()))
     rows: list[dict] = []
     bar = tqdm(total=len(samples) * (1 + len(methods) * len(SPEEDUPS)), desc="frontier", unit="run")
     for prompt, seed in samples:
@@ -117,7 +158,7 @@ def main() -> None:
         bar.update()
         for method in methods:
             for speedup in SPEEDUPS:
-                frames, passes, seconds = run_method(gen, peer, method, speedup, steps, prompt, seed)
+                frames, passes, seconds = run_method(gen, peer, method, speedup, steps, prompt, seed, tuned)
                 rows.append(dict(method=method.name, speedup=speedup, prompt=prompt, seed=seed, passes=passes,
                                  psnr=psnr(frames, reference), ssim=ssim(frames, reference), seconds=seconds,
                                  uncached_seconds=uncached.timings["denoising"]))
@@ -130,8 +171,11 @@ def main() -> None:
     print(header)
     print(markdown_table(summary, [m.name for m in methods]))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    thresholds = {strategy: {str(x): {"threshold": t, "tuning_passes": p} for x, (t, p) in by_speedup.items()}
+                  for strategy, by_speedup in tuned.items()}
     Path(args.output).write_text(json.dumps({"model": model, "steps": steps, "samples": samples,
-                                             "summary": summary, "runs": rows}, indent=1) + "\n")
+                                             "tuned_thresholds": thresholds, "summary": summary, "runs": rows},
+                                            indent=1) + "\n")
     plot_frontier(summary, methods, f"{model}: {len(samples)} held-out samples, {steps} steps", args.plot)
     print(f"wrote {args.output} and {args.plot}")
 

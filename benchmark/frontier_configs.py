@@ -14,7 +14,7 @@ from typing import Callable
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.runtime.cache.base import budget_passes
-from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
+from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, TRAIN_SCENES
 
 SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
 STEPS = 50
@@ -22,6 +22,8 @@ STEPS = 50
 # shapes, colours and directions; two seeds each.
 PROMPTS = [HELD_OUT[i].caption for i in (0, 5, 9, 14, 19, 23, 28, 33)]
 SEEDS = (0, 1)
+# Training captions (never scored) on which a strategy without a budget is tuned to each pass count.
+TUNING_PROMPTS = [TRAIN_SCENES[i].caption for i in (7, 160, 250)]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Request:
     num_inference_steps: int
     cache: CacheParams | None = None
     taylorseer: dict | None = None  # diffusers TaylorSeerCacheConfig settings
+    tune_threshold: bool = False  # the harness sets cache.threshold: passes nearest the budget on TUNING_PROMPTS
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class FrontierMethod:
 
 def _cached(strategy: str, **knobs) -> Callable[[float, int], Request]:
     return lambda speedup, steps: Request(steps, CacheParams(strategy=strategy, speedup=speedup, **knobs))
+
+
+def _tuned(strategy: str, **knobs) -> Callable[[float, int], Request]:
+    return lambda speedup, steps: Request(steps, CacheParams(strategy=strategy, **knobs), tune_threshold=True)
 
 
 def taylorseer_settings(passes: int, steps: int) -> dict:
@@ -64,5 +71,8 @@ METHODS = [
     FrontierMethod("teacache", _cached("teacache"), "s-"),
     FrontierMethod("diffusers taylorseer", lambda s, n: Request(n, taylorseer=taylorseer_settings(budget_passes(n, s), n)), "v:"),
     FrontierMethod("planner, reuse", _cached("planner", estimator="reuse"), "^-."),
+    FrontierMethod("easycache", _tuned("easycache"), "P-"),
+    FrontierMethod("easycache, forecast1", _tuned("easycache", estimator="forecast1"), "X-"),
+    FrontierMethod("easycache, forecast1_sigma", _tuned("easycache", estimator="forecast1_sigma"), "X:"),
     FrontierMethod("planner", _cached("planner"), "D-"),
 ]

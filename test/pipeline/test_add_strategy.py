@@ -1,45 +1,40 @@
-"""The guides in docs/caching.md, executed: a new strategy, or a new estimator, is one class plus one
-registration."""
+"""The guides in docs/caching.md, executed: a new strategy (one that skips the blocks, or one that
+skips whole model calls), or a new estimator, is one class plus one registration."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_REQUEST
+from conftest import REPO, TINY_REQUEST
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.cache import build_cache
-from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, StepFeatures, TimestepCache, register_cache
+from sglang.multimodal_gen.runtime.cache.base import CacheConfigError
 from sglang.multimodal_gen.runtime.cache.estimators import _ESTIMATORS, ResidualEstimator, register_estimator
 
-
-@dataclass
-class EveryNthConfig:
-    """Run the blocks on every ``interval``-th step after ``warmup_steps``; reuse otherwise.
-
-    Args:
-        interval: Run the blocks once every this many steps. Higher skips more.
-        warmup_steps: The first steps that always run the blocks.
-    """
-
-    interval: int = 2
-    warmup_steps: int = 2
-
-    def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise CacheConfigError(f"every_nth interval must be >= 1, got {self.interval}")
+DOCS = REPO / "docs" / "caching.md"
 
 
-@register_cache
-class EveryNthCache(TimestepCache):
-    name = "every_nth"
-    config_class = EveryNthConfig
+def import_guide_file(path: str) -> types.ModuleType:
+    """Import the docs/caching.md code block that starts with ``# <path>`` as a module: the guide's
+    strategy is defined and registered exactly as a reader would write it."""
+    for block in re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S):
+        if block.startswith(f"# {path}\n"):
+            module = types.ModuleType(f"caching_guide_{Path(path).stem}")
+            sys.modules[module.__name__] = module  # dataclasses look their module up
+            exec(compile(block, f"{DOCS} ({path})", "exec"), module.__dict__)
+            return module
+    raise AssertionError(f"docs/caching.md has no code block for {path}")
 
-    def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
-        return step < self.config.warmup_steps or (step - self.config.warmup_steps) % self.config.interval == 0
+
+EveryNthCache = import_guide_file("runtime/cache/every_nth.py").EveryNthCache
+LatentDriftCache = import_guide_file("runtime/cache/latent_drift.py").LatentDriftCache
 
 
 def test_new_strategy_runs_by_name_through_the_pipeline(wan_generator):
@@ -48,7 +43,7 @@ def test_new_strategy_runs_by_name_through_the_pipeline(wan_generator):
     )
     result = wan_generator.generate(params)
     stats = result.cache_stats
-    assert stats.strategy == "every_nth"
+    assert stats.strategy == EveryNthCache.name == "every_nth"
     assert stats.branches["cond"].computed_steps == [0, 1, 2, 5] == stats.branches["uncond"].computed_steps
     uncached = wan_generator.generate(SamplingParams(prompt="a red circle", seed=0, **TINY_REQUEST))
     assert not torch.equal(result.latents, uncached.latents)
@@ -58,6 +53,24 @@ def test_new_strategy_runs_by_name_through_the_pipeline(wan_generator):
 def test_new_strategy_options_are_validated_by_its_config(options, message):
     with pytest.raises(CacheConfigError, match=message):
         build_cache(CacheParams(strategy="every_nth", options=options), 6, None)
+
+
+def test_whole_model_strategy_skips_every_model_part_for_both_branches(wan_generator):
+    """The guide's second class: one decision per step for both branches, and a skipped step runs
+    no part of the model (embed included) and predicts the latents plus the cached difference."""
+    stage = next(s for s in wan_generator.pipeline.stages if s.name == "denoising")
+    embeds: list[int] = []
+    original_embed = stage.adapter.embed
+    stage.adapter.embed = lambda *args, **kwargs: embeds.append(1) or original_embed(*args, **kwargs)
+    try:
+        cache = CacheParams(strategy="latent_drift", options={"max_drift": 0.5})
+        result = wan_generator.generate(SamplingParams(prompt="a red circle", seed=0, cache=cache, **TINY_REQUEST))
+    finally:
+        stage.adapter.embed = original_embed
+    stats = result.cache_stats
+    assert stats.strategy == LatentDriftCache.name and stats.total_skipped > 0
+    assert stats.branches["cond"].skipped_steps == stats.branches["uncond"].skipped_steps
+    assert len(embeds) == stats.total_computed
 
 
 class HalfwayEstimator(ResidualEstimator):

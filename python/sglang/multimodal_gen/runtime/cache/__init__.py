@@ -8,7 +8,9 @@ dataclass and a `TimestepCache` subclass decorated with `@register_cache` that h
 - `_decide(step, branch, features)`: True to run the DiT blocks.
 
 Strategies with per-model presets (MagCache, TeaCache) also set `preset_levels`, override the
-`from_params` classmethod and may offer `preset_model_keys()`. See docs/caching.md.
+`from_params` classmethod and may offer `preset_model_keys()`. Strategies that skip whole model
+calls with one decision per step for every CFG branch (EasyCache) set `skips_whole_model` and
+`decides_per_pair`. See docs/caching.md.
 """
 
 from __future__ import annotations
