@@ -10,8 +10,9 @@ import numpy as np
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:
-    """One entry per (method, speedup): passes (min-max over samples), the measured denoising speedup
-    (median uncached time / median time; ``None`` for diffusers' runs), mean and worst PSNR / SSIM."""
+    """One entry per (method, speedup): passes (the distinct counts over samples, and their mean), the
+    measured denoising speedup (median uncached time / median time; ``None`` for diffusers' runs),
+    mean and worst PSNR / SSIM."""
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["method"], row["speedup"])].append(row)
@@ -23,7 +24,8 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
         measured = (float(np.median([r["uncached_seconds"] for r in timed]) / np.median([r["seconds"] for r in timed]))
                     if timed else None)
         summary.append(dict(
-            method=method, speedup=speedup, passes=passes, measured=measured,
+            method=method, speedup=speedup, passes=passes, passes_mean=float(np.mean([r["passes"] for r in group])),
+            measured=measured,
             psnr_mean=float(np.mean(psnrs)), psnr_worst=float(np.min(psnrs)),
             ssim_mean=float(np.mean(ssims)), ssim_worst=float(np.min(ssims)),
         ))
@@ -31,8 +33,9 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
 
 
 def _passes(entry: dict) -> str:
+    """``25``, or for counts that vary over samples their mean and range: ``24.8 (23-26)``."""
     low, high = entry["passes"][0], entry["passes"][-1]
-    return str(low) if low == high else f"{low}-{high}"
+    return str(low) if low == high else f"{entry['passes_mean']:.1f} ({low}-{high})"
 
 
 def markdown_table(summary: Sequence[dict], methods: Sequence[str]) -> str:
@@ -66,7 +69,7 @@ def plot_frontier(summary: Sequence[dict], methods: Sequence, title: str, path: 
         entries = sorted((e for e in summary if e["method"] == method.name), key=lambda e: e["speedup"])
         if not entries:
             continue
-        passes = [np.mean(e["passes"]) for e in entries]
+        passes = [e["passes_mean"] for e in entries]
         line, = ax.plot(passes, [e["psnr_mean"] for e in entries], method.style, label=method.name)
         ax.plot(passes, [e["psnr_worst"] for e in entries], method.style.lstrip("kcbgrmyw"), color=line.get_color(),
                 alpha=0.3)

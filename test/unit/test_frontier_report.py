@@ -38,11 +38,13 @@ def test_taylorseer_settings_hit_the_pass_count_by_diffusers_rule(steps, speedup
 
 def test_summary_is_mean_and_worst_with_pass_ranges_and_bold_bests():
     rows = [dict(method=m, speedup=2.0, passes=p, psnr=v, ssim=0.9, seconds=s, uncached_seconds=2.0)
-            for m, p, v, s in [("a", 25, 40.0, 1.0), ("a", 25, 30.0, 1.0), ("b", 24, 38.0, None), ("b", 26, 36.0, None)]]
+            for m, p, v, s in [("a", 25, 40.0, 1.0), ("a", 25, 30.0, 1.0), ("b", 24, 38.0, None), ("b", 26, 36.0, None),
+                               ("b", 26, 37.0, None)]]
     summary = {e["method"]: e for e in summarise(rows)}
     assert summary["a"]["psnr_mean"] == 35.0 and summary["a"]["psnr_worst"] == 30.0
     assert summary["a"]["measured"] == 2.0 and summary["b"]["measured"] is None
-    assert summary["b"]["passes"] == [24, 26] and summary["b"]["psnr_worst"] == 36.0
+    assert summary["b"]["passes"] == [24, 26] and summary["b"]["passes_mean"] == pytest.approx(76 / 3)
+    assert summary["b"]["psnr_worst"] == 36.0
     table = markdown_table(list(summary.values()), ["a", "b"])
     assert "| 2x | a | 25 | 2.00x | 35.0 | 30.0 |" in table
-    assert "| 2x | b | 24-26 |  | **37.0** | **36.0** |" in table
+    assert "| 2x | b | 25.3 (24-26) |  | **37.0** | **36.0** |" in table
