@@ -1,5 +1,6 @@
 """The caching benchmark's smoke run (tiny model, uncached + MagCache and the diffusers peer, few
-steps) so that benchmark/bench_cache.py cannot rot, and its fidelity metrics on known inputs."""
+steps) so that benchmark/bench_cache.py cannot rot, its fidelity metrics on known inputs, and
+benchmark/hunyuan_speed.py's ``--quick`` run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from conftest import REPO, TINY_REQUEST
 sys.path.insert(0, str(REPO / "benchmark"))
 
 import bench_cache  # noqa: E402
+import hunyuan_speed  # noqa: E402
 from bench_configs import PEER_BASELINE, BenchConfig, BenchSettings, Sweep  # noqa: E402
 from metrics import mae, psnr, ssim  # noqa: E402
 
@@ -80,3 +82,23 @@ def test_benchmark_smoke_run_writes_sane_results(tiny_wan_dir, tmp_path):
     markdown = (tmp_path / "bench_cache_cpu.md").read_text()
     assert "| magcache t=0.3 |" in markdown and "Command: `smoke`" in markdown and "| inf |" in markdown
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hunyuan_speed_quick_run_writes_sane_results(tmp_path, capsys):
+    output = tmp_path / "hunyuan-speed.json"
+    assert hunyuan_speed.main(["--quick", "--output", str(output)]) == 0
+
+    saved = json.loads(output.read_text())
+    steps = saved["steps"]
+    rows = {r["name"]: r for r in saved["rows"]}
+    assert list(rows) == [c.name for c in hunyuan_speed.QUICK_CONFIGS] == list(saved["configs"])
+    uncached = rows["uncached"]
+    assert uncached["passes"] == steps and uncached["ideal"] == 1.0 and uncached["measured"] == 1.0
+    easycache = next(r for r in saved["rows"] if r["strategy"] == "easycache")
+    assert easycache["skips"] == "whole model" and 0 < easycache["passes"] < steps
+    assert easycache["ideal"] == pytest.approx(steps / easycache["passes"])
+    for row in saved["rows"]:
+        assert len(row["seconds"]) == saved["rounds"] and row["median_s"] > 0 and row["measured"] > 0
+    assert saved["command"].startswith("python benchmark/hunyuan_speed.py --quick")
+    assert len(saved["machine"]["load_average_end"]) == 3
+    assert f"| {easycache['name']} | whole model | {easycache['passes']} |" in capsys.readouterr().out
