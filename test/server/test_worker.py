@@ -130,4 +130,4 @@ def test_taken_port_is_one_clear_error(stub):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
-            run_server(stub, "stub", "127.0.0.1", port)
+            run_server(stub, "stub", port)

@@ -6,9 +6,12 @@ Kept apart from ``main.py`` so that ``sglang generate`` does not import FastAPI 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sglang.cli.main import add_model_args
+
+if TYPE_CHECKING:
+    from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -35,6 +38,13 @@ def _port(text: str) -> int:
     return port
 
 
+def server_config(args: argparse.Namespace) -> "ServerConfig":
+    """The operator's settings from the command line."""
+    from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig
+
+    return ServerConfig(host=args.host, log_level=args.log_level)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sglang.multimodal_gen.runtime.cache.calibration import load_calibration
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
@@ -48,5 +58,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model_path, device=args.device, dtype=args.dtype, cache_calibration=args.cache_calibration
     )
     name = args.served_model_name or generator.model_name
-    run_server(generator, name, args.host, args.port, log_level=args.log_level)
+    run_server(generator, name, args.port, server_config(args))
     return 0

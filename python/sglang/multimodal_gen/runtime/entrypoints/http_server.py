@@ -54,6 +54,19 @@ DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 100
 
 
+@dataclass
+class ServerConfig:
+    """What the operator of ``sglang serve`` sets besides the model (``sglang serve --help``).
+
+    Attributes:
+        host: Address the server is bound to (loopback unless the operator chose otherwise).
+        log_level: uvicorn's log level.
+    """
+
+    host: str = "127.0.0.1"
+    log_level: str = "warning"
+
+
 class APIError(Exception):
     """An HTTP error with an OpenAI-shaped body."""
 
@@ -302,12 +315,14 @@ def _list_query(request: Request) -> tuple[str | None, int, str]:
     return after, limit, order
 
 
-def create_app(generator: Any, model_name: str) -> FastAPI:
-    """The FastAPI app serving ``generator`` (a ``DiffGenerator``) under the name ``model_name``.
+def create_app(generator: Any, model_name: str, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``generator`` (a ``DiffGenerator``) under the name ``model_name``,
+    as ``config`` (defaults: :class:`ServerConfig`) says.
 
     The worker thread starts with the app's lifespan and stops (cancelling the running job) when
     it ends; ``app.state.service`` is the :class:`VideoService`.
     """
+    config = config or ServerConfig()
     service = VideoService(generator, model_name)
     accepted_models = {model_name, str(getattr(generator, "model_path", model_name))}
     started = int(time.time())
@@ -426,7 +441,7 @@ def check_listen_address(host: str, port: int) -> None:
     bind_socket(host, port).close()
 
 
-def run_server(generator: Any, model_name: str, host: str, port: int, log_level: str = "warning") -> None:
+def run_server(generator: Any, model_name: str, port: int, config: ServerConfig | None = None) -> None:
     """Serve until interrupted (Ctrl+C / SIGTERM stop uvicorn, which stops the worker).
 
     The socket is bound here, before uvicorn starts, so a taken port is one clear error line and
@@ -434,10 +449,12 @@ def run_server(generator: Any, model_name: str, host: str, port: int, log_level:
     """
     import uvicorn
 
-    sock = bind_socket(host, port)
+    config = config or ServerConfig()
+    sock = bind_socket(config.host, port)
     bound_port = sock.getsockname()[1]
-    app = create_app(generator, model_name)
-    config = uvicorn.Config(app, host=host, port=bound_port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
-    print(f"serving {model_name} at http://{host}:{bound_port}/v1 (Ctrl+C to stop)", flush=True)
+    app = create_app(generator, model_name, config)
+    server_config = uvicorn.Config(app, host=config.host, port=bound_port, log_level=config.log_level.lower(),
+                                   timeout_graceful_shutdown=5)
+    print(f"serving {model_name} at http://{config.host}:{bound_port}/v1 (Ctrl+C to stop)", flush=True)
     with sock:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(server_config).run(sockets=[sock])
