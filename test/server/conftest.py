@@ -6,6 +6,7 @@ test/server is a package (it has ``__init__.py``) so that this file is imported 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -44,18 +45,25 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"sglang serve did not answer /health within {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="session")
-def server_url(tmp_path_factory) -> Iterator[str]:
-    """Base URL (no /v1) of a server running the built-in model on the CPU."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("server") / "server.log"
+def server_env(**extra: str) -> dict[str, str]:
+    """This process's environment, with the repo's python/ on PYTHONPATH and ``extra`` on top."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
+    env.pop("SGLANG_API_KEY", None)  # only a test that means to set a key has one
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def serve(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``sglang serve`` on the CPU on a free loopback port, with ``args`` and ``env`` (default:
+    :func:`server_env`), until the block ends; yields its base URL (no /v1). Output goes to ``log``."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "sglang.cli.main", "--log-level", "info", "serve",
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=REPO, env=env or server_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_healthy(url, proc, log)
         yield url
@@ -66,6 +74,13 @@ def server_url(tmp_path_factory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory) -> Iterator[str]:
+    """Base URL (no /v1) of a server running the built-in model on the CPU."""
+    with serve(tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
