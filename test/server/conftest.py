@@ -45,11 +45,17 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory) -> Iterator[str]:
+def server_log(tmp_path_factory) -> Path:
+    """Where the server of ``server_url`` writes its log (stdout and stderr, level info)."""
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="session")
+def server_url(server_log) -> Iterator[str]:
     """Base URL (no /v1) of a server running the built-in model on the CPU."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = server_log
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "sglang.cli.main", "--log-level", "info", "serve",
