@@ -77,9 +77,15 @@ def serve(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory) -> Iterator[str]:
+def server_log(tmp_path_factory) -> Path:
+    """Where the server of ``server_url`` writes its log (stdout and stderr, level info)."""
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="session")
+def server_url(server_log) -> Iterator[str]:
     """Base URL (no /v1) of a server running the built-in model on the CPU."""
-    with serve(tmp_path_factory.mktemp("server") / "server.log") as url:
+    with serve(server_log) as url:
         yield url
 
 

@@ -6,9 +6,11 @@ Kept apart from ``main.py`` so that ``sglang generate`` does not import FastAPI 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
 
 from sglang.cli.main import add_model_args
+from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
 
 if TYPE_CHECKING:
     from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig
@@ -28,8 +30,43 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
                             "SGLANG_API_KEY environment variable, which keeps the key out of `ps`; unset: no key)")
+    add_limit_args(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
+
+
+def add_limit_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per bound of :class:`RequestLimits` (``max_steps`` -> ``--max-steps``), its help
+    the field's; unset, a bound keeps its default (scaled from the model, or fixed)."""
+    group = parser.add_argument_group(
+        "request limits", "bounds on each POST /v1/videos: beyond them a 400 naming the field (413 for the body); "
+                          "scaled defaults are computed from the loaded model's default request (docs/api.md#limits)")
+    for f in dataclasses.fields(RequestLimits):
+        if f.name in RequestLimits.bound_names():
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_at_least_one(f.metadata["type"]),
+                               default=None, metavar="N", help=f.metadata["help"])
+
+
+def limits_from_args(args: argparse.Namespace) -> RequestLimits:
+    """The operator's bounds; the flags not given keep their defaults."""
+    given = {name: getattr(args, name, None) for name in RequestLimits.bound_names()}
+    return RequestLimits(**{name: value for name, value in given.items() if value is not None})
+
+
+def _at_least_one(kind: type) -> Callable[[str], Any]:
+    """argparse type: a finite number >= 1 of ``kind`` (int or float), refused as a usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 1 <= value < float("inf"):
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"invalid limit {text!r}; use {noun} >= 1")
+        return value
+
+    return parse
 
 
 def _port(text: str) -> int:
@@ -48,7 +85,8 @@ def server_config(args: argparse.Namespace) -> "ServerConfig":
     from sglang.multimodal_gen.runtime.entrypoints.access import resolve_api_key
     from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig
 
-    return ServerConfig(host=args.host, log_level=args.log_level, api_key=resolve_api_key(args.api_key))
+    return ServerConfig(host=args.host, log_level=args.log_level, api_key=resolve_api_key(args.api_key),
+                        limits=limits_from_args(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

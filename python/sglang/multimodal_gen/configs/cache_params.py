@@ -203,7 +203,13 @@ class CacheParams:
             raise CacheConfigError(f"cache params must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"options"}
         fields = {k: v for k, v in data.items() if k in names}
-        options = dict(data.get("options") or {})
+        options = data.get("options") or {}
+        if not isinstance(options, dict):
+            raise CacheConfigError(
+                f"cache params 'options' must be a JSON object of knob -> value, got {type(options).__name__}; "
+                "or put the knobs next to 'strategy' without 'options'"
+            )
+        options = dict(options)
         options.update({k: v for k, v in data.items() if k not in names and k != "options"})
         return cls(**fields, options=options)
 

@@ -10,7 +10,6 @@ deleted or the server stops.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -25,6 +24,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
@@ -46,11 +46,17 @@ from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import (
     VideoListResponse,
     VideoObject,
 )
+from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
+    BodyLimitMiddleware,
+    RequestLimits,
+    RequestTooLarge,
+)
 from sglang.multimodal_gen.runtime.entrypoints.video_api import (
     build_sampling_params,
     form_to_fields,
     format_seconds,
     parse_create_request,
+    parse_json_body,
 )
 from sglang.multimodal_gen.runtime.utils.video_io import encode_mp4
 
@@ -73,11 +79,14 @@ class ServerConfig:
         log_level: uvicorn's log level.
         api_key: When set, every route but ``/health`` requires ``Authorization: Bearer <api_key>``
             (``--api-key``, else the ``SGLANG_API_KEY`` environment variable). Left out of ``repr``.
+        limits: Bounds on each request (``--max-steps``, ...); its unset bounds are scaled from the
+            model's default request when the app is created (see :class:`RequestLimits`).
     """
 
     host: str = "127.0.0.1"
     log_level: str = "warning"
     api_key: str | None = field(default=None, repr=False)
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 class APIError(Exception):
@@ -277,23 +286,19 @@ def _error_response(status_code: int, info: ErrorInfo) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status_code)
 
 
-async def _read_fields(request: Request) -> dict[str, Any]:
-    """The body as one mapping, whether the client sent a form (as ``openai`` does) or JSON."""
+async def _read_fields(request: Request, limits: RequestLimits) -> dict[str, Any]:
+    """The body as one mapping, whether the client sent a form (as ``openai`` does) or JSON.
+
+    The body arrives through ``BodyLimitMiddleware`` (413 past ``max_body_bytes``); JSON is
+    parsed off the event loop, its nesting checked first.
+    """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        raw = await request.body()
-        if not raw.strip():
-            raise InvalidRequestError("the request body is empty; send a JSON object with at least 'prompt'")
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidRequestError(f"the request body is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-        return body
+        return await run_in_threadpool(parse_json_body, await request.body(), limits.max_json_depth)
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        async with request.form() as form:
-            return form_to_fields(form.multi_items())
+        # One file at most: an input_reference upload is then refused by name, not by count.
+        async with request.form(max_files=1, max_part_size=limits.max_body_bytes) as form:
+            return form_to_fields(form.multi_items(), limits.max_json_depth)
     raise APIError(
         415 if content_type else 400,
         f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data, "
@@ -331,6 +336,8 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     it ends; ``app.state.service`` is the :class:`VideoService`.
     """
     config = config or ServerConfig()
+    limits = config.limits.resolved(generator.validate(SamplingParams(prompt="x")))
+    logger.info("request limits: %s", limits.describe())
     service = VideoService(generator, model_name)
     accepted_models = {model_name, str(getattr(generator, "model_path", model_name))}
     started = int(time.time())
@@ -347,6 +354,12 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     app.state.service = service
     app.add_middleware(AccessControl, api_key=config.api_key, local_only=is_loopback_bind(config.host),
                        host_names=[config.host])
+    app.state.limits = limits
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(RequestTooLarge)
+    async def _too_large(request: Request, exc: RequestTooLarge) -> JSONResponse:
+        return _error_response(413, ErrorInfo(message=str(exc), code="request_too_large"))
 
     @app.exception_handler(UserError)
     async def _invalid_request(request: Request, exc: UserError) -> JSONResponse:
@@ -385,14 +398,20 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
         root = public_name(str(getattr(generator, "model_path", ""))) or None
         return ModelList(data=[ModelCard(id=model_name, created=started, root=root)])
 
-    @app.post("/v1/videos")
-    async def create_video(request: Request) -> VideoObject:
-        create = parse_create_request(await _read_fields(request))
+    def prepare(fields: dict[str, Any]) -> SamplingParams:
+        """The validated request: the model's validation can be slow (cache plans), so this runs
+        off the event loop and other clients, /health included, are answered meanwhile."""
+        create = parse_create_request(fields, limits.max_json_depth)
         if create.model is not None and create.model not in accepted_models:
             raise InvalidRequestError(
                 f"model {create.model!r} is not served here; this server serves {model_name!r}", param="model"
             )
-        job = service.submit(build_sampling_params(create, generator))
+        return build_sampling_params(create, generator, limits)
+
+    @app.post("/v1/videos")
+    async def create_video(request: Request) -> VideoObject:
+        params = await run_in_threadpool(prepare, await _read_fields(request, limits))
+        job = service.submit(params)
         return service.to_object(job)
 
     @app.get("/v1/videos")

@@ -9,6 +9,10 @@ Both are reduced to one flat mapping by :func:`form_to_fields` (forms) and then 
 Duration: ``seconds`` is turned into a frame count with the request's ``fps`` (or the model's),
 rounded to the nearest count the model can take (Wan: 4k+1); the Video object then reports the
 real duration ``num_frames / fps``. ``seconds`` and ``num_frames`` together are refused.
+
+Hostile input is refused here too, before anything is parsed deeply or built: JSON and form
+nesting deeper than the server's limit, numbers that do not fit in 64 bits (or a float), and,
+through :class:`RequestLimits`, values beyond the server's bounds (request_limits.py).
 """
 
 from __future__ import annotations
@@ -24,10 +28,19 @@ from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.base import CacheConfigError
+from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
+    DEFAULT_MAX_JSON_DEPTH,
+    RequestLimits,
+    check_form_depth,
+    check_json_depth,
+)
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _INTEGER = re.compile(r"^[+-]?\d+$")
 _FORM_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+# Integers a field may hold before its range is checked: anything wider is no number the model uses.
+_MAX_INT = 2**64 - 1
+_MAX_DIGITS = 4300  # Python's int <-> str conversion limit (sys.get_int_max_str_digits)
 
 
 @dataclass
@@ -63,8 +76,24 @@ _UNSUPPORTED = {
 }
 
 
-# --------------------------------------------------------------------------- form bodies
-def form_to_fields(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+# --------------------------------------------------------------------------- bodies
+def parse_json_body(raw: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
+    """A JSON body as a mapping; nesting deeper than ``max_depth`` is refused before parsing."""
+    if not raw.strip():
+        raise InvalidRequestError("the request body is empty; send a JSON object with at least 'prompt'")
+    check_json_depth(raw, max_depth)
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON ({exc})") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise InvalidRequestError(f"the request body holds a number of more than {_MAX_DIGITS} digits") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def form_to_fields(items: Iterable[tuple[str, Any]], max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
     """Rebuild the mapping the client flattened: ``a[b][c]=v`` -> ``{"a": {"b": {"c": v}}}``.
 
     Top-level values stay strings (the field parsers convert them); values inside nested fields
@@ -75,13 +104,14 @@ def form_to_fields(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in items:
         match = _FORM_KEY.match(key)
         if match is None:
-            raise InvalidRequestError(f"malformed form field name {key!r}", param=key)
+            raise InvalidRequestError(f"malformed form field name {_brief(key)}", param=_brief(key, quoted=False))
         root, rest = match.group(1), match.group(2)
         if not isinstance(value, str):
             raise InvalidRequestError(
                 _UNSUPPORTED.get(root, f"field {root!r} is a file upload; this server takes none"), param=root
             )
         parts = re.findall(r"\[([^\[\]]*)\]", rest)
+        check_form_depth(key, parts, max_depth, root)
         if not parts:
             if root in fields:
                 raise InvalidRequestError(f"parameter {root!r} was given more than once", param=root)
@@ -130,14 +160,17 @@ def _form_scalar(text: str) -> Any:
         return None
     try:
         value = json.loads(stripped)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or a number of more than 4300 digits: the string itself
         return text
     return value if not isinstance(value, (dict, list)) else text
 
 
 # --------------------------------------------------------------------------- field parsing
-def parse_create_request(fields: Mapping[str, Any]) -> VideoCreateRequest:
-    """Check names and types of every field; ranges the model decides are checked later."""
+def parse_create_request(
+    fields: Mapping[str, Any], max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+) -> VideoCreateRequest:
+    """Check names and types of every field; ranges the model and the server's limits decide are
+    checked later. ``max_json_depth`` bounds ``cache_params`` sent as a JSON string."""
     if not isinstance(fields, Mapping):
         raise InvalidRequestError("the request body must be a JSON object or a form", param=None)
     known = {f.name for f in dataclasses.fields(VideoCreateRequest)}
@@ -169,7 +202,7 @@ def parse_create_request(fields: Mapping[str, Any]) -> VideoCreateRequest:
         cache_retention_ratio=_as_float(fields.get("cache_retention_ratio"), "cache_retention_ratio"),
         cache_estimator=_optional_str(fields, "cache_estimator"),
         cache_speedup=_as_float(fields.get("cache_speedup"), "cache_speedup"),
-        cache_params=_as_object(fields.get("cache_params"), "cache_params"),
+        cache_params=_as_object(fields.get("cache_params"), "cache_params", max_json_depth),
     )
 
 
@@ -177,7 +210,9 @@ def parse_size(value: str) -> tuple[int, int]:
     """``"832x480"`` -> ``(832, 480)``: width first, as OpenAI's ``size`` is written."""
     match = _SIZE.match(value)
     if match is None:
-        raise InvalidRequestError(f"size must be 'WIDTHxHEIGHT' such as '832x480', got {value!r}", param="size")
+        raise InvalidRequestError(f"size must be 'WIDTHxHEIGHT' such as '832x480', got {_brief(value)}", param="size")
+    if max(len(match.group(1)), len(match.group(2))) > 9:
+        raise InvalidRequestError(f"size {_brief(value)} is far larger than any video this server makes", param="size")
     width, height = int(match.group(1)), int(match.group(2))
     if width <= 0 or height <= 0:
         raise InvalidRequestError(f"size must be positive, got {value!r}", param="size")
@@ -191,7 +226,7 @@ def _is_blank(value: Any) -> bool:
 def _required_str(fields: Mapping[str, Any], name: str) -> str:
     value = fields.get(name)
     if not isinstance(value, str):
-        raise InvalidRequestError(f"{name} must be a string, got {value!r}", param=name)
+        raise InvalidRequestError(f"{name} must be a string, got {_brief(value)}", param=name)
     return value
 
 
@@ -215,28 +250,34 @@ def _as_int(value: Any, name: str) -> int | None:
         return None
     if isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be an integer, got {json.dumps(value)}", param=name)
+    number: int | None = None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and _INTEGER.match(value.strip()):
-        return int(value.strip())
-    raise InvalidRequestError(f"{name} must be an integer, got {value!r}", param=name)
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and _INTEGER.match(value.strip()):
+        digits = value.strip().lstrip("+-")
+        number = int(value.strip()) if len(digits) <= 20 else _MAX_INT + 1  # int() refuses > 4300 digits
+    if number is None:
+        raise InvalidRequestError(f"{name} must be an integer, got {_brief(value)}", param=name)
+    if abs(number) > _MAX_INT:
+        raise InvalidRequestError(f"{name} {_brief(value, quoted=False)} does not fit in 64 bits", param=name)
+    return number
 
 
 def _as_float(value: Any, name: str) -> float | None:
     if _is_blank(value):
         return None
     number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             number = float(value.strip())
-        except ValueError:
-            number = None
+    except (ValueError, OverflowError):  # not a number, or an integer beyond a float (10^400)
+        number = None
     if number is None or not math.isfinite(number):
-        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", param=name)
+        raise InvalidRequestError(f"{name} must be a finite number, got {_brief(value)}", param=name)
     return number
 
 
@@ -247,11 +288,13 @@ def _as_positive_float(value: Any, name: str) -> float | None:
     return number
 
 
-def _as_object(value: Any, name: str) -> dict[str, Any]:
-    """A JSON object, given as one (JSON body, nested form fields) or as a JSON string."""
+def _as_object(value: Any, name: str, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
+    """A JSON object, given as one (JSON body, nested form fields) or as a JSON string, whose
+    numbers all fit: integers in 64 bits, floats finite."""
     if _is_blank(value):
         return {}
     if isinstance(value, str):
+        check_json_depth(value, max_depth, param=name)
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
@@ -260,9 +303,44 @@ def _as_object(value: Any, name: str) -> dict[str, Any]:
                 "write e.g. '{\"sqrt_ratios\": true}' with double quotes",
                 param=name,
             ) from None
+        except ValueError:  # Python refuses integers of more than 4300 digits
+            raise InvalidRequestError(f"{name} holds a number of more than {_MAX_DIGITS} digits", param=name) from None
     if not isinstance(value, dict):
-        raise InvalidRequestError(f"{name} must be a JSON object of knob -> value, got {value!r}", param=name)
+        raise InvalidRequestError(f"{name} must be a JSON object of knob -> value, got {_brief(value)}", param=name)
+    _check_numbers(value, name)
     return value
+
+
+def _check_numbers(value: Any, name: str) -> None:
+    """Every number inside ``value`` fits: an integer in 64 bits, a float finite (JSON's 1e400 and
+    NaN parse to inf and nan). Iterative: the depth was bounded, but this needs no recursion."""
+    stack: list[tuple[str, Any]] = [(name, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((f"{path}.{key}", child) for key, child in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{index}]", child) for index, child in enumerate(item))
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int) and abs(item) > _MAX_INT:
+            raise InvalidRequestError(
+                f"{_brief(path, quoted=False)} = {_brief(item, quoted=False)} does not fit in 64 bits", param=name
+            )
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidRequestError(f"{_brief(path, quoted=False)} must be a finite number, got {item}", param=name)
+
+
+def _brief(value: Any, limit: int = 60, quoted: bool = True) -> str:
+    """``value`` for an error message, cut to ``limit`` characters: a client's 1 MB string or
+    400-digit number does not come back whole in the response and the log."""
+    try:
+        text = repr(value) if quoted else str(value)
+    except ValueError:  # str() of an int of more than 4300 digits
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits" if isinstance(value, int) else "?"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------- to SamplingParams
@@ -319,11 +397,16 @@ def format_seconds(num_frames: int, fps: int) -> str:
     return f"{num_frames / fps:.3f}".rstrip("0").rstrip(".")
 
 
-def build_sampling_params(request: VideoCreateRequest, generator: Any) -> SamplingParams:
+def build_sampling_params(
+    request: VideoCreateRequest, generator: Any, limits: RequestLimits | None = None
+) -> SamplingParams:
     """Validated params with the model's defaults filled in; raises ``InvalidRequestError``.
 
     Runs the pipeline's input validation (which also builds the request's cache), so everything
-    a generation would refuse is refused here, before the request is queued.
+    a generation would refuse is refused here, before the request is queued. ``limits`` (resolved
+    for the model) are checked on the request as sent, before that validation, so no oversized
+    cache plan is built, and again on the validated request. It can take a while (tokenizing,
+    cache plans): the server calls it off the event loop.
     """
     if request.seconds is not None and request.num_frames is not None:
         raise InvalidRequestError("give either seconds or num_frames, not both", param="seconds")
@@ -340,10 +423,16 @@ def build_sampling_params(request: VideoCreateRequest, generator: Any) -> Sampli
         fps=request.fps,
         cache=build_cache_params(request),
     )
+    if limits is not None:
+        limits.check(params, request.seconds)
     validated = _validate(generator, params, request)
     if request.seconds is not None:
         num_frames = frames_for_seconds(request.seconds, validated.fps, generator.geometry.temporal_stride)
+        if limits is not None:
+            limits.check(dataclasses.replace(validated, num_frames=num_frames), request.seconds)
         validated = _validate(generator, dataclasses.replace(params, num_frames=num_frames), request)
+    if limits is not None:
+        limits.check(validated, request.seconds)
     return validated
 
 
