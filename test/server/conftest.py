@@ -30,6 +30,51 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServerProcess:
+    """``sglang serve`` on the built-in model, on loopback, over one data folder; it can be killed
+    (any signal) and started again on the same folder (each start takes a new free port).
+
+    Args:
+        data_dir: The ``--data-dir``.
+        log: The file its output is appended to (shown when it fails to start).
+        args: Further ``serve`` flags.
+    """
+
+    def __init__(self, data_dir: Path, log: Path, *args: str) -> None:
+        self.data_dir, self.log, self.args = data_dir, log, args
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", "sglang.cli.main", "--log-level", "info", "serve",
+                   "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                   "--data-dir", str(self.data_dir), *self.args]
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _wait_healthy(self.url, self.proc, self.log)
+        return self.url
+
+    def signal(self, sig: int, timeout: float = 30.0) -> int:
+        """Send ``sig`` and wait for the exit; its return code (``-sig`` when the signal ended it)."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -47,25 +92,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory) -> Iterator[str]:
     """Base URL (no /v1) of a server running the built-in model on the CPU."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "sglang.cli.main", "--log-level", "info", "serve",
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    folder = tmp_path_factory.mktemp("server")
+    server = ServerProcess(folder / "data", folder / "server.log")
     try:
-        _wait_healthy(url, proc, log)
-        yield url
+        yield server.start()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 @pytest.fixture(scope="session")
