@@ -6,10 +6,12 @@ test/server is a package (it has ``__init__.py``) so that this file is imported 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,31 +32,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_env(**extra: str) -> dict[str, str]:
+    """This process's environment, with the repo's python/ on PYTHONPATH and ``extra`` on top."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
+    env.pop("SGLANG_API_KEY", None)  # only a test that means to set a key has one
+    env.update(extra)
+    return env
+
+
 class ServerProcess:
-    """``sglang serve`` on the built-in model, on loopback, over one data folder; it can be killed
-    (any signal) and started again on the same folder (each start takes a new free port).
+    """``sglang serve`` on the built-in model, on the CPU, on a free loopback port, over one data
+    folder; it can be killed (any signal) and started again on the same folder (each start takes
+    a new free port).
 
     Args:
         data_dir: The ``--data-dir``.
         log: The file its output is appended to (shown when it fails to start).
         args: Further ``serve`` flags.
+        env: Its environment (default: :func:`server_env`).
     """
 
-    def __init__(self, data_dir: Path, log: Path, *args: str) -> None:
-        self.data_dir, self.log, self.args = data_dir, log, args
+    def __init__(self, data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir, self.log, self.args, self.env = data_dir, log, args, env
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
     def start(self) -> str:
+        """Start it and wait for /health; its base URL (no /v1)."""
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
         command = [sys.executable, "-m", "sglang.cli.main", "--log-level", "info", "serve",
                    "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                    "--data-dir", str(self.data_dir), *self.args]
         with open(self.log, "a") as out:
-            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(command, cwd=REPO, env=self.env or server_env(), stdout=out,
+                                         stderr=subprocess.STDOUT)
         _wait_healthy(self.url, self.proc, self.log)
         return self.url
 
@@ -89,15 +102,22 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"sglang serve did not answer /health within {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="session")
-def server_url(tmp_path_factory) -> Iterator[str]:
-    """Base URL (no /v1) of a server running the built-in model on the CPU."""
-    folder = tmp_path_factory.mktemp("server")
-    server = ServerProcess(folder / "data", folder / "server.log")
+@contextlib.contextmanager
+def serve(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``sglang serve`` (a :class:`ServerProcess` over a new data folder beside ``log``) with
+    ``args`` and ``env`` until the block ends; yields its base URL (no /v1)."""
+    server = ServerProcess(Path(tempfile.mkdtemp(prefix="data-", dir=log.parent)), log, *args, env=env)
     try:
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory) -> Iterator[str]:
+    """Base URL (no /v1) of a server running the built-in model on the CPU."""
+    with serve(tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

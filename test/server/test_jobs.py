@@ -63,7 +63,9 @@ def stub():
 
 
 def _client(stub, tmp_path, **config) -> TestClient:
-    return TestClient(create_app(stub, "stub", ServerConfig(data_dir=str(tmp_path / "data"), **config)))
+    # A loopback-bound app answers only loopback Host names (TestClient's default is "testserver").
+    return TestClient(create_app(stub, "stub", ServerConfig(data_dir=str(tmp_path / "data"), **config)),
+                      base_url="http://localhost")
 
 
 def _health(client: TestClient) -> dict:

@@ -17,12 +17,17 @@ if TYPE_CHECKING:
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve = subparsers.add_parser("serve", help="serve the OpenAI-style /v1/videos API")
     add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1, loopback only; there, requests must name a loopback "
+                            "Host and come from no web page of another Origin)")
     serve.add_argument("--port", type=_port, default=30000, help="port to bind (default 30000; 0 picks a free one)")
     serve.add_argument("--served-model-name", default=None,
                        help="model name in responses and /v1/models (default: the model folder's name)")
     serve.add_argument("--cache-calibration", default=None,
                        help="file written by `sglang calibrate`; cached requests use it instead of the shipped presets")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
+                            "SGLANG_API_KEY environment variable, which keeps the key out of `ps`; unset: no key)")
     jobs = serve.add_argument_group("jobs and storage")
     jobs.add_argument("--data-dir", default=None,
                       help="folder of the job database and the videos, kept across restarts; one server at a time "
@@ -85,13 +90,15 @@ def _count_or_zero(text: str) -> int:
 
 
 def server_config(args: argparse.Namespace) -> "ServerConfig":
-    """The operator's settings from the command line."""
+    """The operator's settings from the command line (and ``SGLANG_API_KEY``, which ``--api-key`` overrides)."""
+    from sglang.multimodal_gen.runtime.entrypoints.access import resolve_api_key
     from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig
     from sglang.multimodal_gen.runtime.entrypoints.job_store import default_data_dir
 
     return ServerConfig(
         host=args.host,
         log_level=args.log_level,
+        api_key=resolve_api_key(args.api_key),
         data_dir=str(args.data_dir or default_data_dir()),
         video_retention_hours=args.video_retention_hours or None,
         max_stored_videos=args.max_stored_videos or None,
@@ -106,10 +113,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore
 
     # What can be checked without the model first: a load can take minutes.
+    config = server_config(args)
     check_listen_address(args.host, args.port)
     if args.cache_calibration is not None:
         load_calibration(args.cache_calibration)
-    config = server_config(args)
     JobStore.check(config.data_dir)  # in use by another server, not writable, newer schema
     generator = DiffGenerator.from_pretrained(
         args.model_path, device=args.device, dtype=args.dtype, cache_calibration=args.cache_calibration

@@ -361,11 +361,19 @@ class TimestepCache(abc.ABC):
     ) -> "TimestepCache":
         """Build the request's instance from its ``CacheParams``.
 
-        The default ignores presets and builds ``config_class`` from the request's knobs; strategies
-        with per-model presets (MagCache, TeaCache) override it to start from those.
+        The default builds ``config_class`` from :meth:`model_defaults` overlaid with the request's
+        knobs; strategies with named per-model presets (MagCache, TeaCache) override it.
         """
-        config = cls.config_class(**params.knob_overrides()) if cls.config_class is not None else None
+        if cls.config_class is None:
+            return cls(None, num_inference_steps, branches, calibrate)
+        config = cls.config_class(**{**cls.model_defaults(model_key), **params.knob_overrides()})
         return cls(config, num_inference_steps, branches, calibrate)
+
+    @classmethod
+    def model_defaults(cls, model_key: str | None) -> dict[str, Any]:
+        """Config values for the model ``model_key`` that replace the dataclass defaults (EasyCache:
+        the release's threshold per model); the request's knobs still win. Default: none."""
+        return {}
 
     @classmethod
     def preset_level(cls, params: Any) -> str:

@@ -33,13 +33,11 @@ dividing by zero; what a skipped step adds can come from a forecasting estimator
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
 from sglang.multimodal_gen.runtime.cache.base import (
-    COND,
-    UNCOND,
     CacheConfigError,
     StepFeatures,
     TimestepCache,
@@ -49,10 +47,6 @@ from sglang.multimodal_gen.runtime.cache.base import (
     register_cache,
     threshold_above,
 )
-
-if TYPE_CHECKING:
-    from sglang.multimodal_gen.configs.cache_params import CacheParams
-
 
 @dataclass
 class EasyCacheConfig:
@@ -109,17 +103,8 @@ class EasyCache(TimestepCache):
     decides_per_pair: ClassVar[bool] = True
 
     @classmethod
-    def from_params(
-        cls,
-        params: "CacheParams",
-        num_inference_steps: int,
-        model_key: str | None,
-        branches: Sequence[str] = (COND, UNCOND),
-        calibrate: bool = False,
-    ) -> "EasyCache":
-        """The release's settings for the model, overlaid with the request's knobs."""
-        config = EasyCacheConfig(**{**release_defaults(model_key), **params.knob_overrides()})
-        return cls(config, num_inference_steps, branches, calibrate)
+    def model_defaults(cls, model_key: str | None) -> dict[str, float | int]:
+        return release_defaults(model_key)
 
     def _reset_strategy_state(self) -> None:
         self._accumulated = 0.0

@@ -26,11 +26,12 @@ import queue
 import shutil
 import socket
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -40,6 +41,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError, UserError
+from sglang.multimodal_gen.runtime.entrypoints.access import (
+    AccessControl,
+    ResponseHygiene,
+    exposure_warning,
+    is_loopback_bind,
+    public_name,
+)
 from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore, Retention, VideoJob
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import (
     ErrorInfo,
@@ -81,8 +89,12 @@ class ServerConfig:
     """What the operator of ``sglang serve`` sets besides the model (``sglang serve --help``).
 
     Attributes:
-        host: Address the server is bound to (loopback unless the operator chose otherwise).
+        host: Address the server is bound to (loopback unless the operator chose otherwise). On a
+            loopback address, requests must be addressed to a loopback name (Host header) and must
+            not come from a web page of another origin (Origin header); see ``access.py``.
         log_level: uvicorn's log level.
+        api_key: When set, every route but ``/health`` requires ``Authorization: Bearer <api_key>``
+            (``--api-key``, else the ``SGLANG_API_KEY`` environment variable). Left out of ``repr``.
         data_dir: Folder of the job database and the mp4 files (``job_store.py``); one server at a
             time may use it. ``None``: a temporary folder removed when the server stops (nothing
             survives a restart); ``sglang serve`` always passes one, by default
@@ -97,6 +109,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     log_level: str = "warning"
+    api_key: str | None = field(default=None, repr=False)
     data_dir: str | None = None
     video_retention_hours: float | None = DEFAULT_VIDEO_RETENTION_HOURS
     max_stored_videos: int | None = DEFAULT_MAX_STORED_VIDEOS
@@ -157,6 +170,7 @@ class VideoService:
         self._cancel = threading.Event()
         self._cancel_reason: str | None = None
         self._durations: collections.deque[float] = collections.deque(maxlen=8)
+        self.hygiene = ResponseHygiene.for_generator(generator)
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -408,14 +422,8 @@ class VideoService:
             logger.info("%s cancelled (%s)", job.id, self._cancel_reason)
             self._finish(job)
             return
-        except UserError as exc:
-            self._finish(job, error=VideoError(code="invalid_request", message=str(exc),
-                                               param=getattr(exc, "param", None), type="invalid_request_error"))
-            return
-        except Exception as exc:  # a failed generation must not take the server down
-            logger.exception("generation of %s failed", job.id)
-            self._finish(job, error=VideoError(code="generation_failed", message=f"{type(exc).__name__}: {exc}",
-                                               type="server_error"))
+        except Exception as exc:  # a failed generation must not take the server down; the detail goes to the log
+            self._finish(job, error=self.hygiene.failure(job.id, exc))
             return
         self._durations.append(time.monotonic() - started)
         try:
@@ -530,11 +538,14 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
 
     app = FastAPI(title="sglang diffusion", lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(AccessControl, api_key=config.api_key, local_only=is_loopback_bind(config.host),
+                       host_names=[config.host])
 
     @app.exception_handler(UserError)
     async def _invalid_request(request: Request, exc: UserError) -> JSONResponse:
         param = getattr(exc, "param", None)
-        return _error_response(400, ErrorInfo(message=str(exc), param=param, code="invalid_value"))
+        message = service.hygiene.text(str(exc))  # a server calibration file's error would name its path
+        return _error_response(400, ErrorInfo(message=message, param=param, code="invalid_value"))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -567,7 +578,7 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        root = str(getattr(generator, "model_path", "")) or None
+        root = public_name(str(getattr(generator, "model_path", ""))) or None
         return ModelList(data=[ModelCard(id=model_name, created=started, root=root)])
 
     @app.post("/v1/videos")
@@ -655,6 +666,9 @@ def run_server(generator: Any, model_name: str, port: int, config: ServerConfig 
     bound_port = sock.getsockname()[1]
     app = create_app(generator, model_name, config)
     service: VideoService = app.state.service
+    warning = exposure_warning(config.host, config.api_key)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     server_config = uvicorn.Config(app, host=config.host, port=bound_port, log_level=config.log_level.lower(),
                                    timeout_graceful_shutdown=5)
 
