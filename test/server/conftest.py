@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +32,62 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_env(**extra: str) -> dict[str, str]:
+    """This process's environment, with the repo's python/ on PYTHONPATH and ``extra`` on top."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
+    env.pop("SGLANG_API_KEY", None)  # only a test that means to set a key has one
+    env.update(extra)
+    return env
+
+
+class ServerProcess:
+    """``sglang serve`` on the built-in model, on the CPU, on a free loopback port, over one data
+    folder; it can be killed (any signal) and started again on the same folder (each start takes
+    a new free port).
+
+    Args:
+        data_dir: The ``--data-dir``.
+        log: The file its output is appended to (shown when it fails to start).
+        args: Further ``serve`` flags.
+        env: Its environment (default: :func:`server_env`).
+    """
+
+    def __init__(self, data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir, self.log, self.args, self.env = data_dir, log, args, env
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        """Start it and wait for /health; its base URL (no /v1)."""
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "sglang.cli.main", "--log-level", "info", "serve",
+                   "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                   "--data-dir", str(self.data_dir), *self.args]
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(command, cwd=REPO, env=self.env or server_env(), stdout=out,
+                                         stderr=subprocess.STDOUT)
+        _wait_healthy(self.url, self.proc, self.log)
+        return self.url
+
+    def signal(self, sig: int, timeout: float = 30.0) -> int:
+        """Send ``sig`` and wait for the exit; its return code (``-sig`` when the signal ended it)."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -45,35 +102,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"sglang serve did not answer /health within {STARTUP_TIMEOUT_S:.0f}s:\n{log.read_text()}")
 
 
-def server_env(**extra: str) -> dict[str, str]:
-    """This process's environment, with the repo's python/ on PYTHONPATH and ``extra`` on top."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
-    env.pop("SGLANG_API_KEY", None)  # only a test that means to set a key has one
-    env.update(extra)
-    return env
-
-
 @contextlib.contextmanager
 def serve(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``sglang serve`` on the CPU on a free loopback port, with ``args`` and ``env`` (default:
-    :func:`server_env`), until the block ends; yields its base URL (no /v1). Output goes to ``log``."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "sglang.cli.main", "--log-level", "info", "serve",
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env or server_env(), stdout=out, stderr=subprocess.STDOUT)
+    """``sglang serve`` (a :class:`ServerProcess` over a new data folder beside ``log``) with
+    ``args`` and ``env`` until the block ends; yields its base URL (no /v1)."""
+    server = ServerProcess(Path(tempfile.mkdtemp(prefix="data-", dir=log.parent)), log, *args, env=env)
     try:
-        _wait_healthy(url, proc, log)
-        yield url
+        yield server.start()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

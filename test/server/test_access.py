@@ -244,7 +244,8 @@ def test_exposure_warning_decision():
 
 
 def test_serving_on_all_interfaces_warns_at_startup(tmp_path):
-    command = [sys.executable, "-m", "sglang.cli.main", "serve", "--host", "0.0.0.0", "--port", "0", "--device", "cpu"]
+    command = [sys.executable, "-m", "sglang.cli.main", "serve", "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
+               "--data-dir", str(tmp_path / "data")]
     proc = subprocess.Popen(command, cwd=REPO, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines = []

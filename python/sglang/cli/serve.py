@@ -31,6 +31,19 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
                             "SGLANG_API_KEY environment variable, which keeps the key out of `ps`; unset: no key)")
     add_limit_args(serve)
+    jobs = serve.add_argument_group("jobs and storage")
+    jobs.add_argument("--data-dir", default=None,
+                      help="folder of the job database and the videos, kept across restarts; one server at a time "
+                           "(default: $XDG_CACHE_HOME/sglang/videos, i.e. ~/.cache/sglang/videos)")
+    jobs.add_argument("--video-retention-hours", type=_hours, default=24.0,
+                      help="finished videos expire this many hours after completion (expires_at); 0 keeps them "
+                           "until deleted (default 24)")
+    jobs.add_argument("--max-stored-videos", type=_count_or_zero, default=1000,
+                      help="the most finished videos kept; the oldest beyond it are removed; 0: no limit "
+                           "(default 1000)")
+    jobs.add_argument("--max-queued-videos", type=_count, default=64,
+                      help="videos that may wait behind the running one; more is a 429 with Retry-After "
+                           "(default 64)")
     serve.set_defaults(func=cmd_serve)
     return serve
 
@@ -80,25 +93,69 @@ def _port(text: str) -> int:
     return port
 
 
+def _hours(text: str) -> float:
+    """argparse type: hours >= 0 (a fraction is fine)."""
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of hours {text!r}; use e.g. 24 or 0.5 (0: keep)") from None
+    if not hours >= 0 or hours == float("inf"):
+        raise argparse.ArgumentTypeError(f"hours must be a finite number >= 0 (0 keeps videos), got {text}")
+    return hours
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"count must be >= 1, got {value}")
+    return value
+
+
+def _count_or_zero(text: str) -> int:
+    """argparse type: a whole number >= 0 (0: no limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= 0 (0: no limit)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"count must be >= 0 (0: no limit), got {value}")
+    return value
+
+
 def server_config(args: argparse.Namespace) -> "ServerConfig":
     """The operator's settings from the command line (and ``SGLANG_API_KEY``, which ``--api-key`` overrides)."""
     from sglang.multimodal_gen.runtime.entrypoints.access import resolve_api_key
     from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig
+    from sglang.multimodal_gen.runtime.entrypoints.job_store import default_data_dir
 
-    return ServerConfig(host=args.host, log_level=args.log_level, api_key=resolve_api_key(args.api_key),
-                        limits=limits_from_args(args))
+    return ServerConfig(
+        host=args.host,
+        log_level=args.log_level,
+        api_key=resolve_api_key(args.api_key),
+        data_dir=str(args.data_dir or default_data_dir()),
+        video_retention_hours=args.video_retention_hours or None,
+        max_stored_videos=args.max_stored_videos or None,
+        max_queued_videos=args.max_queued_videos,
+        limits=limits_from_args(args),
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from sglang.multimodal_gen.runtime.cache.calibration import load_calibration
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
     from sglang.multimodal_gen.runtime.entrypoints.http_server import check_listen_address, run_server
+    from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore
 
     # What can be checked without the model first: a load can take minutes.
     config = server_config(args)
     check_listen_address(args.host, args.port)
     if args.cache_calibration is not None:
         load_calibration(args.cache_calibration)
+    JobStore.check(config.data_dir)  # in use by another server, not writable, newer schema
     generator = DiffGenerator.from_pretrained(
         args.model_path, device=args.device, dtype=args.dtype, cache_calibration=args.cache_calibration
     )

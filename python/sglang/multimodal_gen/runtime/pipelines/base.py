@@ -16,6 +16,8 @@ from sglang.multimodal_gen.runtime.cache.base import CacheStats, TimestepCache
 
 logger = logging.getLogger(__name__)
 
+# ``progress(done, total)``: called with 0 before the first denoising step and after each step;
+# an exception raised from it ends the generation there (the server's cancellation uses this).
 ProgressCallback = Callable[[int, int], None]
 
 

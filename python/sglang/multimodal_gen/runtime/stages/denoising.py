@@ -71,6 +71,8 @@ class DenoisingStage(PipelineStage):
             for kwargs in conditioning.values():
                 kwargs["guidance"] = guidance
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not req.show_progress_bar)
+        if req.progress is not None:
+            req.progress(0, len(timesteps))  # before the first step: a caller may stop it here
         timer = PassTimer(latents.device)
         timer.start()
         for step, t in enumerate(timesteps):
