@@ -13,7 +13,7 @@ from sglang.cli.main import add_model_args
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
 
 if TYPE_CHECKING:
-    from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig
+    from sglang.multimodal_gen.runtime.entrypoints.video_service import ServerConfig
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -129,7 +129,7 @@ def _count_or_zero(text: str) -> int:
 def server_config(args: argparse.Namespace) -> "ServerConfig":
     """The operator's settings from the command line (and ``SGLANG_API_KEY``, which ``--api-key`` overrides)."""
     from sglang.multimodal_gen.runtime.entrypoints.access import resolve_api_key
-    from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig
+    from sglang.multimodal_gen.runtime.entrypoints.video_service import ServerConfig
     from sglang.multimodal_gen.runtime.entrypoints.job_store import default_data_dir
 
     return ServerConfig(
