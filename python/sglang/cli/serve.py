@@ -38,10 +38,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     jobs.add_argument("--video-retention-hours", type=_hours, default=24.0,
                       help="finished videos expire this many hours after completion (expires_at); 0 keeps them "
                            "until deleted (default 24)")
-    jobs.add_argument("--max-stored-videos", type=_count_or_zero, default=1000,
+    jobs.add_argument("--max-stored-videos", type=_whole_number(0, "no limit"), default=1000,
                       help="the most finished videos kept; the oldest beyond it are removed; 0: no limit "
                            "(default 1000)")
-    jobs.add_argument("--max-queued-videos", type=_count, default=64,
+    jobs.add_argument("--max-queued-videos", type=_whole_number(1), default=64,
                       help="videos that may wait behind the running one; more is a 429 with Retry-After "
                            "(default 64)")
     serve.set_defaults(func=cmd_serve)
@@ -104,26 +104,20 @@ def _hours(text: str) -> float:
     return hours
 
 
-def _count(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"count must be >= 1, got {value}")
-    return value
+def _whole_number(minimum: int, zero_means: str = "") -> Callable[[str], int]:
+    """argparse type: a whole number >= ``minimum``; ``zero_means`` says what 0 does where it is allowed."""
+    note = f" (0: {zero_means})" if zero_means else ""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= {minimum}{note}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"count must be >= {minimum}{note}, got {value}")
+        return value
 
-def _count_or_zero(text: str) -> int:
-    """argparse type: a whole number >= 0 (0: no limit)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= 0 (0: no limit)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"count must be >= 0 (0: no limit), got {value}")
-    return value
+    return parse
 
 
 def server_config(args: argparse.Namespace) -> "ServerConfig":
