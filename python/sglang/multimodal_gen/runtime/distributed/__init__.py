@@ -1,0 +1,1 @@
+"""The distributed layer: process groups and the collectives the runtime uses (parallel_state)."""
