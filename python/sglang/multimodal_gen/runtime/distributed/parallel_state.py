@@ -21,13 +21,18 @@ Accessors (all valid without ``torch.distributed`` initialised, and then trivial
 - ``init_parallel_state(rank, world_size, init_method, *, sp_degree=1, cfg_degree=1,
   backend=None, timeout_s=...)`` and ``destroy_parallel_state()`` (called by the worker
   group, not by adapters).
+- ``parallel_state_active(active)``: a context manager. In a worker the groups are active for
+  the life of the process; in the driver (rank 0, the user's process) they are active only
+  while its multi-process generator runs a request, so a single-process generator in the same
+  process still sees the trivial values.
 
 GroupCoordinator collectives (tensor in, tensor out; the input is not modified):
 ``all_reduce(t, op="sum")``, ``all_gather(t, dim=0)`` (concatenated in rank order along
 ``dim``), ``all_to_all(t, scatter_dim, gather_dim)`` (chunks ``t`` along ``scatter_dim`` into
 ``world_size`` parts, sends part ``j`` to rank ``j``, concatenates what arrives along
 ``gather_dim``; Ulysses uses this), ``broadcast(t, src=0)`` (``src`` is a rank *in the group*),
-``broadcast_object(obj, src=0)``, ``barrier()``. Every collective runs under the group's
+``broadcast_object(obj, src=0)``, ``broadcast_flag(value, src=0)`` (one bool),
+``all_gather_object(obj)``, ``barrier()``. Every collective runs under the group's
 timeout (set at ``init_process_group``), so a dead peer raises instead of waiting forever.
 
 Backend: ``nccl`` when CUDA is available, else ``gloo`` (override with ``backend=``). gloo has
@@ -36,14 +41,18 @@ no all_to_all: the coordinator builds it from all_gather there (same result, mor
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 120.0
+#: The control group's timeout: idle workers wait there for the next request (the driver's exit
+#: closes the connection, which ends the wait at once).
+IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -126,18 +135,35 @@ class GroupCoordinator:
         dist.broadcast_object_list(box, src=self._global(src), group=self.group)
         return box[0]
 
+    def broadcast_flag(self, value: bool | None, src: int = 0, device: Any = "cpu") -> bool:
+        """One bool from group rank ``src`` (``value`` is ignored elsewhere)."""
+        if self.world_size == 1:
+            return bool(value)
+        if self.group is not None and dist.get_backend(self.group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([1 if (self.rank_in_group == src and value) else 0], dtype=torch.int32, device=device)
+        dist.broadcast(flag, src=self._global(src), group=self.group)
+        return bool(flag.item())
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.group)
 
 
-_SINGLE = {
-    "world": GroupCoordinator("world"),
-    "sp": GroupCoordinator("sp"),
-    "cfg": GroupCoordinator("cfg"),
-}
-_groups: dict[str, GroupCoordinator] = dict(_SINGLE)
-_initialized = False
+def _single_groups() -> dict[str, GroupCoordinator]:
+    return {name: GroupCoordinator(name) for name in ("world", "sp", "cfg", "control")}
+
+
+_SINGLE = _single_groups()
+_distributed: dict[str, GroupCoordinator] | None = None  # this process's groups, once initialised
+_groups: dict[str, GroupCoordinator] = _SINGLE  # what the accessors answer now
 
 
 def default_backend() -> str:
@@ -164,40 +190,67 @@ def init_parallel_state(
     cfg_degree: int = 1,
     backend: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    activate: bool = True,
 ) -> None:
     """Join the world (``init_method`` e.g. ``tcp://127.0.0.1:PORT`` or ``file:///path``) and
-    build the sp and cfg groups. Every rank calls this with the same arguments but ``rank``."""
-    global _initialized
+    build the sp, cfg and control groups. Every rank calls this with the same arguments but
+    ``rank``. ``activate=False`` (the driver) leaves the accessors trivial until
+    :func:`parallel_state_active` turns them on."""
+    global _distributed, _groups
+    if _distributed is not None or dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialised in this process; one worker group per process")
     sp_groups, cfg_groups = group_layout(world_size, sp_degree, cfg_degree)
     backend = backend or default_backend()
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
-    world = GroupCoordinator("world", list(range(world_size)), rank, dist.group.WORLD)
-    _groups["world"] = world
+    everyone = list(range(world_size))
+    groups = {"world": GroupCoordinator("world", everyone, rank, dist.group.WORLD)}
     # new_group must be called by every rank for every group, in the same order.
     for name, layout in (("sp", sp_groups), ("cfg", cfg_groups)):
         for ranks in layout:
             pg = dist.new_group(ranks, timeout=timeout, backend=backend) if len(ranks) > 1 else None
             if rank in ranks:
-                _groups[name] = GroupCoordinator(name, ranks, ranks.index(rank), pg)
-    _initialized = True
+                groups[name] = GroupCoordinator(name, ranks, ranks.index(rank), pg)
+    # Requests travel on a gloo group with a long timeout: idle workers wait there.
+    control = dist.new_group(everyone, timeout=datetime.timedelta(seconds=IDLE_TIMEOUT_S), backend="gloo")
+    groups["control"] = GroupCoordinator("control", everyone, rank, control)
+    _distributed = groups
+    if activate:
+        _groups = groups
 
 
 def destroy_parallel_state() -> None:
-    global _initialized
+    global _distributed, _groups
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _groups.clear()
-    _groups.update(
-        world=GroupCoordinator("world"), sp=GroupCoordinator("sp"), cfg=GroupCoordinator("cfg")
-    )
-    _initialized = False
+    _distributed = None
+    _groups = _SINGLE
+
+
+@contextlib.contextmanager
+def parallel_state_active(active: bool = True) -> Iterator[None]:
+    """Answer the accessors from this process's groups (``active``) or as a single process."""
+    global _groups
+    previous = _groups
+    if active and _distributed is None:
+        raise RuntimeError("parallel_state_active: init_parallel_state has not run in this process")
+    _groups = _distributed if active else _SINGLE
+    try:
+        yield
+    finally:
+        _groups = previous
 
 
 def is_initialized() -> bool:
-    return _initialized
+    """Whether this process belongs to a worker group (the accessors may still be inactive)."""
+    return _distributed is not None
+
+
+def get_control_group() -> GroupCoordinator:
+    """The gloo group requests and results travel on (the worker group's, not the adapters')."""
+    return _groups["control"]
 
 
 def get_world_group() -> GroupCoordinator:
@@ -241,6 +294,8 @@ __all__: Sequence[str] = (
     "init_parallel_state",
     "destroy_parallel_state",
     "is_initialized",
+    "parallel_state_active",
+    "get_control_group",
     "get_world_group",
     "get_sp_group",
     "get_cfg_group",
