@@ -34,6 +34,9 @@ class ModelFamily:
             ``max_sequence_length`` default of the family's diffusers pipeline (Wan 512;
             HunyuanVideo 256 after the template's ``crop_start``). It never depends on the
             tokenizer's ``model_max_length``, since diffusers' pipelines ignore that too.
+        cfg_branches: DiT passes per step under guidance: 2 (cond, uncond) for classifier-free
+            guidance (Wan), 1 for a guidance-distilled model (HunyuanVideo). CFG parallel
+            needs 2.
     """
 
     name: str
@@ -41,6 +44,7 @@ class ModelFamily:
     pipeline_module: str
     text_max_length: int
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    cfg_branches: int = 2
 
 
 MODEL_FAMILIES: tuple[ModelFamily, ...] = (
@@ -64,6 +68,7 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
         diffusers_pipelines=("HunyuanVideoPipeline",),
         pipeline_module="sglang.multimodal_gen.runtime.pipelines.hunyuan",
         text_max_length=256,
+        cfg_branches=1,
         # diffusers' HunyuanVideoPipeline defaults; fps 24 as the HunyuanVideo release saves its videos.
         # guidance_scale is the embedded (distilled) guidance; there is no negative-prompt branch.
         sampling_defaults=dict(

@@ -292,6 +292,11 @@ def local_statistic(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def local_decision(step: int, decision: bool | None) -> bool | None:
+    """The decision exchange of a single process: every branch's decision is taken here."""
+    return decision
+
+
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """``mean|a - b| / mean|b|``: TeaCache's relative change between consecutive steps."""
     previous = previous.float()
@@ -347,6 +352,7 @@ class TimestepCache(abc.ABC):
         self.calibrate = calibrate
         self._pass_budget: int | None = None
         self._statistic_reducer: Callable[[torch.Tensor], torch.Tensor] = local_statistic
+        self._decision_exchange: Callable[[int, bool | None], bool | None] = local_decision
         self._estimator = self._build_estimator(None, {})
         self.reset()
 
@@ -457,6 +463,10 @@ class TimestepCache(abc.ABC):
             self._record_input(branch, features)
             compute = True
         elif self.decides_per_pair and branch != self.branches[0]:
+            if self._pair_decision is None or self._pair_decision[0] != step:
+                decision = self._decision_exchange(step, None)  # taken on another rank
+                if decision is not None:
+                    self._pair_decision = (step, decision)
             compute = self._follow_pair_decision(step, branch)
         else:
             compute = self._decide(step, branch, features)
@@ -465,6 +475,8 @@ class TimestepCache(abc.ABC):
             elif self._pass_budget is not None:
                 compute = self._within_budget(step, branch, compute)
             self._pair_decision = (step, compute)
+            if self.decides_per_pair:
+                self._decision_exchange(step, compute)
         stats = self._stats.branches[branch]
         (stats.computed_steps if compute else stats.skipped_steps).append(step)
         return compute
@@ -504,6 +516,14 @@ class TimestepCache(abc.ABC):
         one that all-reduces them over a sequence shard's processes, or broadcasts them from the
         rank that holds the first branch, so every process takes the same decision."""
         self._statistic_reducer = reducer
+
+    def set_decision_exchange(self, exchange: Callable[[int, bool | None], bool | None]) -> None:
+        """For a strategy that ``decides_per_pair`` when its branches run on different ranks:
+        ``exchange(step, decision)`` is called with the first branch's decision where that branch
+        runs (it sends it), and with ``None`` where only a later branch runs (it returns the
+        decision taken on the other rank). The single-process exchange sends nothing and has
+        nothing to receive."""
+        self._decision_exchange = exchange
 
     def mean_abs(self, *tensors: torch.Tensor) -> list[float]:
         """The mean absolute value of each tensor, over all of it wherever its parts are held.

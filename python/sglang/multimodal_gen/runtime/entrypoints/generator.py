@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import logging
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -14,6 +15,7 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.calibration import apply_calibration, load_calibration
 from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_or_fallback
+from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroup
 from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback, VideoGeometry
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
@@ -59,10 +61,17 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 class DiffGenerator:
     """A loaded pipeline. ``generate`` runs one request; requests never share cache state."""
 
-    def __init__(self, pipeline: Pipeline, model_path: str, cache_calibration: str | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        model_path: str,
+        cache_calibration: str | None = None,
+        workers: WorkerGroup | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.model_path = model_path
         self.cache_calibration = cache_calibration
+        self.workers = workers
 
     @classmethod
     def from_pretrained(
@@ -71,18 +80,60 @@ class DiffGenerator:
         device: str | None = None,
         dtype: str | None = None,
         cache_calibration: str | None = None,
+        *,
+        num_gpus: int = 1,
+        enable_cfg_parallel: bool = False,
+        ulysses_degree: int | None = None,
+        sp_degree: int | None = None,
+        dist_timeout_s: float | None = None,
+        worker_init: Callable[[], None] | None = None,
     ) -> "DiffGenerator":
         """Load a model. ``cache_calibration``: a calibration file every cached request uses unless
-        it names its own (it takes precedence over the model folder's own calibration)."""
+        it names its own (it takes precedence over the model folder's own calibration).
+
+        ``num_gpus > 1`` starts ``num_gpus - 1`` worker processes (this process is rank 0) that
+        load the same model and run every request with it: ``enable_cfg_parallel`` puts the cond
+        and uncond branches on different ranks, ``ulysses_degree`` (or ``sp_degree``) shards the
+        sequence. ``dist_timeout_s`` bounds every collective; ``worker_init`` is a picklable
+        function each worker runs before loading. Call :meth:`close` to stop the workers."""
+        extra: dict[str, Any] = {} if dist_timeout_s is None else {"timeout_s": dist_timeout_s}
+        parallel = ParallelConfig.from_flags(num_gpus, enable_cfg_parallel, ulysses_degree, sp_degree, **extra)
         model_path = str(model_path or BUILTIN_MODEL_PATH)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         info = read_model_info(resolve_model_path(model_path))
-        pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
-        logger.info("loading %s model from %s on %s (%s)", info.family.name, info.path, torch_device, torch_dtype)
+        parallel.check(info.family)
         if cache_calibration is not None:
             load_calibration(cache_calibration).check_model(info.family.name)
-        return cls(pipeline_cls(info, torch_device, torch_dtype), model_path, cache_calibration)
+        pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
+
+        def load() -> Pipeline:
+            logger.info("loading %s model from %s on %s (%s)", info.family.name, info.path, torch_device, torch_dtype)
+            return pipeline_cls(info, torch_device, torch_dtype)
+
+        if parallel.num_gpus == 1:
+            return cls(load(), model_path, cache_calibration)
+        if torch_device.type == "cuda" and torch.cuda.device_count() < parallel.num_gpus:
+            raise InvalidRequestError(
+                f"--num-gpus {parallel.num_gpus} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "one process per GPU (use --device cpu for gloo processes)", param="num_gpus")
+        if torch_device.type == "cuda":
+            torch_device = torch.device("cuda", 0)
+        load_args = dict(model_path=model_path, device=str(torch_device), dtype=dtype, cache_calibration=cache_calibration)
+        workers = WorkerGroup(parallel, load_args, load, worker_init)
+        return cls(workers.pipeline, model_path, cache_calibration, workers)
+
+    def close(self) -> None:
+        """Stop the worker processes of a multi-process generator (nothing for one process)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+
+    def __enter__(self) -> "DiffGenerator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @property
     def geometry(self) -> VideoGeometry:
@@ -126,7 +177,12 @@ class DiffGenerator:
         if params.output_path is not None:
             check_output_path(params.output_path)
         params = self._with_calibration(params)
-        result = self.pipeline.run(params, progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate)
+        kwargs = dict(progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate)
+        if self.workers is None:
+            result = self.pipeline.run(params, **kwargs)
+        else:
+            self.pipeline.validate(params, calibrate=calibrate)  # refuse bad input before any worker sees it
+            result = self.workers.run(self.pipeline, params, **kwargs)
         if params.output_path is not None:
             result.output_path = str(save_video(result.frames, params.output_path, result.params.fps))
         return result

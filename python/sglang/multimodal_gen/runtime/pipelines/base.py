@@ -63,6 +63,8 @@ class GenerationResult:
     cache_stats: CacheStats | None
     cache: TimestepCache | None = None
     output_path: str | None = None
+    #: With several processes: each rank's report (rank, cfg/sp rank, computed and skipped steps).
+    rank_reports: list[dict[str, Any]] | None = None
 
 
 class PipelineStage:

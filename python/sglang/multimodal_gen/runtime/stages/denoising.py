@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 from sglang.multimodal_gen.runtime.utils.timing import PassTimer
@@ -25,7 +26,9 @@ class DenoisingStage(PipelineStage):
     asked before the embedding and a skip returns the latents plus its estimate of the model
     output minus them. A :class:`PassTimer` times the loop and every pass the cache may skip (the
     blocks, or the whole model call); with a cache the figures go to its stats
-    (``CacheStats.record_timing``) for the measured speedup.
+    (``CacheStats.record_timing``) for the measured speedup. With CFG parallel a
+    :class:`BranchPlacement` names the branches this rank runs and gathers every branch's
+    prediction before guidance, so every rank steps the scheduler on the same values.
 
     Args:
         adapter: The model's embed / blocks / head split.
@@ -58,6 +61,8 @@ class DenoisingStage(PipelineStage):
         params, cache, scheduler = req.params, req.cache, req.scheduler
         if cache is not None:
             cache.reset()
+        placement = BranchPlacement(tuple(req.prompt_embeds))
+        placement.attach(cache)
         _warn_if_nothing_skips(cache, planned=True)
         latents = req.latents
         model_dtype = self.dtype
@@ -80,13 +85,13 @@ class DenoisingStage(PipelineStage):
             timestep = t.expand(model_input.shape[0])
             if self.timestep_in_latent_dtype:
                 timestep = timestep.to(latents.dtype)
-            preds = {
+            preds = placement.gather({
                 branch: self._predict(
-                    step, branch, latents, model_input, timestep, sigmas[step], embeds, conditioning[branch], req,
-                    timer,
+                    step, branch, latents, model_input, timestep, sigmas[step], req.prompt_embeds[branch],
+                    conditioning[branch], req, timer,
                 )
-                for branch, embeds in req.prompt_embeds.items()
-            }
+                for branch in placement.local_branches
+            })
             noise_pred = preds[COND]
             if UNCOND in preds:
                 noise_pred = preds[UNCOND] + params.guidance_scale * (preds[COND] - preds[UNCOND])
@@ -96,6 +101,7 @@ class DenoisingStage(PipelineStage):
                 req.progress(step + 1, len(timesteps))
         bar.close()
         timing = timer.finish()
+        placement.merge_stats(cache)
         if cache is not None:
             cache.stats.record_timing(timing.total_seconds, timing.pass_seconds)
         _warn_if_nothing_skips(cache, planned=False)
