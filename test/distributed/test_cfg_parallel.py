@@ -150,3 +150,33 @@ def test_sglang_flag_arithmetic():
     assert ParallelConfig.from_flags(4, True).ulysses_degree == 2  # the processes CFG leaves go to SP
     assert ParallelConfig.from_flags(2, False, sp_degree=2).sp_degree == 2
     assert ParallelConfig.from_flags(1).num_gpus == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-gpus", "2", "--ulysses-degree", "1", "--sp-degree", "2"], "error: ring attention is not supported"),
+        (["--num-gpus", "4", "--enable-cfg-parallel", "--ulysses-degree", "1"], "error: --num-gpus 4 must equal 2"),
+    ],
+)
+def test_cli_refuses_inconsistent_flags_in_one_line(tmp_path, capsys, flags, message):
+    from sglang.cli.main import main
+
+    code = main(["generate", "--prompt", "x", "--device", "cpu", "--output-path", str(tmp_path / "o.mp4"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(message) and "\n" not in err, err
+
+
+def test_cli_refuses_cfg_parallel_for_a_distilled_model(tiny_hunyuan_dir, tmp_path, capsys):
+    from sglang.cli.main import main
+
+    code = main(["generate", "--prompt", "x", "--device", "cpu", "--model-path", str(tiny_hunyuan_dir),
+                 "--output-path", str(tmp_path / "o.mp4"), "--num-gpus", "2", "--enable-cfg-parallel"])
+    assert code == 2 and "needs a model with two CFG branches" in capsys.readouterr().err
+
+
+def test_serve_takes_the_process_flags():
+    from sglang.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "--num-gpus", "2", "--enable-cfg-parallel", "--ulysses-degree", "1"])
+    assert (args.num_gpus, args.enable_cfg_parallel, args.ulysses_degree, args.sp_degree) == (2, True, 1, None)
