@@ -167,7 +167,7 @@ def _worker_main(
             if message[0] == "stop":
                 break
             _, params, calibrate = message
-            result = generator.pipeline.run(params, calibrate=calibrate)
+            result = generator.pipeline.run(params, calibrate=calibrate, stop_after="denoising")  # rank 0 decodes
             control.all_gather_object(rank_report(result))
     except BaseException as exc:  # report, then leave: the closed connection ends rank 0's wait
         try:

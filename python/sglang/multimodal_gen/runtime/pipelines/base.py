@@ -96,9 +96,14 @@ class Pipeline:
         progress: ProgressCallback | None = None,
         show_progress_bar: bool = False,
         calibrate: bool = False,
+        stop_after: str | None = None,
     ) -> GenerationResult:
+        """Run every stage (or those up to the one named ``stop_after``: the worker ranks of a
+        multi-process request stop after denoising, since rank 0 alone decodes and saves)."""
         req = Req(params=params, progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate)
         for stage in self.stages:
+            if stop_after is not None and req.timings and list(req.timings)[-1] == stop_after:
+                break
             start = time.perf_counter()
             with torch.inference_mode():
                 req = stage(req)
