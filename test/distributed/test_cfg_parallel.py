@@ -180,3 +180,44 @@ def test_serve_takes_the_process_flags():
 
     args = build_parser().parse_args(["serve", "--num-gpus", "2", "--enable-cfg-parallel", "--ulysses-degree", "1"])
     assert (args.num_gpus, args.enable_cfg_parallel, args.ulysses_degree, args.sp_degree) == (2, True, 1, None)
+
+
+def test_the_server_runs_its_jobs_on_the_worker_group(cfg_group, tmp_path):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig, create_app
+
+    app = create_app(cfg_group, "tiny-wan", ServerConfig(data_dir=str(tmp_path / "data")))
+    with TestClient(app, base_url="http://localhost") as client:
+        ids = [client.post("/v1/videos", json={"prompt": prompt, "size": "48x64", "num_frames": 5,
+                                               "num_inference_steps": 4}).json()["id"]
+               for prompt in ("a red circle", "a blue square")]
+        for video_id in ids:
+            deadline = time.monotonic() + 60
+            while (video := client.get(f"/v1/videos/{video_id}").json())["status"] not in ("completed", "failed"):
+                assert time.monotonic() < deadline, video
+                time.sleep(0.05)
+            assert video["status"] == "completed", video
+            assert client.get(f"/v1/videos/{video_id}/content").status_code == 200
+
+
+def test_rank_0_stopping_mid_request_raises_its_own_error_and_the_next_request_succeeds(cfg_group, wan_generator):
+    """A cancellation (the server raises from the progress callback) stops rank 0 between steps;
+    the workers wait in that step's collective, so the group is rebuilt, and the caller gets its
+    own exception back."""
+
+    class Stop(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        if done == 2:
+            raise Stop
+
+    restarts = cfg_group.workers.restarts
+    with pytest.raises(Stop):
+        cfg_group.generate(_params(CacheParams()), progress=progress)
+    assert cfg_group.workers.restarts == restarts + 1
+    params = _params(STRATEGIES["teacache"])
+    assert torch.equal(cfg_group.generate(params).latents, wan_generator.generate(params).latents)
