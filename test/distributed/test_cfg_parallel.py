@@ -11,6 +11,9 @@ cache that carried state between requests) shows up as a nonzero difference at o
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -52,10 +55,25 @@ class RaiseOnRank1(TimestepCache):
         return True
 
 
+class KilledOnRank1(TimestepCache):
+    """Computes every step, except that rank 1's process is killed (SIGKILL) at ``FAIL_STEP``."""
+
+    name = "test_killed_on_rank1"
+
+    def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
+        if ps.world_rank() == 1 and step == FAIL_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return True
+
+
+TEST_STRATEGIES = (RaiseOnRank1, KilledOnRank1)
+
+
 def register_test_strategy() -> None:
     """Run in each worker before it loads (and in this process by the fixture)."""
-    if RaiseOnRank1.name not in cache_base.registered_caches():
-        cache_base.register_cache(RaiseOnRank1)
+    for cls in TEST_STRATEGIES:
+        if cls.name not in cache_base.registered_caches():
+            cache_base.register_cache(cls)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +85,8 @@ def cfg_group(tiny_wan_dir):
     )
     yield generator
     generator.close()
-    cache_base._REGISTRY.unregister(RaiseOnRank1.name)
+    for cls in TEST_STRATEGIES:
+        cache_base._REGISTRY.unregister(cls.name)
 
 
 def _params(cache: CacheParams, **overrides) -> SamplingParams:
@@ -221,3 +240,22 @@ def test_rank_0_stopping_mid_request_raises_its_own_error_and_the_next_request_s
     assert cfg_group.workers.restarts == restarts + 1
     params = _params(STRATEGIES["teacache"])
     assert torch.equal(cfg_group.generate(params).latents, wan_generator.generate(params).latents)
+
+
+def test_a_killed_rank_fails_the_request_and_the_next_one_succeeds(cfg_group, wan_generator):
+    restarts = cfg_group.workers.restarts
+    with pytest.raises(WorkerGroupError, match="rank 1 exited with code -9"):
+        cfg_group.generate(_params(CacheParams(strategy=KilledOnRank1.name)))
+    assert cfg_group.workers.restarts == restarts + 1
+    params = _params(STRATEGIES["even"])
+    assert torch.equal(cfg_group.generate(params).latents, wan_generator.generate(params).latents)
+
+
+def test_a_worker_killed_between_requests_is_replaced_before_the_next(cfg_group, wan_generator):
+    restarts = cfg_group.workers.restarts
+    (worker,) = cfg_group.workers._procs
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(timeout=10)
+    params = _params(CacheParams())
+    assert torch.equal(cfg_group.generate(params).latents, wan_generator.generate(params).latents)
+    assert cfg_group.workers.restarts == restarts + 1
