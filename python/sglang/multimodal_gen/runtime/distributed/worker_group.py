@@ -202,6 +202,7 @@ class WorkerGroup:
         self.worker_init = worker_init
         self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = []
+        self._errors: Any = None
         self.restarts = 0
         self.pipeline = self._start(load_rank0)
 
@@ -261,6 +262,10 @@ class WorkerGroup:
                 proc.kill()
                 proc.join(timeout=5)
         self._procs = []
+        if self._errors is not None:  # release its semaphores now, not at interpreter exit
+            self._errors.close()
+            self._errors.join_thread()
+            self._errors = None
         ps.destroy_parallel_state()
 
     def restart(self) -> None:
