@@ -538,6 +538,26 @@ class TimestepCache(abc.ABC):
         n = len(tensors)
         return [total / count if count else 0.0 for total, count in zip(reduced[:n], reduced[n:])]
 
+    def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
+        """TeaCache's ``mean|current - previous| / mean|previous|``, over all tokens wherever held.
+
+        The two means are taken per process in float32, as the release does (:func:`relative_l1`);
+        each goes through the installed reducer as a sum, ``mean x count`` in float64, with its
+        count, and is divided back after, then cast to float32. In one process that round trip
+        returns the float32 mean exactly (``mean x count`` is exact in float64 for fewer than
+        2**29 elements, and rounds back to the same float32 beyond), so the result is the release's
+        bit for bit; over a sequence shard's processes it is the mean over the whole sequence.
+        """
+        previous = previous.float()
+        means = torch.stack([(current.float() - previous).abs().mean(), previous.abs().mean()]).double()
+        if previous.numel() == 0:  # a shard with no real token adds nothing (its mean would be nan)
+            means = torch.zeros_like(means)
+        count = torch.tensor(float(previous.numel()), dtype=torch.float64, device=means.device)
+        reduced = self._statistic_reducer(torch.cat([means * count, count.expand(2)])).tolist()
+        change, scale = (torch.tensor(total / n if n else 0.0, dtype=torch.float32) for total, n in
+                         zip(reduced[:2], reduced[2:]))
+        return (change / scale.clamp_min(1e-12)).item()
+
     def _scaled_residual(self, step: int, branch: str, residual: torch.Tensor) -> torch.Tensor:
         """What ``reuse`` returns; ``residual`` is the last stored one. Asks the estimator; a
         strategy may override it to bypass estimators altogether (the probes in ``tools/`` do)."""
@@ -622,7 +642,7 @@ class TimestepCache(abc.ABC):
         if indicator is None:
             return
         previous = self._last_input[branch]
-        self._pending_input_change[branch] = 0.0 if previous is None else relative_l1(indicator, previous)
+        self._pending_input_change[branch] = 0.0 if previous is None else self.relative_l1(indicator, previous)
         self._last_input[branch] = indicator
 
     def _record_residual(self, step: int, branch: str, residual: torch.Tensor) -> None:
