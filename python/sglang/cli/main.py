@@ -29,6 +29,47 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"count must be >= 1, got {value}")
+    return value
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multiple processes (docs/multi_gpu.md)")
+    group.add_argument("--num-gpus", type=_count, default=1,
+                       help="processes per request, one per GPU (on the CPU: gloo processes); default 1")
+    group.add_argument("--enable-cfg-parallel", action="store_true",
+                       help="run the cond and uncond CFG branches on different processes (Wan)")
+    group.add_argument("--ulysses-degree", type=_count, default=None,
+                       help="Ulysses sequence-parallel degree (default: what --num-gpus leaves after CFG parallel)")
+    group.add_argument("--sp-degree", type=_count, default=None,
+                       help="sequence-parallel degree = ulysses degree x ring degree (ring > 1 is not supported)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``DiffGenerator.from_pretrained``'s process flags, checked (without the model) first."""
+    from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig
+
+    flags = dict(num_gpus=args.num_gpus, enable_cfg_parallel=args.enable_cfg_parallel,
+                 ulysses_degree=args.ulysses_degree, sp_degree=args.sp_degree)
+    config = ParallelConfig.from_flags(**flags)
+    if config.cfg_degree * config.sp_degree != config.num_gpus:
+        config.check(_AnyFamily())
+    return flags
+
+
+class _AnyFamily:
+    """A model with two CFG branches: the flags' arithmetic is checked before the model is known."""
+
+    name = "this model"
+    cfg_branches = 2
+
+
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None, help="text for the unconditional CFG branch")
     parser.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (model default)")
@@ -122,8 +163,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     check_before_load(args, [params])
     check_output_path(params.output_path)
-    generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
-    result = generator.generate(params, show_progress_bar=True)
+    parallel = parallel_kwargs(args)
+    with DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype, **parallel) as generator:
+        result = generator.generate(params, show_progress_bar=True)
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20s} {seconds:8.3f} s")
     print(f"  {'total':<20s} {sum(result.timings.values()):8.3f} s")
@@ -194,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output-path", default=None,
                           help="where to save: .mp4 (default outputs/<prompt>_<seed>.mp4) or .npy (float frames)")
     add_cache_args(generate)
+    add_parallel_args(generate)
     generate.set_defaults(func=cmd_generate)
 
     calibrate = sub.add_parser("calibrate", help="measure a model's cache statistics and save them for --cache-calibration")

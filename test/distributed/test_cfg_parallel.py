@@ -1,0 +1,182 @@
+"""CFG parallel over two gloo processes gives the single-process video, bit for bit.
+
+One worker group (this process is rank 0, one spawned worker is rank 1) serves every test in
+the module. Each rank runs one CFG branch with the same modules, inputs and op order as the
+single process runs that branch, and the guidance combines the gathered predictions with the
+same ops, so the expected difference is exactly 0 in fp32 (and that is what we measured): the
+tests compare latents with ``torch.equal`` and frames with ``np.array_equal``. Any real
+divergence (a branch run on the other's inputs, a scheduler stepped on different values, a
+cache that carried state between requests) shows up as a nonzero difference at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_REQUEST
+
+from sglang.multimodal_gen.configs.cache_params import CacheParams
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache import base as cache_base
+from sglang.multimodal_gen.runtime.distributed import parallel_state as ps
+from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroupError
+from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
+
+PROMPT = "a red circle moving left on a blue background"
+STEPS = 10
+REQUEST = {**TINY_REQUEST, "num_inference_steps": STEPS}
+FAIL_STEP = 3
+
+# Settings that skip steps on the tiny model at 10 steps (the test asserts that they do).
+STRATEGIES = {
+    "none": CacheParams(),
+    "magcache": CacheParams(strategy="magcache", threshold=0.5, max_skip_steps=3, retention_ratio=0.2),
+    "teacache": CacheParams(strategy="teacache", threshold=1.0, options={"coefficients": [1.0, 0.0]}),
+    "planner": CacheParams(strategy="planner", speedup=2.0, calibration_file=str(BUILTIN_MODEL_PATH / "calibration.json")),
+    "even": CacheParams(strategy="even", options={"interval": 2}),
+    "easycache": CacheParams(strategy="easycache", threshold=0.3, options={"warmup_steps": 2}),
+}
+
+
+class RaiseOnRank1(TimestepCache):
+    """Computes every step, except that rank 1 raises at ``FAIL_STEP``."""
+
+    name = "test_raise_on_rank1"
+
+    def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
+        if ps.world_rank() == 1 and step == FAIL_STEP:
+            raise RuntimeError(f"test strategy fails on rank 1 at step {step}")
+        return True
+
+
+def register_test_strategy() -> None:
+    """Run in each worker before it loads (and in this process by the fixture)."""
+    if RaiseOnRank1.name not in cache_base.registered_caches():
+        cache_base.register_cache(RaiseOnRank1)
+
+
+@pytest.fixture(scope="module")
+def cfg_group(tiny_wan_dir):
+    register_test_strategy()
+    generator = DiffGenerator.from_pretrained(
+        str(tiny_wan_dir), device="cpu", num_gpus=2, enable_cfg_parallel=True, dist_timeout_s=60,
+        worker_init=register_test_strategy,
+    )
+    yield generator
+    generator.close()
+    cache_base._REGISTRY.unregister(RaiseOnRank1.name)
+
+
+def _params(cache: CacheParams, **overrides) -> SamplingParams:
+    fields = {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 3, **REQUEST, **overrides}
+    return SamplingParams(cache=cache, **fields)
+
+
+def _steps(result) -> dict[str, tuple[list[int], list[int]]]:
+    stats = result.cache_stats
+    return {name: (b.computed_steps, b.skipped_steps) for name, b in stats.branches.items()}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_cfg_parallel_gives_the_single_process_video(cfg_group, wan_generator, strategy):
+    cache = STRATEGIES[strategy]
+    single = wan_generator.generate(_params(cache))
+    parallel = cfg_group.generate(_params(cache))
+    assert torch.equal(parallel.latents, single.latents)
+    assert np.array_equal(parallel.frames, single.frames)
+    reports = parallel.rank_reports
+    assert [(r["rank"], r["cfg_rank"]) for r in reports] == [(0, 0), (1, 1)]
+    if strategy == "none":
+        assert single.cache_stats is None and parallel.cache_stats is None
+        return
+    assert parallel.cache_stats.strategy == single.cache_stats.strategy == strategy
+    expected = _steps(single)
+    assert set(expected) == {COND, UNCOND}
+    assert _steps(parallel) == expected
+    # Every rank took (for its branch) and reports (for both) the single process's decisions.
+    for report in reports:
+        assert report["steps"] == expected, report
+    assert single.cache_stats.total_skipped > 0, f"{strategy} skips nothing here; the test would prove little"
+
+
+def test_state_is_reset_per_request_on_every_rank(cfg_group, wan_generator):
+    cache = STRATEGIES["easycache"]
+    first = cfg_group.generate(_params(cache))
+    other = cfg_group.generate(_params(cache, seed=4, prompt="a green square"))
+    again = cfg_group.generate(_params(cache))
+    assert torch.equal(first.latents, again.latents)
+    assert _steps(first) == _steps(again)
+    assert torch.equal(other.latents, wan_generator.generate(_params(cache, seed=4, prompt="a green square")).latents)
+
+
+def test_a_single_branch_request_runs_on_both_ranks(cfg_group, wan_generator):
+    params = _params(CacheParams(), guidance_scale=1.0, negative_prompt=None)
+    assert torch.equal(cfg_group.generate(params).latents, wan_generator.generate(params).latents)
+
+
+def test_a_rank_raising_fails_the_request_and_the_next_one_succeeds(cfg_group, wan_generator):
+    restarts = cfg_group.workers.restarts
+    with pytest.raises(WorkerGroupError, match=f"rank 1: RuntimeError: test strategy fails on rank 1 at step {FAIL_STEP}"):
+        cfg_group.generate(_params(CacheParams(strategy=RaiseOnRank1.name)))
+    assert cfg_group.workers.restarts == restarts + 1
+    assert not ps.is_initialized() or ps.world_size() == 1  # the driver's accessors stay single-process
+    params = _params(STRATEGIES["magcache"])
+    assert torch.equal(cfg_group.generate(params).latents, wan_generator.generate(params).latents)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(num_gpus=2, ulysses_degree=1, sp_degree=2), "ring attention is not supported"),
+        (dict(num_gpus=3, enable_cfg_parallel=True), "must equal 2 \\(cfg parallel\\) x sp degree"),
+        (dict(num_gpus=2, ulysses_degree=1), "must equal sp degree 1"),
+        (dict(num_gpus=0), "num_gpus must be a whole number >= 1"),
+    ],
+)
+def test_inconsistent_flags_are_refused_before_loading(tiny_wan_dir, flags, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        DiffGenerator.from_pretrained(str(tiny_wan_dir), device="cpu", **flags)
+
+
+def test_cfg_parallel_needs_two_branches(tiny_hunyuan_dir):
+    with pytest.raises(InvalidRequestError, match="needs a model with two CFG branches; hunyuan runs 1"):
+        DiffGenerator.from_pretrained(str(tiny_hunyuan_dir), device="cpu", num_gpus=2, enable_cfg_parallel=True)
+
+
+def test_sglang_flag_arithmetic():
+    assert ParallelConfig.from_flags(4, True).ulysses_degree == 2  # the processes CFG leaves go to SP
+    assert ParallelConfig.from_flags(2, False, sp_degree=2).sp_degree == 2
+    assert ParallelConfig.from_flags(1).num_gpus == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-gpus", "2", "--ulysses-degree", "1", "--sp-degree", "2"], "error: ring attention is not supported"),
+        (["--num-gpus", "4", "--enable-cfg-parallel", "--ulysses-degree", "1"], "error: --num-gpus 4 must equal 2"),
+    ],
+)
+def test_cli_refuses_inconsistent_flags_in_one_line(tmp_path, capsys, flags, message):
+    from sglang.cli.main import main
+
+    code = main(["generate", "--prompt", "x", "--device", "cpu", "--output-path", str(tmp_path / "o.mp4"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(message) and "\n" not in err, err
+
+
+def test_cli_refuses_cfg_parallel_for_a_distilled_model(tiny_hunyuan_dir, tmp_path, capsys):
+    from sglang.cli.main import main
+
+    code = main(["generate", "--prompt", "x", "--device", "cpu", "--model-path", str(tiny_hunyuan_dir),
+                 "--output-path", str(tmp_path / "o.mp4"), "--num-gpus", "2", "--enable-cfg-parallel"])
+    assert code == 2 and "needs a model with two CFG branches" in capsys.readouterr().err
+
+
+def test_serve_takes_the_process_flags():
+    from sglang.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "--num-gpus", "2", "--enable-cfg-parallel", "--ulysses-degree", "1"])
+    assert (args.num_gpus, args.enable_cfg_parallel, args.ulysses_degree, args.sp_degree) == (2, True, 1, None)
