@@ -112,3 +112,11 @@ class TestHunyuan:
     def test_ulysses_pads_an_odd_token_count(self, hunyuan_pair):
         # 80 x 48 px, 9 frames -> 3 latent frames of 5 x 3 patches: 45 image tokens, odd.
         _check(*hunyuan_pair, HUNYUAN_STRATEGIES["teacache"], negative=False, height=80, num_frames=9)
+
+
+def test_heads_the_degree_does_not_divide_are_refused_at_load(tiny_wan_dir):
+    from sglang.multimodal_gen.runtime.distributed.worker_group import WorkerGroupError
+
+    # The built-in tiny Wan has 3 heads: the worker's adapter refuses as it loads, in one line.
+    with pytest.raises(WorkerGroupError, match="--ulysses-degree 2 does not divide the 3 attention heads of this Wan"):
+        DiffGenerator.from_pretrained(str(tiny_wan_dir), device="cpu", num_gpus=2, ulysses_degree=2, dist_timeout_s=30)

@@ -41,8 +41,9 @@ class HunyuanUlyssesAttnProcessor:
     replicated.
     """
 
-    def __init__(self, exchange: UlyssesExchange) -> None:
+    def __init__(self, exchange: UlyssesExchange, attention_backend=None) -> None:
         self.exchange = exchange
+        self._attention_backend = attention_backend  # the stock processor's (``set_attention_backend``)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -78,7 +79,8 @@ class HunyuanUlyssesAttnProcessor:
             for image, words in ((query, text_q), (key, text_k), (value, text_v))
         )
         out = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend,
         ).to(query.dtype)
         image_len = exchange.shard.seq_len
         image_out = exchange.to_tokens(out[:, :image_len]).flatten(2, 3)
@@ -118,6 +120,8 @@ class HunyuanDiTAdapter(DiTAdapter):
         self._attentions = [b.attn for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
         self._stock_processors = [attn.processor for attn in self._attentions]
         self._exchange: UlyssesExchange | None = None
+        if get_sp_group().world_size > 1:  # a worker loads inside its group: refuse before any request
+            check_heads(transformer.config.num_attention_heads, get_sp_group().world_size, "this HunyuanVideo transformer")
 
     def _use_sp_group(self) -> None:
         """Install the Ulysses processors for the current sp group, or the stock ones without one."""
@@ -132,8 +136,8 @@ class HunyuanDiTAdapter(DiTAdapter):
             return
         check_heads(self.transformer.config.num_attention_heads, group.world_size, "this HunyuanVideo transformer")
         self._exchange = UlyssesExchange(group)
-        for attn in self._attentions:
-            attn.set_processor(HunyuanUlyssesAttnProcessor(self._exchange))
+        for attn, stock in zip(self._attentions, self._stock_processors):
+            attn.set_processor(HunyuanUlyssesAttnProcessor(self._exchange, getattr(stock, "_attention_backend", None)))
 
     def embed(
         self,

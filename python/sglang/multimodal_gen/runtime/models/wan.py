@@ -36,8 +36,9 @@ class WanUlyssesSelfAttnProcessor:
     whole sequence for ``heads / U`` heads, another brings the output back.
     """
 
-    def __init__(self, exchange: UlyssesExchange) -> None:
+    def __init__(self, exchange: UlyssesExchange, attention_backend=None) -> None:
         self.exchange = exchange
+        self._attention_backend = attention_backend  # the stock processor's (``set_attention_backend``)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -55,7 +56,7 @@ class WanUlyssesSelfAttnProcessor:
         exchange = self.exchange
         out = dispatch_attention_fn(
             exchange.to_heads(query), exchange.to_heads(key), exchange.to_heads(value),
-            attn_mask=None, dropout_p=0.0, is_causal=False,
+            attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend,
         )
         out = exchange.to_tokens(out.type_as(query)).flatten(2, 3)
         return attn.to_out[1](attn.to_out[0](out))
@@ -88,6 +89,8 @@ class WanDiTAdapter(DiTAdapter):
         super().__init__(transformer)
         self._stock_processors = [block.attn1.processor for block in transformer.blocks]
         self._exchange: UlyssesExchange | None = None
+        if get_sp_group().world_size > 1:  # a worker loads inside its group: refuse before any request
+            check_heads(transformer.config.num_attention_heads, get_sp_group().world_size, "this Wan transformer")
 
     def _use_sp_group(self) -> None:
         """Install the Ulysses processors for the current sp group, or the stock ones without one."""
@@ -102,8 +105,8 @@ class WanDiTAdapter(DiTAdapter):
             return
         check_heads(self.transformer.config.num_attention_heads, group.world_size, "this Wan transformer")
         self._exchange = UlyssesExchange(group)
-        for block in self.transformer.blocks:
-            block.attn1.set_processor(WanUlyssesSelfAttnProcessor(self._exchange))
+        for block, stock in zip(self.transformer.blocks, self._stock_processors):
+            block.attn1.set_processor(WanUlyssesSelfAttnProcessor(self._exchange, getattr(stock, "_attention_backend", None)))
 
     def embed(
         self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
