@@ -103,6 +103,10 @@ class TestWan:
     def test_ulysses_gives_the_single_process_video(self, wan_pair, strategy):
         _check(*wan_pair, STRATEGIES[strategy], negative=True)
 
+    def test_ulysses_pads_an_odd_token_count(self, wan_pair):
+        # 80 x 48 px, 9 frames -> 3 latent frames of 5 x 3 patches: 45 image tokens, odd.
+        _check(*wan_pair, STRATEGIES["teacache"], negative=True, height=80, num_frames=9)
+
 
 class TestHunyuan:
     @pytest.mark.parametrize("strategy", list(HUNYUAN_STRATEGIES))
