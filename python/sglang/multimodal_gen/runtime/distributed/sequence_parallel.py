@@ -1,8 +1,10 @@
 """Ulysses sequence parallelism: image tokens sharded over the sp group, heads exchanged in attention.
 
 As DeepSpeed-Ulysses (Jacobs et al., 2023) and xDiT's USP do it. Every rank of the sp group holds
-one contiguous shard of the image-token sequence, ``ceil(S / U)`` tokens (the last shards padded
-with zero tokens when ``U`` does not divide ``S``). Everything per token (norms, projections,
+one contiguous shard of the image-token sequence, ``ceil(S / U)`` tokens (fewer on the last
+rank(s) when ``U`` does not divide ``S``: ``embed`` returns and a cache stores only real tokens;
+the adapter's ``blocks`` pads its shard with zero tokens to ``ceil(S / U)`` and cuts the padding
+off its output, and the head pads for its one all-gather). Everything per token (norms, projections,
 feed-forward, modulation) runs on the shard. Attention is the one place tokens meet: there one
 all-to-all turns each rank's ``(S/U tokens, H heads)`` of q, k and v into ``(S tokens, H/U
 heads)``, the padding is cut off so attention sees exactly the ``S`` real tokens (no mask, the
@@ -146,11 +148,11 @@ class UlyssesExchange:
 
 
 def gather_sequence(tensor: torch.Tensor, shard: SequenceShard, group: GroupCoordinator | None = None) -> torch.Tensor:
-    """The whole real sequence from every rank's padded shard (one all-gather along the tokens)."""
+    """The whole sequence from every rank's real tokens (padded for one all-gather along the tokens)."""
     group = group or get_sp_group()
     if group.world_size == 1:
-        return shard.unpad(tensor)
-    return group.all_gather(tensor.contiguous(), dim=1).narrow(1, 0, shard.seq_len)
+        return tensor
+    return group.all_gather(shard.pad(tensor, dim=1).contiguous(), dim=1).narrow(1, 0, shard.seq_len)
 
 
 def local_shard(seq_len: int, group: GroupCoordinator | None = None) -> SequenceShard:

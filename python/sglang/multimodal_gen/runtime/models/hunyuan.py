@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -180,15 +179,13 @@ class HunyuanDiTAdapter(DiTAdapter):
         attention_mask = (positions < valid.unsqueeze(1)).view(batch, 1, 1, -1)
 
         shard = None
-        if self._exchange is not None:  # this rank's image tokens, their rotary rows; the mask stays whole
+        if self._exchange is not None:  # this rank's real image tokens, their rotary rows; the mask stays whole
             shard = local_shard(image_len, self._exchange.group)
-            hidden = shard.take(hidden, dim=1)
+            hidden = shard.take(hidden, dim=1)  # the padding lives inside blocks
             rotary_emb = tuple(shard.shard(freqs, dim=0) for freqs in rotary_emb)
         modulated_input = None
-        if len(model.transformer_blocks):  # of the real tokens only: padding would bias TeaCache's statistic
+        if len(model.transformer_blocks):
             modulated_input = model.transformer_blocks[0].norm1(hidden, emb=temb)[0]
-        if shard is not None:
-            hidden = shard.pad(hidden, dim=1)
         ctx = HunyuanStepContext(
             timestep=timestep,
             modulated_input=modulated_input,
@@ -204,10 +201,16 @@ class HunyuanDiTAdapter(DiTAdapter):
     def blocks(self, hidden_states: torch.Tensor, ctx: HunyuanStepContext) -> torch.Tensor:
         model = self.transformer
         text = ctx.encoder_hidden_states
-        with contextlib.nullcontext() if ctx.shard is None else self._exchange.sequence(ctx.shard):
-            for block in (*model.transformer_blocks, *model.single_transformer_blocks):
+        blocks = (*model.transformer_blocks, *model.single_transformer_blocks)
+        if ctx.shard is None:
+            for block in blocks:
                 hidden_states, text = block(hidden_states, text, ctx.temb, ctx.attention_mask, ctx.rotary_emb)
-        return hidden_states
+            return hidden_states
+        hidden_states = ctx.shard.pad(hidden_states, dim=1)
+        with self._exchange.sequence(ctx.shard):
+            for block in blocks:
+                hidden_states, text = block(hidden_states, text, ctx.temb, ctx.attention_mask, ctx.rotary_emb)
+        return ctx.shard.unpad(hidden_states, dim=1)
 
     def head(self, hidden_states: torch.Tensor, ctx: HunyuanStepContext) -> torch.Tensor:
         model = self.transformer

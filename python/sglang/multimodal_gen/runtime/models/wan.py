@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +119,7 @@ class WanDiTAdapter(DiTAdapter):
         shard = None
         if self._exchange is not None:
             shard = local_shard(hidden.shape[1], self._exchange.group)
-            hidden = shard.shard(hidden, dim=1)
+            hidden = shard.take(hidden, dim=1)  # real tokens only: the padding lives inside blocks
             rotary_emb = tuple(shard.shard(freqs, dim=1) for freqs in rotary_emb)
         temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(
             timestep, encoder_hidden_states, None, timestep_seq_len=None
@@ -139,10 +138,15 @@ class WanDiTAdapter(DiTAdapter):
 
     def blocks(self, hidden_states: torch.Tensor, ctx: WanStepContext) -> torch.Tensor:
         block_modulation = ctx.timestep_projection.unflatten(1, (6, -1))
-        with contextlib.nullcontext() if ctx.shard is None else self._exchange.sequence(ctx.shard):
+        if ctx.shard is None:
             for block in self.transformer.blocks:
                 hidden_states = block(hidden_states, ctx.encoder_hidden_states, block_modulation, ctx.rotary_emb)
-        return hidden_states
+            return hidden_states
+        hidden_states = ctx.shard.pad(hidden_states, dim=1)
+        with self._exchange.sequence(ctx.shard):
+            for block in self.transformer.blocks:
+                hidden_states = block(hidden_states, ctx.encoder_hidden_states, block_modulation, ctx.rotary_emb)
+        return ctx.shard.unpad(hidden_states, dim=1)
 
     def head(self, hidden_states: torch.Tensor, ctx: WanStepContext) -> torch.Tensor:
         model = self.transformer
