@@ -102,6 +102,36 @@ def teacache_decisions(previous: torch.Tensor, current: torch.Tensor, reducer=No
     return cache.should_compute(1, "cond", StepFeatures(timestep=t, modulated_input=current)), change
 
 
+def calibration_records(rank: int | None = None, reducer=None):
+    """Calibration records of 6 steps of residuals and indicators (45 tokens) whose two halves
+    change at different rates; with ``rank``, fed only that rank's 23 / 22 tokens of each."""
+    from sglang.multimodal_gen.runtime.cache.base import StepFeatures, TimestepCache
+    from sglang.multimodal_gen.runtime.distributed.sequence_parallel import SequenceShard
+
+    class ComputeAll(TimestepCache):
+        name = "compute_all"
+
+        def _decide(self, step, branch, features):
+            return True
+
+    cache = ComputeAll(None, 6, ("cond",), calibrate=True)
+    if reducer is not None:
+        cache.set_statistic_reducer(reducer)
+    gen = torch.Generator().manual_seed(4)
+    residual, indicator = torch.randn(2, 45, 8, generator=gen), torch.randn(2, 45, 8, generator=gen)
+    rates = torch.cat([torch.full((23, 1), 0.9), torch.full((22, 1), 1.6)])
+    for step in range(6):
+        residual = residual * rates + 0.1 * torch.randn(2, 45, 8, generator=gen)
+        indicator = indicator * rates.flip(0)
+        r, x = residual, indicator
+        if rank is not None:
+            shard = SequenceShard(45, WORLD, rank)
+            r, x = shard.take(residual), shard.take(indicator)
+        cache.should_compute(step, "cond", StepFeatures(timestep=torch.tensor([1.0]), modulated_input=x))
+        cache.store(step, "cond", r)
+    return cache.calibration_records()["cond"]
+
+
 # ----------------------------------------------------------------------------- the ranks
 def _record_collectives(group, log: list) -> None:
     """Wrap the sp group's collectives to log (name, input shape) of every call."""
@@ -173,6 +203,8 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         cache = teacache()
         BranchPlacement(("cond",)).attach(cache)  # what the denoising stage installs
         results["reduced"] = teacache_decisions(previous[:, mine], current[:, mine], cache._statistic_reducer)
+        results["calibration"] = calibration_records(rank, sp.all_reduce)
+        results["calibration_unreduced"] = calibration_records(rank)
 
         # HunyuanVideo's own indicator: the first block's modulated input of two latents whose
         # second half of tokens differs much more than the first; each rank sees its shard only.
@@ -300,3 +332,22 @@ def test_hunyuan_teacache_statistic_is_the_whole_sequences(ranks):
 def test_heads_not_divisible_are_refused_in_one_line(ranks):
     message = ranks[0]["three_heads"]
     assert "--ulysses-degree 2 does not divide the 3 attention heads" in message and "\n" not in message
+
+
+def test_calibration_records_of_shards_are_the_whole_sequences(ranks):
+    import dataclasses
+
+    whole = dataclasses.asdict(calibration_records())
+    for rank in ranks:
+        records = dataclasses.asdict(rank["calibration"])
+        for field, expected in whole.items():
+            if field == "sigma":
+                assert records[field] == expected
+            elif field == "gram":
+                for got_row, expected_row in zip(records[field], expected):
+                    assert got_row == pytest.approx(expected_row, rel=1e-6)
+            else:
+                assert records[field] == pytest.approx(expected, rel=1e-5, abs=1e-7), field
+    # Without the reduction a shard's records are its own: rank 1's magnitude ratios differ.
+    alone = dataclasses.asdict(ranks[1]["calibration_unreduced"])
+    assert alone["mag_ratio"][2:] != pytest.approx(whole["mag_ratio"][2:], rel=1e-2)
