@@ -517,9 +517,10 @@ class TimestepCache(abc.ABC):
 
     # ----------------------------------------------------------------------------- statistics
     def set_statistic_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Where :meth:`mean_abs`'s sums go before they are divided: a multi-process run installs
-        one that all-reduces them over a sequence shard's processes, or broadcasts them from the
-        rank that holds the first branch, so every process takes the same decision."""
+        """Where the sums of every statistic over tokens go before they are divided (:meth:`mean_abs`,
+        :meth:`relative_l1`, the calibration records): a multi-process run installs one that
+        all-reduces them over a sequence shard's processes, or broadcasts them from the rank that
+        holds the first branch, so every process takes the same decision."""
         self._statistic_reducer = reducer
 
     def set_decision_exchange(self, exchange: Callable[[int, bool | None], bool | None]) -> None:
