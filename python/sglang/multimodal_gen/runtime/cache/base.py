@@ -297,6 +297,11 @@ def local_decision(step: int, decision: bool | None) -> bool | None:
     return decision
 
 
+def _to_float32(value: float) -> float:
+    """``value`` rounded to float32, as a Python float (what ``.item()`` of a float32 tensor gives)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """``mean|a - b| / mean|b|``: TeaCache's relative change between consecutive steps."""
     previous = previous.float()
@@ -512,9 +517,10 @@ class TimestepCache(abc.ABC):
 
     # ----------------------------------------------------------------------------- statistics
     def set_statistic_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Where :meth:`mean_abs`'s sums go before they are divided: a multi-process run installs
-        one that all-reduces them over a sequence shard's processes, or broadcasts them from the
-        rank that holds the first branch, so every process takes the same decision."""
+        """Where the sums of every statistic over tokens go before they are divided (:meth:`mean_abs`,
+        :meth:`relative_l1`, the calibration records): a multi-process run installs one that
+        all-reduces them over a sequence shard's processes, or broadcasts them from the rank that
+        holds the first branch, so every process takes the same decision."""
         self._statistic_reducer = reducer
 
     def set_decision_exchange(self, exchange: Callable[[int, bool | None], bool | None]) -> None:
@@ -537,6 +543,37 @@ class TimestepCache(abc.ABC):
         reduced = self._statistic_reducer(torch.stack(sums + counts)).tolist()
         n = len(tensors)
         return [total / count if count else 0.0 for total, count in zip(reduced[:n], reduced[n:])]
+
+    def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
+        """TeaCache's ``mean|current - previous| / mean|previous|``, over all tokens wherever held.
+
+        The two means are taken per process in float32, as the release does (:func:`relative_l1`),
+        and combined over the processes by :meth:`_float32_means`: in one process the result is
+        the release's bit for bit; over a sequence shard's processes it is the whole sequence's.
+        """
+        previous = previous.float()
+        change, scale = self._float32_means(
+            [(current.float() - previous).abs().mean(), previous.abs().mean()], previous.numel()
+        )
+        scale_tensor = torch.tensor(scale, dtype=torch.float32).clamp_min(1e-12)
+        return (torch.tensor(change, dtype=torch.float32) / scale_tensor).item()
+
+    def _float32_means(self, means: Sequence[torch.Tensor], count: int) -> list[float]:
+        """Per-process float32 means, each over ``count`` elements -> the means over every process.
+
+        Each mean goes through the installed reducer as a sum, ``mean x count`` in float64, with its
+        count (one host sync), and is divided back after and rounded to float32. In one process the
+        round trip returns each float32 mean exactly (``mean x count`` is exact in float64 below
+        2**29 elements and rounds back to the same float32 beyond); a process holding no element
+        adds nothing (its mean would be nan).
+        """
+        local = torch.stack(list(means)).double()
+        if count == 0:
+            local = torch.zeros_like(local)
+        n = torch.tensor(float(count), dtype=torch.float64, device=local.device)
+        reduced = self._statistic_reducer(torch.cat([local * n, n.expand(len(means))])).tolist()
+        k = len(means)
+        return [_to_float32(total / c) if c else 0.0 for total, c in zip(reduced[:k], reduced[k:])]
 
     def _scaled_residual(self, step: int, branch: str, residual: torch.Tensor) -> torch.Tensor:
         """What ``reuse`` returns; ``residual`` is the last stored one. Asks the estimator; a
@@ -622,7 +659,7 @@ class TimestepCache(abc.ABC):
         if indicator is None:
             return
         previous = self._last_input[branch]
-        self._pending_input_change[branch] = 0.0 if previous is None else relative_l1(indicator, previous)
+        self._pending_input_change[branch] = 0.0 if previous is None else self.relative_l1(indicator, previous)
         self._last_input[branch] = indicator
 
     def _record_residual(self, step: int, branch: str, residual: torch.Tensor) -> None:
@@ -631,7 +668,8 @@ class TimestepCache(abc.ABC):
         window.appendleft(residual)
         current = residual.float()
         products = [torch.sum(current * earlier.float(), dtype=torch.float64) for earlier in window]
-        record.gram.append(torch.stack(products).tolist())  # one host sync per step, not one per pair
+        # Sums over tokens: through the reducer (summed over a sequence shard's processes), one host sync.
+        record.gram.append(self._statistic_reducer(torch.stack(products)).tolist())
         record.sigma.append(self._sigma_at(step, branch))
         # Calibration computes every step, so the window holds the previous and older residuals too.
         previous = window[1] if len(window) > 1 else None
@@ -642,8 +680,12 @@ class TimestepCache(abc.ABC):
             record.blend_denominator.append(0.0)
         else:
             change, last_change = residual.float() - previous.float(), previous.float() - older.float()
-            record.blend_numerator.append(torch.sum(change * last_change, dtype=torch.float64).item())
-            record.blend_denominator.append(torch.sum(last_change * last_change, dtype=torch.float64).item())
+            numerator, denominator = self._statistic_reducer(torch.stack([
+                torch.sum(change * last_change, dtype=torch.float64),
+                torch.sum(last_change * last_change, dtype=torch.float64),
+            ])).tolist()
+            record.blend_numerator.append(numerator)
+            record.blend_denominator.append(denominator)
         if previous is None:
             record.mag_ratio.append(1.0)
             record.mag_ratio_std.append(0.0)
@@ -653,10 +695,28 @@ class TimestepCache(abc.ABC):
         current, prev = residual.float(), previous.float()
         token_ratio = current.norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-8)
         cosine = torch.nn.functional.cosine_similarity(current, prev, dim=-1)
-        record.mag_ratio.append(token_ratio.mean().item())
-        record.mag_ratio_std.append(token_ratio.std().item() if token_ratio.numel() > 1 else 0.0)
-        record.cosine_distance.append((1.0 - cosine).mean().item())
-        record.output_change.append(relative_l1(current, prev))
+        tokens = token_ratio.numel()
+        ratio_mean = token_ratio.mean()
+        mag_ratio, cosine_distance = self._float32_means([ratio_mean, (1.0 - cosine).mean()], tokens)
+        record.mag_ratio.append(mag_ratio)
+        record.cosine_distance.append(cosine_distance)
+        record.mag_ratio_std.append(self._float32_std(token_ratio, ratio_mean, mag_ratio))
+        record.output_change.append(self.relative_l1(current, prev))
+
+    def _float32_std(self, values: torch.Tensor, local_mean: torch.Tensor, mean: float) -> float:
+        """The standard deviation (unbiased) of ``values`` over every process, given the mean over
+        every process: each process's squared deviations from it, from its own float32 std and
+        mean (Chan et al.'s parallel rule), summed by the reducer. In one process the correction
+        term is 0 and the result is ``values.std()`` bit for bit (0.0 for fewer than 2 values)."""
+        n = values.numel()
+        squares = torch.zeros((), dtype=torch.float64, device=values.device)
+        if n > 1:
+            squares = values.std().double() ** 2 * (n - 1)
+        if n > 0:
+            squares = squares + n * (local_mean.double() - mean) ** 2
+        count = torch.tensor(float(n), dtype=torch.float64, device=values.device)
+        total, total_n = self._statistic_reducer(torch.stack([squares, count])).tolist()
+        return _to_float32(math.sqrt(total / (total_n - 1))) if total_n > 1 else 0.0
 
 
 class NameRegistry(Generic[_Registered]):

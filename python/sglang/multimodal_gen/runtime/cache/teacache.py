@@ -47,7 +47,6 @@ from sglang.multimodal_gen.runtime.cache.base import (
     TimestepCache,
     is_number,
     register_cache,
-    relative_l1,
     threshold_above,
 )
 
@@ -187,7 +186,7 @@ class TeaCache(TimestepCache):
         if in_window or previous is None:
             self._accumulated[branch] = 0.0
             return True
-        change = float(np.polyval(self.config.coefficients, relative_l1(indicator, previous)))
+        change = float(np.polyval(self.config.coefficients, self.relative_l1(indicator, previous)))
         if self._smallest_change is None or change < self._smallest_change:
             self._smallest_change = change
         self._accumulated[branch] += change

@@ -35,6 +35,10 @@ class DiTAdapter(abc.ABC):
     An adapter has no dtype of its own: diffusers keeps some modules of a half-precision model in
     fp32 (Wan's time embedder and norms), so no parameter tells the compute dtype. The pipeline,
     which chose it, hands it to the stage that prepares the adapter's inputs.
+
+    Under Ulysses sequence parallelism (``runtime/distributed/sequence_parallel.py``) ``embed``
+    returns this rank's shard of the image tokens, ``blocks`` maps a shard to a shard (a cached
+    residual is the rank's own) and ``head`` returns the whole prediction on every rank.
     """
 
     def __init__(self, transformer: torch.nn.Module) -> None:

@@ -6,6 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang.multimodal_gen.runtime.distributed.parallel_state import get_sp_group
+from sglang.multimodal_gen.runtime.distributed.sequence_parallel import (
+    SequenceShard,
+    UlyssesExchange,
+    check_heads,
+    gather_sequence,
+    local_shard,
+)
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter, DiTStepContext
 
 
@@ -15,6 +23,52 @@ class WanStepContext(DiTStepContext):
     rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
     temb: torch.Tensor | None = None
     latent_shape: tuple[int, ...] = ()
+    shard: SequenceShard | None = None
+
+
+class WanUlyssesSelfAttnProcessor:
+    """Wan's self-attention (``WanAttnProcessor`` on the diffusers ``WanAttention``'s own weights)
+    with the Ulysses head exchange around the attention itself.
+
+    Projections, the q/k RMSNorm across heads and the rotary embedding run on this rank's tokens
+    (the rotary slice of their positions, cut in ``embed``); one all-to-all gives q, k and v of the
+    whole sequence for ``heads / U`` heads, another brings the output back.
+    """
+
+    def __init__(self, exchange: UlyssesExchange, attention_backend=None) -> None:
+        self.exchange = exchange
+        self._attention_backend = attention_backend  # the stock processor's (``set_attention_backend``)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            raise ValueError("WanUlyssesSelfAttnProcessor serves Wan's unmasked self-attention only")
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
+        exchange = self.exchange
+        out = dispatch_attention_fn(
+            exchange.to_heads(query), exchange.to_heads(key), exchange.to_heads(value),
+            attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend,
+        )
+        out = exchange.to_tokens(out.type_as(query)).flatten(2, 3)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved rotary embedding, as ``WanAttnProcessor`` applies it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
 
 
 class WanDiTAdapter(DiTAdapter):
@@ -22,7 +76,36 @@ class WanDiTAdapter(DiTAdapter):
 
     TeaCache indicators (as in TeaCache4Wan2.1): ``modulated_input`` is the timestep embedding
     ``temb``; ``timestep_projection`` is its 6x projection ``e0`` used by the ret-steps mode.
+
+    Under Ulysses sequence parallelism (the sp group of ``parallel_state`` has more than one rank)
+    ``embed`` returns this rank's shard of the image tokens (and of the rotary embedding),
+    ``blocks`` runs with :class:`WanUlyssesSelfAttnProcessor` in every self-attention (the
+    cross-attention to the replicated text runs as is, on the shard's queries) and ``head`` gathers
+    the projected tokens, so every rank returns the whole prediction.
     """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__(transformer)
+        self._stock_processors = [block.attn1.processor for block in transformer.blocks]
+        self._exchange: UlyssesExchange | None = None
+        if get_sp_group().world_size > 1:  # a worker loads inside its group: refuse before any request
+            check_heads(transformer.config.num_attention_heads, get_sp_group().world_size, "this Wan transformer")
+
+    def _use_sp_group(self) -> None:
+        """Install the Ulysses processors for the current sp group, or the stock ones without one."""
+        group = get_sp_group()
+        if self._exchange is not None and self._exchange.group is group:
+            return
+        if group.world_size == 1:
+            if self._exchange is not None:
+                for block, processor in zip(self.transformer.blocks, self._stock_processors):
+                    block.attn1.set_processor(processor)
+                self._exchange = None
+            return
+        check_heads(self.transformer.config.num_attention_heads, group.world_size, "this Wan transformer")
+        self._exchange = UlyssesExchange(group)
+        for block, stock in zip(self.transformer.blocks, self._stock_processors):
+            block.attn1.set_processor(WanUlyssesSelfAttnProcessor(self._exchange, getattr(stock, "_attention_backend", None)))
 
     def embed(
         self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
@@ -30,8 +113,14 @@ class WanDiTAdapter(DiTAdapter):
         model = self.transformer
         if timestep.ndim != 1:
             raise ValueError("WanDiTAdapter takes one timestep per batch item (Wan2.1 T2V)")
+        self._use_sp_group()
         rotary_emb = model.rope(latents)
         hidden = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        shard = None
+        if self._exchange is not None:
+            shard = local_shard(hidden.shape[1], self._exchange.group)
+            hidden = shard.take(hidden, dim=1)  # real tokens only: the padding lives inside blocks
+            rotary_emb = tuple(shard.shard(freqs, dim=1) for freqs in rotary_emb)
         temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(
             timestep, encoder_hidden_states, None, timestep_seq_len=None
         )
@@ -43,14 +132,21 @@ class WanDiTAdapter(DiTAdapter):
             rotary_emb=rotary_emb,
             temb=temb,
             latent_shape=tuple(latents.shape),
+            shard=shard,
         )
         return hidden, ctx
 
     def blocks(self, hidden_states: torch.Tensor, ctx: WanStepContext) -> torch.Tensor:
         block_modulation = ctx.timestep_projection.unflatten(1, (6, -1))
-        for block in self.transformer.blocks:
-            hidden_states = block(hidden_states, ctx.encoder_hidden_states, block_modulation, ctx.rotary_emb)
-        return hidden_states
+        if ctx.shard is None:
+            for block in self.transformer.blocks:
+                hidden_states = block(hidden_states, ctx.encoder_hidden_states, block_modulation, ctx.rotary_emb)
+            return hidden_states
+        hidden_states = ctx.shard.pad(hidden_states, dim=1)
+        with self._exchange.sequence(ctx.shard):
+            for block in self.transformer.blocks:
+                hidden_states = block(hidden_states, ctx.encoder_hidden_states, block_modulation, ctx.rotary_emb)
+        return ctx.shard.unpad(hidden_states, dim=1)
 
     def head(self, hidden_states: torch.Tensor, ctx: WanStepContext) -> torch.Tensor:
         model = self.transformer
@@ -59,6 +155,8 @@ class WanDiTAdapter(DiTAdapter):
         shift, scale = (model.scale_shift_table.to(ctx.temb.device) + ctx.temb.unsqueeze(1)).chunk(2, dim=1)
         hidden_states = (model.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         hidden_states = model.proj_out(hidden_states)
+        if ctx.shard is not None:  # gathered after the projection: patch-size x channels per token, not dim
+            hidden_states = gather_sequence(hidden_states, ctx.shard, self._exchange.group)
         hidden_states = hidden_states.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
         hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
