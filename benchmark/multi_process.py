@@ -2,15 +2,15 @@
 
     python benchmark/multi_process.py                          # built-in Wan, CFG parallel, 2 gloo processes
     python benchmark/multi_process.py --steps 20 --rounds 3 --cache magcache
-    python benchmark/multi_process.py --ulysses                # 2 processes as Ulysses instead (needs the sp branch's adapters)
+    python benchmark/multi_process.py --ulysses                # 2 processes as Ulysses instead
     python benchmark/multi_process.py --device cuda --num-gpus 2   # NCCL, one process per GPU
 
 What a CPU run shows: that the processes split the transformer passes (each CFG rank runs one
 branch, so denoising takes about half as long when each process has a free core) and what the
 per-step collective costs (one all_gather of the prediction per step, plus a one-bool broadcast
 per step for EasyCache); with two processes on two shared cores the ratio is bounded by the
-machine's other load (the load average goes into the output). Decoding runs on every rank and
-the text encoder too, so end-to-end time gains less than denoising. What only GPUs can show:
+machine's other load (the load average goes into the output). Every rank encodes the text and only
+rank 0 decodes, so end-to-end time gains less than denoising. What only GPUs can show:
 NCCL's collective cost against a real 1.3B/14B step (milliseconds against seconds, so the
 denoising speedup approaches N), the memory per rank under Ulysses, and the interconnect's effect.
 One process per GPU: a machine with one GPU can only run ``--num-gpus 1`` on the NCCL path.
