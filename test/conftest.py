@@ -17,6 +17,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_REQUEST = dict(height=64, width=48, num_frames=5, num_inference_steps=6, guidance_scale=5.0)
 
 
+def skipping_strategies(calibration_file: str) -> dict:
+    """Cache settings that skip steps on the tiny models at 10 steps (tests that use them assert
+    that they do), one per strategy, ``none`` first; the planner plans from ``calibration_file``."""
+    from sglang.multimodal_gen.configs.cache_params import CacheParams
+
+    return {
+        "none": CacheParams(),
+        "magcache": CacheParams(strategy="magcache", threshold=0.5, max_skip_steps=3, retention_ratio=0.2),
+        "teacache": CacheParams(strategy="teacache", threshold=1.0, options={"coefficients": [1.0, 0.0]}),
+        "planner": CacheParams(strategy="planner", speedup=2.0, calibration_file=calibration_file),
+        "even": CacheParams(strategy="even", options={"interval": 2}),
+        "easycache": CacheParams(strategy="easycache", threshold=0.3, options={"warmup_steps": 2}),
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_wan_dir(tmp_path_factory) -> Path:
     from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan

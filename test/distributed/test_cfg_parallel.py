@@ -17,7 +17,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_REQUEST
+from conftest import TINY_REQUEST, skipping_strategies
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
@@ -33,15 +33,7 @@ STEPS = 10
 REQUEST = {**TINY_REQUEST, "num_inference_steps": STEPS}
 FAIL_STEP = 3
 
-# Settings that skip steps on the tiny model at 10 steps (the test asserts that they do).
-STRATEGIES = {
-    "none": CacheParams(),
-    "magcache": CacheParams(strategy="magcache", threshold=0.5, max_skip_steps=3, retention_ratio=0.2),
-    "teacache": CacheParams(strategy="teacache", threshold=1.0, options={"coefficients": [1.0, 0.0]}),
-    "planner": CacheParams(strategy="planner", speedup=2.0, calibration_file=str(BUILTIN_MODEL_PATH / "calibration.json")),
-    "even": CacheParams(strategy="even", options={"interval": 2}),
-    "easycache": CacheParams(strategy="easycache", threshold=0.3, options={"warmup_steps": 2}),
-}
+STRATEGIES = skipping_strategies(str(BUILTIN_MODEL_PATH / "calibration.json"))
 
 
 class RaiseOnRank1(TimestepCache):

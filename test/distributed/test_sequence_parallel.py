@@ -17,7 +17,6 @@ outputs of order 1. ``atol = rtol = 1e-5`` leaves that margin and stays far belo
 
 from __future__ import annotations
 
-import copy
 import socket
 from pathlib import Path
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_REQUEST
+from conftest import TINY_REQUEST, skipping_strategies
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
@@ -28,15 +28,7 @@ STEPS = 10
 # The built-in tiny Wan has 3 heads; Ulysses over 2 ranks needs an even count.
 WAN_HEADS = {"num_attention_heads": 4, "attention_head_dim": 16}
 
-# Settings that skip steps on the tiny models at 10 steps (the test asserts that they do).
-STRATEGIES = {
-    "none": CacheParams(),
-    "magcache": CacheParams(strategy="magcache", threshold=0.5, max_skip_steps=3, retention_ratio=0.2),
-    "teacache": CacheParams(strategy="teacache", threshold=1.0, options={"coefficients": [1.0, 0.0]}),
-    "planner": CacheParams(strategy="planner", speedup=2.0, calibration_file=str(BUILTIN_MODEL_PATH / "calibration.json")),
-    "even": CacheParams(strategy="even", options={"interval": 2}),
-    "easycache": CacheParams(strategy="easycache", threshold=0.3, options={"warmup_steps": 2}),
-}
+STRATEGIES = skipping_strategies(str(BUILTIN_MODEL_PATH / "calibration.json"))
 HUNYUAN_STRATEGIES = {
     **{k: v for k, v in STRATEGIES.items() if k not in ("planner", "teacache")},
     # HunyuanVideo's TeaCache indicator is per token: the statistic the sp group must reduce.

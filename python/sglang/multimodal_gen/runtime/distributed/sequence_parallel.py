@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -160,3 +160,42 @@ def local_shard(seq_len: int, group: GroupCoordinator | None = None) -> Sequence
     group = group or get_sp_group()
     return SequenceShard(seq_len, group.world_size, group.rank_in_group)
 
+
+class UlyssesAttention:
+    """An adapter's attention modules under Ulysses: while the sp group has more than one rank they
+    run ``make(exchange, backend)`` processors (``backend``: the stock processor's attention
+    backend), otherwise their stock processors. The adapter calls :meth:`follow_sp_group` at each
+    ``embed``: in the driver process the groups are active only while a request runs.
+
+    Args:
+        attentions: The diffusers attention modules whose processor is swapped.
+        make: Builds the Ulysses processor of one module.
+        num_heads: The model's attention heads, which the degree must divide.
+        model: What the model is, for the refusal (``"this Wan transformer"``).
+    """
+
+    def __init__(self, attentions: Sequence[Any], make: Callable[[UlyssesExchange, Any], Any], num_heads: int,
+                 model: str) -> None:
+        self.attentions = list(attentions)
+        self.stock = [attention.processor for attention in self.attentions]
+        self.make, self.num_heads, self.model = make, num_heads, model
+        self.exchange: UlyssesExchange | None = None
+        if get_sp_group().world_size > 1:  # a worker loads inside its group: refuse before any request
+            check_heads(num_heads, get_sp_group().world_size, model)
+
+    def follow_sp_group(self) -> UlyssesExchange | None:
+        """Install the processors for the current sp group; its exchange, or None without one."""
+        group = get_sp_group()
+        if self.exchange is not None and self.exchange.group is group:
+            return self.exchange
+        if group.world_size == 1:
+            if self.exchange is not None:
+                for attention, processor in zip(self.attentions, self.stock):
+                    attention.set_processor(processor)
+                self.exchange = None
+            return None
+        check_heads(self.num_heads, group.world_size, self.model)
+        self.exchange = UlyssesExchange(group)
+        for attention, stock in zip(self.attentions, self.stock):
+            attention.set_processor(self.make(self.exchange, getattr(stock, "_attention_backend", None)))
+        return self.exchange

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang.multimodal_gen.runtime.distributed.parallel_state import get_sp_group
 from sglang.multimodal_gen.runtime.distributed.sequence_parallel import (
     SequenceShard,
+    UlyssesAttention,
     UlyssesExchange,
-    check_heads,
     gather_sequence,
     local_shard,
 )
@@ -116,27 +115,13 @@ class HunyuanDiTAdapter(DiTAdapter):
             raise ValueError(
                 f"HunyuanDiTAdapter runs text-to-video transformers; this one has image_condition_type={condition!r}"
             )
-        self._attentions = [b.attn for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
-        self._stock_processors = [attn.processor for attn in self._attentions]
-        self._exchange: UlyssesExchange | None = None
-        if get_sp_group().world_size > 1:  # a worker loads inside its group: refuse before any request
-            check_heads(transformer.config.num_attention_heads, get_sp_group().world_size, "this HunyuanVideo transformer")
+        attentions = [b.attn for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
+        self._ulysses = UlyssesAttention(attentions, HunyuanUlyssesAttnProcessor,
+                                         transformer.config.num_attention_heads, "this HunyuanVideo transformer")
 
-    def _use_sp_group(self) -> None:
-        """Install the Ulysses processors for the current sp group, or the stock ones without one."""
-        group = get_sp_group()
-        if self._exchange is not None and self._exchange.group is group:
-            return
-        if group.world_size == 1:
-            if self._exchange is not None:
-                for attn, processor in zip(self._attentions, self._stock_processors):
-                    attn.set_processor(processor)
-                self._exchange = None
-            return
-        check_heads(self.transformer.config.num_attention_heads, group.world_size, "this HunyuanVideo transformer")
-        self._exchange = UlyssesExchange(group)
-        for attn, stock in zip(self._attentions, self._stock_processors):
-            attn.set_processor(HunyuanUlyssesAttnProcessor(self._exchange, getattr(stock, "_attention_backend", None)))
+    @property
+    def _exchange(self) -> UlyssesExchange | None:
+        return self._ulysses.exchange
 
     def embed(
         self,
@@ -166,7 +151,7 @@ class HunyuanDiTAdapter(DiTAdapter):
         if encoder_attention_mask is None:
             encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=latents.device)
 
-        self._use_sp_group()
+        self._ulysses.follow_sp_group()
         rotary_emb = model.rope(latents)
         temb, _ = model.time_text_embed(timestep, pooled_projections, guidance)
         hidden = model.x_embedder(latents)

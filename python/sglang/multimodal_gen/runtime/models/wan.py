@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang.multimodal_gen.runtime.distributed.parallel_state import get_sp_group
 from sglang.multimodal_gen.runtime.distributed.sequence_parallel import (
     SequenceShard,
+    UlyssesAttention,
     UlyssesExchange,
-    check_heads,
     gather_sequence,
     local_shard,
 )
@@ -86,26 +85,12 @@ class WanDiTAdapter(DiTAdapter):
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         super().__init__(transformer)
-        self._stock_processors = [block.attn1.processor for block in transformer.blocks]
-        self._exchange: UlyssesExchange | None = None
-        if get_sp_group().world_size > 1:  # a worker loads inside its group: refuse before any request
-            check_heads(transformer.config.num_attention_heads, get_sp_group().world_size, "this Wan transformer")
+        self._ulysses = UlyssesAttention([block.attn1 for block in transformer.blocks], WanUlyssesSelfAttnProcessor,
+                                         transformer.config.num_attention_heads, "this Wan transformer")
 
-    def _use_sp_group(self) -> None:
-        """Install the Ulysses processors for the current sp group, or the stock ones without one."""
-        group = get_sp_group()
-        if self._exchange is not None and self._exchange.group is group:
-            return
-        if group.world_size == 1:
-            if self._exchange is not None:
-                for block, processor in zip(self.transformer.blocks, self._stock_processors):
-                    block.attn1.set_processor(processor)
-                self._exchange = None
-            return
-        check_heads(self.transformer.config.num_attention_heads, group.world_size, "this Wan transformer")
-        self._exchange = UlyssesExchange(group)
-        for block, stock in zip(self.transformer.blocks, self._stock_processors):
-            block.attn1.set_processor(WanUlyssesSelfAttnProcessor(self._exchange, getattr(stock, "_attention_backend", None)))
+    @property
+    def _exchange(self) -> UlyssesExchange | None:
+        return self._ulysses.exchange
 
     def embed(
         self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
@@ -113,7 +98,7 @@ class WanDiTAdapter(DiTAdapter):
         model = self.transformer
         if timestep.ndim != 1:
             raise ValueError("WanDiTAdapter takes one timestep per batch item (Wan2.1 T2V)")
-        self._use_sp_group()
+        self._ulysses.follow_sp_group()
         rotary_emb = model.rope(latents)
         hidden = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
         shard = None
