@@ -13,7 +13,6 @@ from sglang.multimodal_gen.runtime.cache import (
     TimestepCache,
     get_cache_class,
     register_cache,
-    relative_l1,
 )
 from sglang.multimodal_gen.runtime.cache.base import BranchStats, CacheStats, format_steps, threshold_above
 
@@ -175,9 +174,15 @@ def test_registry():
         register_cache(type("Nameless", (EveryOther,), {"name": ""}))
 
 
-def test_relative_l1():
-    assert relative_l1(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0])) == pytest.approx(1.0)
-    assert relative_l1(torch.zeros(3), torch.zeros(3)) == 0.0
+def test_relative_l1_and_mean_abs_in_one_process():
+    cache = EveryOther(None, 4)
+    assert cache.relative_l1(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0])) == pytest.approx(1.0)
+    assert cache.relative_l1(torch.zeros(3), torch.zeros(3)) == 0.0
+    values = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    # One process: exactly the float32 means the release code takes.
+    assert cache.mean_abs(values, values[:2]) == [values.abs().mean().item(), values[:2].abs().mean().item()]
+    assert cache.relative_l1(values, values.flip(0)) == (
+        (values - values.flip(0)).abs().mean() / values.flip(0).abs().mean()).item()
 
 
 def test_a_strategy_without_its_own_no_skip_reason_reports_none():

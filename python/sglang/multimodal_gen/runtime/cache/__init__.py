@@ -32,7 +32,6 @@ from sglang.multimodal_gen.runtime.cache.base import (
     get_cache_class,
     register_cache,
     registered_caches,
-    relative_l1,
 )
 from sglang.multimodal_gen.runtime.cache.estimators import (
     ResidualEstimator,
@@ -125,5 +124,4 @@ __all__ = [
     "register_estimator",
     "registered_caches",
     "registered_estimators",
-    "relative_l1",
 ]

@@ -302,12 +302,6 @@ def _to_float32(value: float) -> float:
     return torch.tensor(value, dtype=torch.float32).item()
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """``mean|a - b| / mean|b|``: TeaCache's relative change between consecutive steps."""
-    previous = previous.float()
-    return ((current.float() - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
-
-
 class TimestepCache(abc.ABC):
     """Base class of every timestep-caching strategy.
 
@@ -534,45 +528,41 @@ class TimestepCache(abc.ABC):
     def mean_abs(self, *tensors: torch.Tensor) -> list[float]:
         """The mean absolute value of each tensor, over all of it wherever its parts are held.
 
-        The one statistic of latents and outputs a decision needs, and the one place it is taken:
-        sums and element counts (float64) go through the installed reducer together, one host
-        sync per call, and are divided after. A single process's reducer leaves them as they are.
+        The one statistic of latents and outputs a decision needs: each process's float32
+        ``abs().mean()`` (as the release code takes it), combined over the processes by
+        :meth:`_float32_means` in one host sync. In one process it is that mean as is.
         """
-        sums = [t.detach().float().abs().sum(dtype=torch.float64) for t in tensors]
-        counts = [torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device) for t in tensors]
-        reduced = self._statistic_reducer(torch.stack(sums + counts)).tolist()
-        n = len(tensors)
-        return [total / count if count else 0.0 for total, count in zip(reduced[:n], reduced[n:])]
+        return self._float32_means([t.detach().float().abs().mean() for t in tensors], [t.numel() for t in tensors])
 
     def relative_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
         """TeaCache's ``mean|current - previous| / mean|previous|``, over all tokens wherever held.
 
-        The two means are taken per process in float32, as the release does (:func:`relative_l1`),
+        The two means are taken per process in float32, as the release's ``teacache_forward`` does,
         and combined over the processes by :meth:`_float32_means`: in one process the result is
         the release's bit for bit; over a sequence shard's processes it is the whole sequence's.
         """
         previous = previous.float()
         change, scale = self._float32_means(
-            [(current.float() - previous).abs().mean(), previous.abs().mean()], previous.numel()
+            [(current.float() - previous).abs().mean(), previous.abs().mean()], [previous.numel()] * 2
         )
         scale_tensor = torch.tensor(scale, dtype=torch.float32).clamp_min(1e-12)
         return (torch.tensor(change, dtype=torch.float32) / scale_tensor).item()
 
-    def _float32_means(self, means: Sequence[torch.Tensor], count: int) -> list[float]:
-        """Per-process float32 means, each over ``count`` elements -> the means over every process.
+    def _float32_means(self, means: Sequence[torch.Tensor], counts: Sequence[int]) -> list[float]:
+        """Per-process float32 means, ``means[i]`` over ``counts[i]`` elements -> the means over
+        every process: the one place a statistic over tokens meets the installed reducer.
 
-        Each mean goes through the installed reducer as a sum, ``mean x count`` in float64, with its
-        count (one host sync), and is divided back after and rounded to float32. In one process the
+        Each mean goes through the reducer as a sum, ``mean x count`` in float64, with its count
+        (one host sync), and is divided back after and rounded to float32. In one process the
         round trip returns each float32 mean exactly (``mean x count`` is exact in float64 below
         2**29 elements and rounds back to the same float32 beyond); a process holding no element
         adds nothing (its mean would be nan).
         """
         local = torch.stack(list(means)).double()
-        if count == 0:
-            local = torch.zeros_like(local)
-        n = torch.tensor(float(count), dtype=torch.float64, device=local.device)
-        reduced = self._statistic_reducer(torch.cat([local * n, n.expand(len(means))])).tolist()
-        k = len(means)
+        n = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=local.device)
+        local = torch.where(n > 0, local * n, torch.zeros_like(local))
+        reduced = self._statistic_reducer(torch.cat([local, n])).tolist()
+        k = len(counts)
         return [_to_float32(total / c) if c else 0.0 for total, c in zip(reduced[:k], reduced[k:])]
 
     def _scaled_residual(self, step: int, branch: str, residual: torch.Tensor) -> torch.Tensor:
@@ -697,7 +687,7 @@ class TimestepCache(abc.ABC):
         cosine = torch.nn.functional.cosine_similarity(current, prev, dim=-1)
         tokens = token_ratio.numel()
         ratio_mean = token_ratio.mean()
-        mag_ratio, cosine_distance = self._float32_means([ratio_mean, (1.0 - cosine).mean()], tokens)
+        mag_ratio, cosine_distance = self._float32_means([ratio_mean, (1.0 - cosine).mean()], [tokens] * 2)
         record.mag_ratio.append(mag_ratio)
         record.cosine_distance.append(cosine_distance)
         record.mag_ratio_std.append(self._float32_std(token_ratio, ratio_mean, mag_ratio))
