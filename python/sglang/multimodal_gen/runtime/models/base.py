@@ -8,14 +8,21 @@ conditioning signals (``modulated_input``, ``timestep_projection``) that strateg
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
+
+#: Field metadata of a context tensor whose first dimension is the batch (one row per CFG branch
+#: when the branches run as one batch); :meth:`DiTStepContext.select` takes rows of these only.
+PER_ITEM = {"per_item": True}
 
 
 @dataclass
 class DiTStepContext:
-    """What ``blocks`` and ``head`` need besides the hidden states, for one step and branch.
+    """What ``blocks`` and ``head`` need besides the hidden states, for one step and branch (or a
+    batch of branches).
 
     Attributes:
         timestep: The timestep fed to the model (shape ``(batch,)``).
@@ -24,9 +31,30 @@ class DiTStepContext:
         timestep_projection: The per-block modulation projection, where the model has one (Wan).
     """
 
-    timestep: torch.Tensor
-    modulated_input: torch.Tensor | None = None
-    timestep_projection: torch.Tensor | None = None
+    timestep: torch.Tensor = field(metadata=PER_ITEM)
+    modulated_input: torch.Tensor | None = field(default=None, metadata=PER_ITEM)
+    timestep_projection: torch.Tensor | None = field(default=None, metadata=PER_ITEM)
+
+    def select(self, rows: Sequence[int]) -> "DiTStepContext":
+        """This context for the batch items ``rows``: with the CFG branches in one batch, the blocks
+        run for the branches that compute only. Fields marked :data:`PER_ITEM` are cut; the rest
+        (rotary tables, shapes) is shared by every item."""
+        changes = {
+            f.name: take_rows(getattr(self, f.name), rows)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("per_item") and getattr(self, f.name) is not None
+        }
+        return dataclasses.replace(self, **changes)
+
+
+def take_rows(tensor: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """``tensor[rows]`` by slicing (views, no index tensor to copy to the device)."""
+    rows = list(rows)
+    if rows == list(range(tensor.shape[0])):
+        return tensor
+    if len(rows) == 1:
+        return tensor[rows[0]:rows[0] + 1]
+    return torch.cat([tensor[i:i + 1] for i in rows])
 
 
 class DiTAdapter(abc.ABC):
@@ -43,6 +71,20 @@ class DiTAdapter(abc.ABC):
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.transformer = transformer
+
+    def request_constants(
+        self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
+    ) -> dict[str, Any]:
+        """Inputs of ``embed`` that stay the same for every step of a request: computed once per
+        request and branch (or batch of branches) before the first step and passed back to
+        ``embed`` as keyword arguments, so a step does not redo them. ``embed`` without them
+        computes them itself; either way the output is the same. The default hoists nothing.
+
+        Args:
+            latents: The first step's model input (only its shape may be used: it changes per step).
+            encoder_hidden_states, kwargs: What ``embed`` gets at every step.
+        """
+        return {}
 
     @abc.abstractmethod
     def embed(

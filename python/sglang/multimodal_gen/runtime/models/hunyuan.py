@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,15 +14,15 @@ from sglang.multimodal_gen.runtime.distributed.sequence_parallel import (
     gather_sequence,
     local_shard,
 )
-from sglang.multimodal_gen.runtime.models.base import DiTAdapter, DiTStepContext
+from sglang.multimodal_gen.runtime.models.base import PER_ITEM, DiTAdapter, DiTStepContext
 
 
 @dataclass
 class HunyuanStepContext(DiTStepContext):
-    encoder_hidden_states: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = field(default=None, metadata=PER_ITEM)
+    attention_mask: torch.Tensor | None = field(default=None, metadata=PER_ITEM)
     rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
-    temb: torch.Tensor | None = None
+    temb: torch.Tensor | None = field(default=None, metadata=PER_ITEM)
     latent_shape: tuple[int, ...] = ()
     shard: SequenceShard | None = None
 
@@ -123,6 +124,38 @@ class HunyuanDiTAdapter(DiTAdapter):
     def _exchange(self) -> UlyssesExchange | None:
         return self._ulysses.exchange
 
+    def request_constants(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict[str, Any]:
+        """The rotary table (latent shape only), the projected pooled prompt and the guidance
+        embedding (``time_text_embed``'s parts that do not see the timestep). The token refiner
+        takes the timestep, so the text stream is rebuilt every step."""
+        model = self.transformer
+        self._check_inputs(model, pooled_projections, guidance)
+        embedder = model.time_text_embed
+        constants: dict[str, Any] = {
+            "rotary_emb": model.rope(latents),
+            "pooled_text": embedder.text_embedder(pooled_projections),
+        }
+        if embedder.guidance_embedder is not None:
+            guidance_proj = embedder.time_proj(guidance).to(dtype=pooled_projections.dtype)
+            constants["guidance_emb"] = embedder.guidance_embedder(guidance_proj)
+        return constants
+
+    @staticmethod
+    def _check_inputs(model: torch.nn.Module, pooled_projections: torch.Tensor | None,
+                      guidance: torch.Tensor | None) -> None:
+        if pooled_projections is None:
+            raise ValueError("HunyuanVideo needs pooled_projections (the CLIP pooled prompt embedding)")
+        if guidance is None and model.config.guidance_embeds:
+            raise ValueError("this HunyuanVideo transformer is guidance-distilled; pass guidance_scale * 1000")
+
     def embed(
         self,
         latents: torch.Tensor,
@@ -131,6 +164,9 @@ class HunyuanDiTAdapter(DiTAdapter):
         encoder_attention_mask: torch.Tensor | None = None,
         pooled_projections: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pooled_text: torch.Tensor | None = None,
+        guidance_emb: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, HunyuanStepContext]:
         """Patch embed, RoPE, time + guidance + pooled-text conditioning, the token refiner, the joint mask.
@@ -139,21 +175,24 @@ class HunyuanDiTAdapter(DiTAdapter):
             encoder_attention_mask: (batch, text_len) mask of the Llama tokens (1 = real token).
             pooled_projections: (batch, pooled_dim) CLIP pooled prompt embedding.
             guidance: (batch,) embedded guidance, ``guidance_scale * 1000`` as the model was distilled.
+            rotary_emb, pooled_text, guidance_emb: :meth:`request_constants`, computed here when
+                not given.
         """
         model = self.transformer
         if timestep.ndim != 1:
             raise ValueError("HunyuanDiTAdapter takes one timestep per batch item")
-        if pooled_projections is None:
-            raise ValueError("HunyuanVideo needs pooled_projections (the CLIP pooled prompt embedding)")
-        if guidance is None and model.config.guidance_embeds:
-            raise ValueError("this HunyuanVideo transformer is guidance-distilled; pass guidance_scale * 1000")
+        self._check_inputs(model, pooled_projections, guidance)
         batch = latents.shape[0]
         if encoder_attention_mask is None:
             encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=latents.device)
 
         self._ulysses.follow_sp_group()
-        rotary_emb = model.rope(latents)
-        temb, _ = model.time_text_embed(timestep, pooled_projections, guidance)
+        if rotary_emb is None:
+            rotary_emb = model.rope(latents)
+        if pooled_text is None:
+            temb, _ = model.time_text_embed(timestep, pooled_projections, guidance)
+        else:
+            temb = self._conditioning(timestep, pooled_projections.dtype, pooled_text, guidance_emb)
         hidden = model.x_embedder(latents)
         encoder_hidden_states = model.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
 
@@ -183,6 +222,16 @@ class HunyuanDiTAdapter(DiTAdapter):
         )
         return hidden, ctx
 
+    def _conditioning(self, timestep: torch.Tensor, dtype: torch.dtype, pooled_text: torch.Tensor,
+                      guidance_emb: torch.Tensor | None) -> torch.Tensor:
+        """``HunyuanVideoConditionEmbedding.forward`` (T2V) with its text and guidance parts given:
+        the same operations, added in the same order."""
+        embedder = self.transformer.time_text_embed
+        timesteps_emb = embedder.timestep_embedder(embedder.time_proj(timestep).to(dtype=dtype))
+        if guidance_emb is None:
+            return timesteps_emb + pooled_text
+        return timesteps_emb + guidance_emb + pooled_text
+
     def blocks(self, hidden_states: torch.Tensor, ctx: HunyuanStepContext) -> torch.Tensor:
         model = self.transformer
         text = ctx.encoder_hidden_states
@@ -199,7 +248,7 @@ class HunyuanDiTAdapter(DiTAdapter):
 
     def head(self, hidden_states: torch.Tensor, ctx: HunyuanStepContext) -> torch.Tensor:
         model = self.transformer
-        batch, _, frames, height, width = ctx.latent_shape
+        batch, (_, _, frames, height, width) = hidden_states.shape[0], ctx.latent_shape
         p, p_t = model.config.patch_size, model.config.patch_size_t
         hidden_states = model.proj_out(model.norm_out(hidden_states, ctx.temb))
         if ctx.shard is not None:  # gathered after the projection: patch volume x channels per token, not dim

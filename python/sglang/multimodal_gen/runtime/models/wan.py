@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,14 +14,14 @@ from sglang.multimodal_gen.runtime.distributed.sequence_parallel import (
     gather_sequence,
     local_shard,
 )
-from sglang.multimodal_gen.runtime.models.base import DiTAdapter, DiTStepContext
+from sglang.multimodal_gen.runtime.models.base import PER_ITEM, DiTAdapter, DiTStepContext
 
 
 @dataclass
 class WanStepContext(DiTStepContext):
-    encoder_hidden_states: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = field(default=None, metadata=PER_ITEM)
     rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
-    temb: torch.Tensor | None = None
+    temb: torch.Tensor | None = field(default=None, metadata=PER_ITEM)
     latent_shape: tuple[int, ...] = ()
     shard: SequenceShard | None = None
 
@@ -92,23 +93,46 @@ class WanDiTAdapter(DiTAdapter):
     def _exchange(self) -> UlyssesExchange | None:
         return self._ulysses.exchange
 
+    def request_constants(
+        self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
+    ) -> dict[str, Any]:
+        """The rotary table (it depends on the latent shape only) and the projected prompt
+        (``condition_embedder.text_embedder``): together about a tenth of a step on small models."""
+        model = self.transformer
+        return {
+            "rotary_emb": model.rope(latents),
+            "text_states": model.condition_embedder.text_embedder(encoder_hidden_states),
+        }
+
     def embed(
-        self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        text_states: torch.Tensor | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, WanStepContext]:
+        """``rotary_emb`` and ``text_states``: :meth:`request_constants`, computed here when not given."""
         model = self.transformer
         if timestep.ndim != 1:
             raise ValueError("WanDiTAdapter takes one timestep per batch item (Wan2.1 T2V)")
         self._ulysses.follow_sp_group()
-        rotary_emb = model.rope(latents)
+        if rotary_emb is None:
+            rotary_emb = model.rope(latents)
         hidden = model.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
         shard = None
         if self._exchange is not None:
             shard = local_shard(hidden.shape[1], self._exchange.group)
             hidden = shard.take(hidden, dim=1)  # real tokens only: the padding lives inside blocks
             rotary_emb = tuple(shard.shard(freqs, dim=1) for freqs in rotary_emb)
-        temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(
-            timestep, encoder_hidden_states, None, timestep_seq_len=None
-        )
+        if text_states is None:
+            temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(
+                timestep, encoder_hidden_states, None, timestep_seq_len=None
+            )
+        else:
+            temb, timestep_proj = self._time_embedding(timestep, encoder_hidden_states.dtype)
+            encoder_hidden_states = text_states
         ctx = WanStepContext(
             timestep=timestep,
             modulated_input=temb,
@@ -120,6 +144,17 @@ class WanDiTAdapter(DiTAdapter):
             shard=shard,
         )
         return hidden, ctx
+
+    def _time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The time half of ``WanTimeTextImageEmbedding.forward`` (``temb``, ``timestep_proj``),
+        operation for operation, for steps whose projected prompt was computed once."""
+        embedder = self.transformer.condition_embedder
+        projected = embedder.timesteps_proj(timestep)
+        embedder_dtype = next(iter(embedder.time_embedder.parameters())).dtype
+        if projected.dtype != embedder_dtype and embedder_dtype != torch.int8:
+            projected = projected.to(embedder_dtype)
+        temb = embedder.time_embedder(projected).to(dtype)  # its type_as(encoder_hidden_states)
+        return temb, embedder.time_proj(embedder.act_fn(temb))
 
     def blocks(self, hidden_states: torch.Tensor, ctx: WanStepContext) -> torch.Tensor:
         block_modulation = ctx.timestep_projection.unflatten(1, (6, -1))
@@ -135,7 +170,7 @@ class WanDiTAdapter(DiTAdapter):
 
     def head(self, hidden_states: torch.Tensor, ctx: WanStepContext) -> torch.Tensor:
         model = self.transformer
-        batch, _, frames, height, width = ctx.latent_shape
+        batch, (_, _, frames, height, width) = hidden_states.shape[0], ctx.latent_shape
         p_t, p_h, p_w = model.config.patch_size
         shift, scale = (model.scale_shift_table.to(ctx.temb.device) + ctx.temb.unsqueeze(1)).chunk(2, dim=1)
         hidden_states = (model.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)

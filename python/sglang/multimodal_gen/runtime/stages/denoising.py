@@ -3,29 +3,51 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
-from sglang.multimodal_gen.runtime.models.base import DiTAdapter
+from sglang.multimodal_gen.runtime.models.base import DiTAdapter, take_rows
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 from sglang.multimodal_gen.runtime.utils.timing import PassTimer
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class ModelInputs:
+    """What the model takes besides latents and timestep, for one CFG branch or for several stacked
+    as one batch: the prompt embedding, the branch's conditioning (HunyuanVideo's mask, pooled
+    prompt and guidance) and the adapter's ``request_constants``, the last two as keyword
+    arguments of ``embed``."""
+
+    encoder_hidden_states: torch.Tensor
+    conditioning: dict[str, Any] = field(default_factory=dict)
+    constants: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {**self.conditioning, **self.constants}
+
+
 class DenoisingStage(PipelineStage):
     """Knows caching only through ``TimestepCache``: one ``should_compute`` per step and branch.
 
-    cond and uncond run as separate transformer passes (as diffusers' WanPipeline does), cond
-    first, so each branch has its own cache decision and its own residual (unless the strategy
-    ``decides_per_pair``). ``req.conditioning[branch]`` holds any further model inputs of a branch
-    and reaches ``adapter.embed`` as keyword arguments. A strategy that ``skips_whole_model`` is
-    asked before the embedding and a skip returns the latents plus its estimate of the model
-    output minus them. A :class:`PassTimer` times the loop and every pass the cache may skip (the
-    blocks, or the whole model call); with a cache the figures go to its stats
+    By default cond and uncond run as separate transformer passes (as diffusers' WanPipeline
+    does), cond first, so each branch has its own cache decision and its own residual (unless the
+    strategy ``decides_per_pair``). With ``batched_cfg`` the branches of this process run as one
+    batch: one embedding of the batch, the decisions cond first, one blocks pass of the branches
+    that compute (all of them, for a strategy that ``decides_per_pair``) and one head for all.
+    ``req.conditioning[branch]`` holds any further model inputs of a branch and reaches
+    ``adapter.embed`` as keyword arguments, with the adapter's ``request_constants`` (computed once
+    per request). A strategy that ``skips_whole_model`` is asked before the embedding and a skip
+    returns the latents plus its estimate of the model output minus them. A :class:`PassTimer`
+    times the loop and every pass the cache may skip (the blocks, or the whole model call; a pass
+    of a batch counts once per branch in it); with a cache the figures go to its stats
     (``CacheStats.record_timing``) for the measured speedup. With CFG parallel a
     :class:`BranchPlacement` names the branches this rank runs and gathers every branch's
     prediction before guidance, so every rank steps the scheduler on the same values.
@@ -41,6 +63,9 @@ class DenoisingStage(PipelineStage):
         timestep_in_latent_dtype: HunyuanVideo's pipeline casts the timestep to the latents' dtype,
             which its scheduler turns into the model dtype after the first step (so in bf16 the
             timestep is rounded to bf16, e.g. 996.5 -> 996); Wan's passes it in fp32. We follow each.
+        batched_cfg: Run this process's CFG branches as one batch (``--batched-cfg``): fewer,
+            larger kernels, the same predictions up to the rounding of a batch-2 matrix product.
+            Branches whose inputs differ in shape still run one by one.
     """
 
     name = "denoising"
@@ -51,11 +76,13 @@ class DenoisingStage(PipelineStage):
         dtype: torch.dtype,
         embedded_guidance_scale: float | None = None,
         timestep_in_latent_dtype: bool = False,
+        batched_cfg: bool = False,
     ) -> None:
         self.adapter = adapter
         self.dtype = dtype
         self.embedded_guidance_scale = embedded_guidance_scale
         self.timestep_in_latent_dtype = timestep_in_latent_dtype
+        self.batched_cfg = batched_cfg
 
     def __call__(self, req: Req) -> Req:
         params, cache, scheduler = req.params, req.cache, req.scheduler
@@ -68,13 +95,9 @@ class DenoisingStage(PipelineStage):
         model_dtype = self.dtype
         timesteps = req.timesteps
         sigmas = scheduler_sigmas(scheduler, len(timesteps))
-        conditioning = {branch: dict(req.conditioning.get(branch, {})) for branch in req.prompt_embeds}
-        if self.embedded_guidance_scale is not None:
-            guidance = torch.tensor(
-                [params.guidance_scale] * latents.shape[0], dtype=model_dtype, device=latents.device
-            ) * self.embedded_guidance_scale
-            for kwargs in conditioning.values():
-                kwargs["guidance"] = guidance
+        branches = placement.local_branches
+        inputs = self._branch_inputs(req, branches, latents)
+        batch = self._stacked_inputs(branches, inputs, latents) if self.batched_cfg and len(branches) > 1 else None
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not req.show_progress_bar)
         if req.progress is not None:
             req.progress(0, len(timesteps))  # before the first step: a caller may stop it here
@@ -85,13 +108,16 @@ class DenoisingStage(PipelineStage):
             timestep = t.expand(model_input.shape[0])
             if self.timestep_in_latent_dtype:
                 timestep = timestep.to(latents.dtype)
-            preds = placement.gather({
-                branch: self._predict(
-                    step, branch, latents, model_input, timestep, sigmas[step], req.prompt_embeds[branch],
-                    conditioning[branch], req, timer,
-                )
-                for branch in placement.local_branches
-            })
+            if batch is not None:
+                local = self._predict_batch(step, branches, latents, model_input, timestep, sigmas[step], batch,
+                                            inputs, req, timer)
+            else:
+                local = {
+                    branch: self._predict(step, branch, latents, model_input, timestep, sigmas[step], inputs[branch],
+                                          req, timer)
+                    for branch in branches
+                }
+            preds = placement.gather(local)
             noise_pred = preds[COND]
             if UNCOND in preds:
                 noise_pred = preds[UNCOND] + params.guidance_scale * (preds[COND] - preds[UNCOND])
@@ -108,6 +134,39 @@ class DenoisingStage(PipelineStage):
         req.latents = latents
         return req
 
+    def _branch_inputs(self, req: Req, branches: Sequence[str], latents: torch.Tensor) -> dict[str, ModelInputs]:
+        """Each branch's model inputs with the adapter's request constants, computed once here."""
+        inputs = {}
+        for branch in branches:
+            conditioning = dict(req.conditioning.get(branch, {}))
+            if self.embedded_guidance_scale is not None:
+                conditioning["guidance"] = torch.tensor(
+                    [req.params.guidance_scale] * latents.shape[0], dtype=self.dtype, device=latents.device
+                ) * self.embedded_guidance_scale
+            inputs[branch] = self._with_constants(req.prompt_embeds[branch], conditioning, latents)
+        return inputs
+
+    def _with_constants(
+        self, encoder_hidden_states: torch.Tensor, conditioning: dict[str, Any], latents: torch.Tensor
+    ) -> ModelInputs:
+        constants = self.adapter.request_constants(latents.to(self.dtype), encoder_hidden_states, **conditioning)
+        return ModelInputs(encoder_hidden_states, conditioning, constants)
+
+    def _stacked_inputs(
+        self, branches: Sequence[str], inputs: dict[str, ModelInputs], latents: torch.Tensor
+    ) -> ModelInputs | None:
+        """The branches' inputs as one batch (with the batch's request constants), or ``None`` where
+        they do not stack: tensors of different shapes or other values that differ."""
+        parts = [inputs[b] for b in branches]
+        names = set(parts[0].conditioning)
+        if any(set(p.conditioning) != names for p in parts):
+            return None
+        stacked = {name: _stack([p.conditioning[name] for p in parts]) for name in names}
+        embeds = _stack([p.encoder_hidden_states for p in parts])
+        if embeds is None or any(value is None for value in stacked.values()):
+            return None
+        return self._with_constants(embeds, stacked, torch.cat([latents] * len(parts)))
+
     def _predict(
         self,
         step: int,
@@ -116,8 +175,7 @@ class DenoisingStage(PipelineStage):
         model_input: torch.Tensor,
         timestep: torch.Tensor,
         sigma: float | None,
-        encoder_hidden_states: torch.Tensor,
-        conditioning: dict[str, torch.Tensor],
+        inputs: ModelInputs,
         req: Req,
         timer: PassTimer,
     ) -> torch.Tensor:
@@ -127,13 +185,10 @@ class DenoisingStage(PipelineStage):
             if not cache.should_compute(step, branch, features):
                 return (latents.float() + cache.reuse(step, branch)).to(self.dtype)
             with timer.time_pass():
-                out = self.adapter.forward(model_input, timestep, encoder_hidden_states, **conditioning)
-            if out.shape != latents.shape:
-                raise RuntimeError(f"{cache.name} caches the model output minus its input, but this model maps "
-                                   f"latents {tuple(latents.shape)} to {tuple(out.shape)}")
-            cache.store(step, branch, out.float() - latents.float())
+                out = self.adapter.forward(model_input, timestep, inputs.encoder_hidden_states, **inputs.kwargs)
+            self._store_model_residual(cache, step, branch, out, latents)
             return out
-        hidden, ctx = self.adapter.embed(model_input, timestep, encoder_hidden_states, **conditioning)
+        hidden, ctx = self.adapter.embed(model_input, timestep, inputs.encoder_hidden_states, **inputs.kwargs)
         features = StepFeatures(
             timestep=timestep, modulated_input=ctx.modulated_input, timestep_projection=ctx.timestep_projection,
             sigma=sigma, latents=latents,
@@ -146,6 +201,89 @@ class DenoisingStage(PipelineStage):
         else:
             out = hidden + cache.reuse(step, branch)
         return self.adapter.head(out, ctx)
+
+    def _predict_batch(
+        self,
+        step: int,
+        branches: Sequence[str],
+        latents: torch.Tensor,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        sigma: float | None,
+        batch: ModelInputs,
+        inputs: dict[str, ModelInputs],
+        req: Req,
+        timer: PassTimer,
+    ) -> dict[str, torch.Tensor]:
+        """Every branch of ``branches`` at one step, with one blocks (or model) pass for those that compute."""
+        cache, n = req.cache, len(branches)
+        if cache is not None and cache.skips_whole_model:
+            features = StepFeatures(timestep=timestep, sigma=sigma, latents=latents)
+            computing = [b for b in branches if cache.should_compute(step, b, features)]
+            preds = {b: (latents.float() + cache.reuse(step, b)).to(self.dtype) for b in branches if b not in computing}
+            if len(computing) == n:
+                with timer.time_pass(count=n):
+                    out = self.adapter.forward(torch.cat([model_input] * n), timestep.repeat(n),
+                                               batch.encoder_hidden_states, **batch.kwargs)
+                for branch, pred in zip(branches, out.chunk(n)):
+                    self._store_model_residual(cache, step, branch, pred, latents)
+                    preds[branch] = pred
+            else:  # a strategy deciding per branch: the branches that compute run one by one
+                for branch in computing:
+                    with timer.time_pass():
+                        out = self.adapter.forward(model_input, timestep, inputs[branch].encoder_hidden_states,
+                                                   **inputs[branch].kwargs)
+                    self._store_model_residual(cache, step, branch, out, latents)
+                    preds[branch] = out
+            return {b: preds[b] for b in branches}
+        hidden, ctx = self.adapter.embed(torch.cat([model_input] * n), timestep.repeat(n), batch.encoder_hidden_states,
+                                         **batch.kwargs)
+        rows = hidden.chunk(n)
+        computing = [
+            row for row, branch in enumerate(branches)
+            if cache is None or cache.should_compute(step, branch, StepFeatures(
+                timestep=timestep, modulated_input=_row(ctx.modulated_input, row, n),
+                timestep_projection=_row(ctx.timestep_projection, row, n), sigma=sigma, latents=latents,
+            ))
+        ]
+        outs = list(rows)
+        computed = None
+        if computing:
+            with timer.time_pass(count=len(computing)):
+                computed = self.adapter.blocks(take_rows(hidden, computing), ctx.select(computing))
+            for row, out in zip(computing, computed.chunk(len(computing))):
+                outs[row] = out
+                if cache is not None:
+                    cache.store(step, branches[row], out - rows[row])
+        for row, branch in enumerate(branches):
+            if row not in computing:
+                outs[row] = rows[row] + cache.reuse(step, branch)
+        blocks_out = computed if len(computing) == n else torch.cat(outs)
+        return dict(zip(branches, self.adapter.head(blocks_out, ctx).chunk(n)))
+
+    def _store_model_residual(
+        self, cache: TimestepCache, step: int, branch: str, out: torch.Tensor, latents: torch.Tensor
+    ) -> None:
+        if out.shape != latents.shape:
+            raise RuntimeError(f"{cache.name} caches the model output minus its input, but this model maps "
+                               f"latents {tuple(latents.shape)} to {tuple(out.shape)}")
+        cache.store(step, branch, out.float() - latents.float())
+
+
+def _row(tensor: torch.Tensor | None, row: int, n: int) -> torch.Tensor | None:
+    """Branch ``row``'s part of a batch of ``n`` branches."""
+    return None if tensor is None else tensor.chunk(n)[row]
+
+
+def _stack(values: Sequence[Any]) -> Any:
+    """The branches' values of one input as one batch: tensors concatenated on the batch dimension,
+    anything else only where every branch has the same; ``None`` where they do not stack."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if any(not isinstance(v, torch.Tensor) or v.shape != first.shape or v.dtype != first.dtype for v in values):
+            return None
+        return torch.cat(list(values))
+    return first if all(v == first for v in values) else None
 
 
 def scheduler_sigmas(scheduler, num_steps: int) -> list[float | None]:

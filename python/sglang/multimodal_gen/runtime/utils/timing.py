@@ -19,7 +19,9 @@ class PassTiming:
 
     Attributes:
         total_seconds: From :meth:`PassTimer.start` to :meth:`PassTimer.finish`.
-        pass_seconds: One entry per :meth:`PassTimer.time_pass`, in the order they ran.
+        pass_seconds: One entry per item of every :meth:`PassTimer.time_pass`, in the order
+            they ran: a pass over a batch of ``count`` CFG branches gives ``count`` entries of a
+            ``count``-th of its time each, so their mean is the time of one branch's pass.
     """
 
     total_seconds: float
@@ -39,7 +41,7 @@ class PassTimer:
         self.device = device
         self._cuda = device.type == "cuda"
         self._start: _Mark | None = None
-        self._passes: list[tuple[_Mark, _Mark]] = []
+        self._passes: list[tuple[_Mark, _Mark, int]] = []
 
     def start(self) -> None:
         """Mark the start of the loop and forget passes timed before."""
@@ -47,11 +49,11 @@ class PassTimer:
         self._start = self._mark()
 
     @contextmanager
-    def time_pass(self) -> Iterator[None]:
-        """Time the body as one pass (a pass that raises is not recorded)."""
+    def time_pass(self, count: int = 1) -> Iterator[None]:
+        """Time the body as one pass over ``count`` branches (a pass that raises is not recorded)."""
         begin = self._mark()
         yield
-        self._passes.append((begin, self._mark()))
+        self._passes.append((begin, self._mark(), count))
 
     def finish(self) -> PassTiming:
         """Mark the end of the loop, wait for the device once, and return every measurement."""
@@ -62,7 +64,8 @@ class PassTimer:
             end.synchronize()
         timing = PassTiming(
             total_seconds=self._seconds(self._start, end),
-            pass_seconds=[self._seconds(begin, stop) for begin, stop in self._passes],
+            pass_seconds=[self._seconds(begin, stop) / count
+                          for begin, stop, count in self._passes for _ in range(count)],
         )
         self._start, self._passes = None, []
         return timing
