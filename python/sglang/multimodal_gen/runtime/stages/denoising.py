@@ -163,7 +163,7 @@ class DenoisingStage(PipelineStage):
             return None
         stacked = {name: _stack([p.conditioning[name] for p in parts]) for name in names}
         embeds = _stack([p.encoder_hidden_states for p in parts])
-        if embeds is None or any(value is None for value in stacked.values()):
+        if embeds is _UNSTACKABLE or any(value is _UNSTACKABLE for value in stacked.values()):
             return None
         return self._with_constants(embeds, stacked, torch.cat([latents] * len(parts)))
 
@@ -275,15 +275,18 @@ def _row(tensor: torch.Tensor | None, row: int, n: int) -> torch.Tensor | None:
     return None if tensor is None else tensor.chunk(n)[row]
 
 
+_UNSTACKABLE = object()
+
+
 def _stack(values: Sequence[Any]) -> Any:
     """The branches' values of one input as one batch: tensors concatenated on the batch dimension,
-    anything else only where every branch has the same; ``None`` where they do not stack."""
+    anything else only where every branch has the same; ``_UNSTACKABLE`` where they do not stack."""
     first = values[0]
     if isinstance(first, torch.Tensor):
         if any(not isinstance(v, torch.Tensor) or v.shape != first.shape or v.dtype != first.dtype for v in values):
-            return None
+            return _UNSTACKABLE
         return torch.cat(list(values))
-    return first if all(v == first for v in values) else None
+    return first if all(v is first or v == first for v in values) else _UNSTACKABLE
 
 
 def scheduler_sigmas(scheduler, num_steps: int) -> list[float | None]:
