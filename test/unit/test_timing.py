@@ -48,3 +48,17 @@ def test_finish_needs_start():
     timer.finish()
     with pytest.raises(RuntimeError, match="before start"):
         timer.finish()
+
+
+def test_a_pass_over_a_batch_counts_once_per_branch_at_its_share_of_the_time():
+    timer = PassTimer(torch.device("cpu"))
+    x = torch.randn(64, 64)
+    timer.start()
+    with timer.time_pass(count=2):
+        x = torch.tanh(x @ x)
+    with timer.time_pass():
+        x = torch.tanh(x @ x)
+    timing = timer.finish()
+    assert len(timing.pass_seconds) == 3
+    assert timing.pass_seconds[0] == timing.pass_seconds[1] > 0
+    assert timing.total_seconds >= sum(timing.pass_seconds)
