@@ -123,6 +123,10 @@ class HunyuanDiTAdapter(DiTAdapter):
     def _exchange(self) -> UlyssesExchange | None:
         return self._ulysses.exchange
 
+    def block_modules(self) -> list[torch.nn.Module]:
+        model = self.transformer
+        return [*model.transformer_blocks, *model.single_transformer_blocks]
+
     def embed(
         self,
         latents: torch.Tensor,

@@ -92,6 +92,9 @@ class WanDiTAdapter(DiTAdapter):
     def _exchange(self) -> UlyssesExchange | None:
         return self._ulysses.exchange
 
+    def block_modules(self) -> list[torch.nn.Module]:
+        return list(self.transformer.blocks)
+
     def embed(
         self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
     ) -> tuple[torch.Tensor, WanStepContext]:
