@@ -72,7 +72,8 @@ class DiTAdapter(abc.ABC):
         ``embed``, ``head`` and whatever runs between them (a cache's decision and its state) stay
         eager, so a cached run compiles the same graphs as an uncached one. Blocks of one class
         share one graph (torch inlines built-in modules and passes their weights as inputs), so a
-        model compiles one graph per block class and shape, on the first call of that shape.
+        model compiles one graph per block class, input memory layout and shape, on the first
+        call of that shape.
         ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
         diffusers' ``compile_repeated_blocks`` is not used: HunyuanVideo's ``_repeated_blocks``
         also names modules that run in ``embed`` (the patch embedding and the token refiner).
