@@ -162,8 +162,9 @@ def test_generate_with_torch_compile_and_a_cache_writes_the_mp4(tmp_path, capsys
     writes its video."""
     out = tmp_path / "clip.mp4"
     with caplog.at_level(logging.INFO, logger="sglang.multimodal_gen.runtime.models.base"):
-        code = main(["generate", "--enable-torch-compile", "--cache", "easycache", "--prompt", PROMPT, "--height",
-                     "32", "--width", "48", "--num-frames", "5", "--num-inference-steps", "4", "--output-path", str(out)])
+        code = main(["generate", "--enable-torch-compile", "--cache", "easycache", "--prompt", PROMPT,
+                     "--height", "32", "--width", "48", "--num-frames", "5", "--num-inference-steps", "4",
+                     "--output-path", str(out)])
     assert code == 0 and f"saved {out}" in capsys.readouterr().out
     assert "torch.compile: 4 transformer blocks" in caplog.text
     assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == (1, 1)
