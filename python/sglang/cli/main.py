@@ -51,6 +51,22 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                        help="sequence-parallel degree = ulysses degree x ring degree (ring > 1 is not supported)")
 
 
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speed")
+    group.add_argument("--enable-torch-compile", action="store_true",
+                       help="torch.compile the DiT's transformer blocks (embedding, head and cache stay eager); "
+                            "faster steps, but the first request of each new shape (size, frames, batch) pays "
+                            "the compile")
+    group.add_argument("--batched-cfg", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the cond and uncond CFG branches as one batch of 2 (default: on for CUDA, off on "
+                            "CPU); does not apply with --enable-cfg-parallel, which runs them on different processes")
+
+
+def speed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``DiffGenerator.from_pretrained``'s speed flags."""
+    return dict(enable_torch_compile=args.enable_torch_compile, batched_cfg=args.batched_cfg)
+
+
 def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``DiffGenerator.from_pretrained``'s process flags, checked (without the model) first."""
     from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig
@@ -164,7 +180,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_before_load(args, [params])
     check_output_path(params.output_path)
     parallel = parallel_kwargs(args)
-    with DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype, **parallel) as generator:
+    with DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype, **parallel,
+                                       **speed_kwargs(args)) as generator:
         result = generator.generate(params, show_progress_bar=True)
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20s} {seconds:8.3f} s")
@@ -237,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="where to save: .mp4 (default outputs/<prompt>_<seed>.mp4) or .npy (float frames)")
     add_cache_args(generate)
     add_parallel_args(generate)
+    add_speed_args(generate)
     generate.set_defaults(func=cmd_generate)
 
     calibrate = sub.add_parser("calibrate", help="measure a model's cache statistics and save them for --cache-calibration")

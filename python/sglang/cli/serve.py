@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
-from sglang.cli.main import add_model_args, add_parallel_args, parallel_kwargs
+from sglang.cli.main import add_model_args, add_parallel_args, add_speed_args, parallel_kwargs, speed_kwargs
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve = subparsers.add_parser("serve", help="serve the OpenAI-style /v1/videos API")
     add_model_args(serve)
     add_parallel_args(serve)
+    add_speed_args(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1, loopback only; there, requests must name a loopback "
                             "Host and come from no web page of another Origin)")
@@ -153,7 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     JobStore.check(config.data_dir)  # in use by another server, not writable, newer schema
     parallel = parallel_kwargs(args)
     generator = DiffGenerator.from_pretrained(
-        args.model_path, device=args.device, dtype=args.dtype, cache_calibration=args.cache_calibration, **parallel
+        args.model_path, device=args.device, dtype=args.dtype, cache_calibration=args.cache_calibration, **parallel,
+        **speed_kwargs(args),
     )
     name = args.served_model_name or generator.model_name
     try:

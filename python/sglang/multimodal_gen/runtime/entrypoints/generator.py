@@ -18,6 +18,7 @@ from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_o
 from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroup
 from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback, VideoGeometry
+from sglang.multimodal_gen.runtime.stages.denoising import DenoisingStage
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,25 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_batched_cfg(batched_cfg: bool | None, device: torch.device, enable_cfg_parallel: bool = False) -> bool:
+    """Whether the denoising stage runs cond and uncond as one batch of 2. ``None`` ("auto"): on
+    for CUDA, where one pass of batch 2 keeps the GPU busier than two of batch 1; off on the CPU
+    until the batched path is measured there. CFG parallel puts the branches on different ranks,
+    so there is nothing to batch."""
+    if enable_cfg_parallel:
+        if batched_cfg:
+            logger.warning("--batched-cfg does not apply with --enable-cfg-parallel: each rank runs one branch")
+        return False
+    if batched_cfg is None:
+        return device.type == "cuda"
+    return bool(batched_cfg)
+
+
+def denoising_stage(pipeline: Pipeline) -> DenoisingStage:
+    """The pipeline's denoising stage (every pipeline has exactly one)."""
+    return next(stage for stage in pipeline.stages if isinstance(stage, DenoisingStage))
+
+
 class DiffGenerator:
     """A loaded pipeline. ``generate`` runs one request; requests never share cache state."""
 
@@ -87,6 +107,8 @@ class DiffGenerator:
         sp_degree: int | None = None,
         dist_timeout_s: float | None = None,
         worker_init: Callable[[], None] | None = None,
+        enable_torch_compile: bool = False,
+        batched_cfg: bool | None = None,
     ) -> "DiffGenerator":
         """Load a model. ``cache_calibration``: a calibration file every cached request uses unless
         it names its own (it takes precedence over the model folder's own calibration).
@@ -95,7 +117,12 @@ class DiffGenerator:
         load the same model and run every request with it: ``enable_cfg_parallel`` puts the cond
         and uncond branches on different ranks, ``ulysses_degree`` (or ``sp_degree``) shards the
         sequence. ``dist_timeout_s`` bounds every collective; ``worker_init`` is a picklable
-        function each worker runs before loading. Call :meth:`close` to stop the workers."""
+        function each worker runs before loading. Call :meth:`close` to stop the workers.
+
+        ``enable_torch_compile`` compiles the DiT's transformer blocks (``DiTAdapter.compile_blocks``);
+        the first request of each new shape pays the compile. ``batched_cfg`` runs the cond and
+        uncond branches as one batch of 2 (``None``: on for CUDA, off on the CPU; see
+        :func:`resolve_batched_cfg`). Worker processes build their pipelines with both."""
         extra: dict[str, Any] = {} if dist_timeout_s is None else {"timeout_s": dist_timeout_s}
         parallel = ParallelConfig.from_flags(num_gpus, enable_cfg_parallel, ulysses_degree, sp_degree, **extra)
         model_path = str(model_path or BUILTIN_MODEL_PATH)
@@ -105,11 +132,17 @@ class DiffGenerator:
         parallel.check(info.family)
         if cache_calibration is not None:
             load_calibration(cache_calibration).check_model(info.family.name)
+        use_batched_cfg = resolve_batched_cfg(batched_cfg, torch_device, parallel.enable_cfg_parallel)
         pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
 
         def load() -> Pipeline:
             logger.info("loading %s model from %s on %s (%s)", info.family.name, info.path, torch_device, torch_dtype)
-            return pipeline_cls(info, torch_device, torch_dtype)
+            pipeline = pipeline_cls(info, torch_device, torch_dtype)
+            stage = denoising_stage(pipeline)
+            stage.batched_cfg = use_batched_cfg
+            if enable_torch_compile:
+                stage.adapter.compile_blocks()
+            return pipeline
 
         if parallel.num_gpus == 1:
             return cls(load(), model_path, cache_calibration)
@@ -119,7 +152,9 @@ class DiffGenerator:
                 "one process per GPU (use --device cpu for gloo processes)", param="num_gpus")
         if torch_device.type == "cuda":
             torch_device = torch.device("cuda", 0)
-        load_args = dict(model_path=model_path, device=str(torch_device), dtype=dtype, cache_calibration=cache_calibration)
+        load_args = dict(model_path=model_path, device=str(torch_device), dtype=dtype,
+                         cache_calibration=cache_calibration, enable_torch_compile=enable_torch_compile,
+                         batched_cfg=use_batched_cfg)
         workers = WorkerGroup(parallel, load_args, load, worker_init)
         return cls(workers.pipeline, model_path, cache_calibration, workers)
 

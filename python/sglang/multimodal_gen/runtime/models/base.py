@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 #: Field metadata of a context tensor whose first dimension is the batch (one row per CFG branch
 #: when the branches run as one batch); :meth:`DiTStepContext.select` takes rows of these only.
@@ -99,6 +102,29 @@ class DiTAdapter(abc.ABC):
     @abc.abstractmethod
     def head(self, hidden_states: torch.Tensor, ctx: DiTStepContext) -> torch.Tensor:
         """Output norm, projection and unpatchify back to latent shape."""
+
+    @abc.abstractmethod
+    def block_modules(self) -> list[torch.nn.Module]:
+        """The repeated transformer blocks ``blocks`` runs, in order: what :meth:`compile_blocks` compiles."""
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """Regional compilation: ``torch.compile`` each transformer block in place, nothing else.
+
+        ``embed``, ``head`` and whatever runs between them (a cache's decision and its state) stay
+        eager, so a cached run compiles the same graphs as an uncached one. Blocks of one class
+        share one graph (torch inlines built-in modules and passes their weights as inputs), so a
+        model compiles one graph per block class, input memory layout and shape, on the first
+        call of that shape.
+        ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
+        diffusers' ``compile_repeated_blocks`` is not used: HunyuanVideo's ``_repeated_blocks``
+        also names modules that run in ``embed`` (the patch embedding and the token refiner).
+        """
+        blocks = self.block_modules()
+        kinds = ", ".join(sorted({type(block).__name__ for block in blocks}))
+        logger.info("torch.compile: %d transformer blocks (%s); the first request of each new shape compiles them",
+                    len(blocks), kinds)
+        for block in blocks:
+            block.compile(**compile_kwargs)
 
     def forward(
         self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs

@@ -124,6 +124,10 @@ class HunyuanDiTAdapter(DiTAdapter):
     def _exchange(self) -> UlyssesExchange | None:
         return self._ulysses.exchange
 
+    def block_modules(self) -> list[torch.nn.Module]:
+        model = self.transformer
+        return [*model.transformer_blocks, *model.single_transformer_blocks]
+
     def request_constants(
         self,
         latents: torch.Tensor,

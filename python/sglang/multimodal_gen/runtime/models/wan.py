@@ -93,6 +93,9 @@ class WanDiTAdapter(DiTAdapter):
     def _exchange(self) -> UlyssesExchange | None:
         return self._ulysses.exchange
 
+    def block_modules(self) -> list[torch.nn.Module]:
+        return list(self.transformer.blocks)
+
     def request_constants(
         self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
     ) -> dict[str, Any]:
