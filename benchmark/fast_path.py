@@ -142,7 +142,7 @@ def run_model(label: str, model_path: str, args: argparse.Namespace, request: di
             bar.update()
     bar.close()
     rows = [_row(v, warmup[v.name], timed[v.name], warmup) for v in all_variants]
-    gains = [_gain(c, timed) for c in comparisons(not args.no_compile, default_loop)]
+    gains = [_gain(c, timed) for c in comparisons(not args.no_compile)]
     profile = _profile(ours.eager, base, magcache, default_loop == "hoisted+batched")
     for name, variant in (("uncached", f"ours {default_loop}"), ("magcache", f"ours {default_loop} magcache")):
         stages = timed[variant][0].parts

@@ -70,12 +70,12 @@ def variants(compile_blocks: bool) -> list[Variant]:
     return out
 
 
-def comparisons(compile_blocks: bool, default_loop: str) -> list[Comparison]:
-    """The gains the issue asks to see, each between two variants that differ in one change only
-    (and ours against diffusers, before and with the device's default fast path ``default_loop``)."""
-    out = [
-        Comparison("ours before vs diffusers, uncached", "diffusers", "ours before"),
-        Comparison(f"ours {default_loop} vs diffusers, uncached", "diffusers", f"ours {default_loop}"),
+def comparisons(compile_blocks: bool) -> list[Comparison]:
+    """The gains the issue asks to see, each between two variants that differ in one change only,
+    and ours (before the fast path, and with each loop after it) against diffusers."""
+    loops = ["before", "hoisted", "hoisted+batched"] + (["hoisted+batched+compiled"] if compile_blocks else [])
+    out = [Comparison(f"ours {loop} vs diffusers, uncached", "diffusers", f"ours {loop}") for loop in loops]
+    out += [
         Comparison("hoisting, uncached", "ours before", "ours hoisted"),
         Comparison("hoisting, magcache", "ours before magcache", "ours hoisted magcache"),
         Comparison("batched CFG, uncached", "ours hoisted", "ours hoisted+batched"),
@@ -89,9 +89,6 @@ def comparisons(compile_blocks: bool, default_loop: str) -> list[Comparison]:
             Comparison("compiled, batched, magcache", "ours hoisted+batched magcache",
                        "ours hoisted+batched+compiled magcache"),
         ]
-    out += [
-        Comparison("ours before vs diffusers+hook, identical plans", "diffusers+hook", "ours before magcache"),
-        Comparison(f"ours {default_loop} vs diffusers+hook, identical plans", "diffusers+hook",
-                   f"ours {default_loop} magcache"),
-    ]
+    out += [Comparison(f"ours {loop} vs diffusers+hook, identical plans", "diffusers+hook", f"ours {loop} magcache")
+            for loop in loops]
     return out

@@ -67,7 +67,16 @@ def eager_wan(tiny_wan_dir) -> DiffGenerator:
     return generator
 
 
-def test_identical_blocks_share_one_graph_and_a_second_request_compiles_none(eager_wan):
+@pytest.fixture(params=[False, True], ids=["two-pass", "batched"])
+def batched(request, eager_wan):
+    """Both CFG loops: two passes of batch 1, or one of batch 2 (a graph of its own shape)."""
+    stage = denoising_stage(eager_wan.pipeline)
+    default, stage.batched_cfg = stage.batched_cfg, request.param
+    yield request.param
+    stage.batched_cfg = default
+
+
+def test_identical_blocks_share_one_graph_and_a_second_request_compiles_none(eager_wan, batched):
     with torch._dynamo.config.patch(error_on_recompile=True):
         _, first = _compiled(eager_wan, _params())
         _, second = _compiled(eager_wan, _params(seed=4))
@@ -76,7 +85,7 @@ def test_identical_blocks_share_one_graph_and_a_second_request_compiles_none(eag
 
 
 @pytest.mark.parametrize("name", list(CACHED))
-def test_a_cached_request_compiles_no_more_than_an_uncached_one(eager_wan, name):
+def test_a_cached_request_compiles_no_more_than_an_uncached_one(eager_wan, batched, name):
     with torch._dynamo.config.patch(error_on_recompile=True):
         result, first = _compiled(eager_wan, _params(CACHED[name]))
         _, second = _compiled(eager_wan, _params(CACHED[name], seed=4))
