@@ -21,7 +21,7 @@ from conftest import TINY_REQUEST, skipping_strategies
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
-from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
+from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator, denoising_stage
 
 PROMPT = "a red circle moving left on a blue background"
 STEPS = 10
@@ -47,6 +47,15 @@ def wan_dir(tmp_path_factory):
 def wan_pair(wan_dir):
     single = DiffGenerator.from_pretrained(str(wan_dir), device="cpu")
     group = DiffGenerator.from_pretrained(str(wan_dir), device="cpu", num_gpus=2, ulysses_degree=2, dist_timeout_s=60)
+    yield single, group
+    group.close()
+
+
+@pytest.fixture(scope="class")
+def wan_batched_pair(wan_dir):
+    single = DiffGenerator.from_pretrained(str(wan_dir), device="cpu", batched_cfg=True)
+    group = DiffGenerator.from_pretrained(str(wan_dir), device="cpu", num_gpus=2, ulysses_degree=2, dist_timeout_s=60,
+                                          batched_cfg=True)
     yield single, group
     group.close()
 
@@ -98,6 +107,16 @@ class TestWan:
     def test_ulysses_pads_an_odd_token_count(self, wan_pair):
         # 80 x 48 px, 9 frames -> 3 latent frames of 5 x 3 patches: 45 image tokens, odd.
         _check(*wan_pair, STRATEGIES["teacache"], negative=True, height=80, num_frames=9)
+
+
+class TestWanBatchedCfg:
+    """Both CFG branches as one batch on every rank: the shard, the exchange and the gather carry a
+    batch of 2 (``--batched-cfg`` with ``--ulysses-degree``)."""
+
+    @pytest.mark.parametrize("strategy", ["none", "magcache", "easycache"])
+    def test_ulysses_gives_the_single_process_video(self, wan_batched_pair, strategy):
+        assert all(denoising_stage(g.pipeline).batched_cfg for g in wan_batched_pair)
+        _check(*wan_batched_pair, STRATEGIES[strategy], negative=True)
 
 
 class TestHunyuan:
