@@ -35,11 +35,14 @@ with two modes stacked while it is active:
 What it cannot see on the CPU: ``torch.cuda.synchronize()``, ``Event.synchronize()`` and
 ``Stream.synchronize()`` (not torch ops; they never run on a CPU tensor anyway); ``.to(device)``
 where ``device`` is a ``torch.device("cpu")`` object, since on a CPU-only run it cannot be told
-from the device-agnostic ``.to(latents.device)``; a copy to the device of a tensor that lives on
-the host (``cpu_tensor.to(latents.device)`` is a no-op here); and anything done outside torch
-(a NumPy computation on data read earlier). On CUDA, ``torch.cuda.set_sync_debug_mode`` covers
-those. Each record names the op, the step it ran in and the first caller outside torch, so a
-failing test says where to look.
+from the device-agnostic ``.to(latents.device)``; a blocking copy to the device of a tensor that
+lives on the host, a no-op here (diffusers' UniPC keeps its sigmas on the host and does
+``self.sigmas[i].to(device)`` a few times per step: on CUDA each is a copy that waits for the
+stream); and anything done outside torch (a NumPy computation on data read earlier). On CUDA,
+``torch.cuda.set_sync_debug_mode`` covers those. The other way round, every tensor is taken for a
+device tensor: reading one that lives on the host on CUDA too (``torch.tensor(x).item()``, which
+rounds a Python float) is recorded although it would not sync. Each record names the op, the step
+it ran in and the first caller outside torch, so a failing test says where to look.
 
 Attach it with :meth:`HostSyncDetector.progress` as the request's progress callback: the
 denoising stage calls it with 0 right before the first step and with ``total`` right after the
