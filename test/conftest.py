@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_REQUEST = dict(height=64, width=48, num_frames=5, num_inference_steps=6, guidance_scale=5.0)
 
 
-# Schedulers a real checkpoint may ship instead of the tiny folders' UniPC: (diffusers class, kwargs).
+# Schedulers a real checkpoint may ship, per family: name -> (diffusers class, its kwargs).
 WAN_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     # Wan2.1-T2V checkpoints ship UniPC over flow sigmas (the base folder already has it).
     "unipc": ("UniPCMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
