@@ -40,8 +40,11 @@ from sglang.multimodal_gen.runtime.utils.sync_free import SolveWithoutErrorCheck
 
 PROMPT = "a green square moving up on a black background"
 STEPS = 10  # skipping_strategies skip steps on the tiny models at this count
-STRATEGIES = skipping_strategies(str(BUILTIN_MODEL_PATH / "calibration.json"))
-PLANNED = ("none", "even", "magcache", "planner")
+CALIBRATION = str(BUILTIN_MODEL_PATH / "calibration.json")
+STRATEGIES = skipping_strategies(CALIBRATION)
+# MagCache also on calibrated ratios (the same file the planner plans from) besides the presets.
+STRATEGIES["magcache_calibrated"] = dataclasses.replace(STRATEGIES["magcache"], calibration_file=CALIBRATION)
+PLANNED = ("none", "even", "magcache", "magcache_calibrated", "planner")
 DATA_DRIVEN = ("teacache", "easycache")
 HERE = str(Path(__file__).resolve())
 
@@ -74,7 +77,7 @@ def _watch(generator: DiffGenerator, params: SamplingParams, batched_cfg: bool,
 
 def _assert_planned_and_skipping(result: GenerationResult, strategy: str) -> None:
     """A cached run must have had a plan, and have skipped, or it proves nothing about the skip path."""
-    if strategy == "none":
+    if STRATEGIES[strategy].strategy == "none":
         assert result.cache is None
         return
     assert result.cache.plan() is not None, strategy
