@@ -13,8 +13,8 @@ class SolveWithoutErrorCheck(TorchFunctionMode):
     host: on CUDA a sync per call (PyTorch documents ``linalg.solve`` as synchronising and points to
     ``solve_ex``). diffusers' UniPC scheduler, the one Wan2.1 checkpoints ship, solves a tiny system
     for its corrector on every step from the third on (and for its predictor above order 2). The
-    matrix is a Vandermonde matrix of distinct step-size ratios, never singular, so the check has
-    nothing to catch. The denoising stage enters this around ``scheduler.step`` only.
+    matrix is a Vandermonde matrix of step-size ratios, not singular while the sigmas are distinct,
+    so the check has nothing to catch. The denoising stage enters this around ``scheduler.step`` only.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
