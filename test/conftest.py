@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +18,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Small request geometry every pipeline test shares: 64x48 pixels, 5 frames -> 2x8x6 latents.
 TINY_REQUEST = dict(height=64, width=48, num_frames=5, num_inference_steps=6, guidance_scale=5.0)
+
+
+# Schedulers a real checkpoint may ship, per family: name -> (diffusers class, its kwargs).
+WAN_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Wan2.1-T2V checkpoints ship UniPC over flow sigmas (the base folder already has it).
+    "unipc": ("UniPCMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              flow_shift=3.0, solver_order=2, predict_x0=True, solver_type="bh2",
+                                              lower_order_final=True)),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+    "dpm_flow": ("DPMSolverMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                     flow_shift=3.0, solver_order=2)),
+}
+HUNYUAN_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=7.0)),
+    # The HunyuanVideo pipeline hands the scheduler explicit sigmas; UniPC takes them over flow sigmas.
+    "unipc_flow": ("UniPCMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                   flow_shift=7.0)),
+}
+
+
+def set_scheduler(folder: Path, class_name: str, kwargs: dict[str, Any]) -> None:
+    """Replace the scheduler of the diffusers folder ``folder`` (a copy: this edits it in place)."""
+    import diffusers
+
+    shutil.rmtree(folder / "scheduler")
+    getattr(diffusers, class_name)(num_train_timesteps=1000, **kwargs).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", class_name]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def skipping_strategies(calibration_file: str) -> dict:

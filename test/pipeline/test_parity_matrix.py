@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_REQUEST
+from conftest import HUNYUAN_SCHEDULERS, TINY_REQUEST, WAN_SCHEDULERS, set_scheduler
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.models import read_model_info
@@ -46,22 +46,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = (1e-5, 1e-5)
 
 # A cell: (family, factor, change). A change is applied to a copy of the family's base folder.
-WAN_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    # Wan2.1-T2V checkpoints ship UniPC over flow sigmas (the base folder already has it).
-    "unipc": ("UniPCMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                              flow_shift=3.0, solver_order=2, predict_x0=True, solver_type="bh2",
-                                              lower_order_final=True)),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
-    "dpm_flow": ("DPMSolverMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                     flow_shift=3.0, solver_order=2)),
-}
-HUNYUAN_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=7.0)),
-    # The HunyuanVideo pipeline hands the scheduler explicit sigmas; UniPC takes them over flow sigmas.
-    "unipc_flow": ("UniPCMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                   flow_shift=7.0)),
-}
-
 CELLS = [
     *[("wan", "scheduler", name) for name in WAN_SCHEDULERS],
     ("wan", "tokenizer_cap", 16),      # below the 512 text length (the base tokenizer caps at 32)
@@ -85,16 +69,6 @@ def _cell_id(cell) -> str:
     if isinstance(change, dict):
         change = "-".join(f"{k}={v}" for k, v in change.items())
     return f"{family}-{factor}-{change}"
-
-
-def _set_scheduler(folder: Path, class_name: str, kwargs: dict[str, Any]) -> None:
-    import diffusers
-
-    shutil.rmtree(folder / "scheduler")
-    getattr(diffusers, class_name)(num_train_timesteps=1000, **kwargs).save_pretrained(folder / "scheduler")
-    index = json.loads((folder / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", class_name]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def _set_tokenizer_cap(folder: Path, cap: int) -> None:
@@ -134,7 +108,7 @@ def variant_folder(tmp_path_factory, tiny_wan_dir, tiny_hunyuan_dir):
             folder = tmp_path_factory.mktemp("variants") / key
             shutil.copytree(base, folder)
             if factor == "scheduler":
-                _set_scheduler(folder, *(WAN_SCHEDULERS if family == "wan" else HUNYUAN_SCHEDULERS)[change])
+                set_scheduler(folder, *(WAN_SCHEDULERS if family == "wan" else HUNYUAN_SCHEDULERS)[change])
             elif factor == "tokenizer_cap":
                 _set_tokenizer_cap(folder, _hunyuan_crop_start(folder) // 2 if change == "below_crop" else change)
             else:

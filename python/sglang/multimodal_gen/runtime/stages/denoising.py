@@ -13,6 +13,7 @@ from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures,
 from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter, take_rows
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
+from sglang.multimodal_gen.runtime.utils.sync_free import SolveWithoutErrorCheck
 from sglang.multimodal_gen.runtime.utils.timing import PassTimer
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class DenoisingStage(PipelineStage):
             noise_pred = preds[COND]
             if UNCOND in preds:
                 noise_pred = preds[UNCOND] + params.guidance_scale * (preds[COND] - preds[UNCOND])
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            with SolveWithoutErrorCheck():  # UniPC's solve would sync every step
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             bar.update()
             if req.progress is not None:
                 req.progress(step + 1, len(timesteps))
