@@ -14,7 +14,7 @@ in UniPC's ``torch.linalg.solve`` (the stage steps the scheduler in ``SolveWitho
 The last two tests show both syncs on the bare scheduler, so they fail once diffusers drops them.
 
 Every case runs with the denoising stage's ``batched_cfg`` off and on (cond and uncond as one
-batch-2 pass): a stage without that switch ignores it, and once it has one both modes are covered.
+batch-2 pass): the batched path cuts and joins its rows by slicing, with no index tensor to copy.
 """
 
 from __future__ import annotations
