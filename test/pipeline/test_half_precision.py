@@ -43,7 +43,8 @@ def generators(tiny_wan_dir, tiny_hunyuan_dir):
 
     def get(family: str, dtype: str) -> DiffGenerator:
         if (family, dtype) not in made:
-            made[family, dtype] = DiffGenerator.from_pretrained(str(folders[family]), device="cpu", dtype=dtype)
+            made[family, dtype] = DiffGenerator.from_pretrained(str(folders[family]), device="cpu", dtype=dtype,
+                                                                 batched_cfg=False)
         return made[family, dtype]
 
     return get
@@ -77,7 +78,8 @@ def test_every_strategy_runs_in_half_precision(generators, family, dtype, strate
 # --------------------------------------------------------------------------- the built-in model
 @pytest.fixture(scope="module")
 def builtin_generators():
-    return {dtype: DiffGenerator.from_pretrained(device="cpu", dtype=dtype) for dtype in ("float32", *HALF)}
+    return {dtype: DiffGenerator.from_pretrained(device="cpu", dtype=dtype, batched_cfg=False)
+            for dtype in ("float32", *HALF)}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -175,7 +175,7 @@ def test_pipeline_matches_diffusers(cell, variant_folder):
     family, factor, change = cell
     dtype_name = change if factor == "dtype" else "fp32"
     folder = variant_folder(cell)
-    ours = DiffGenerator.from_pretrained(str(folder), device="cpu", dtype=dtype_name)
+    ours = DiffGenerator.from_pretrained(str(folder), device="cpu", dtype=dtype_name, batched_cfg=False)
     pipe = _diffusers_pipeline(family, folder, DTYPES[dtype_name], ours)
 
     result = ours.generate(_our_params(family, seed=5))
@@ -212,7 +212,7 @@ def test_magcache_matches_diffusers_hook(family, dtype_name, tiny_wan_dir, tiny_
     from diffusers.hooks import apply_mag_cache
 
     folder = tiny_wan_dir if family == "wan" else tiny_hunyuan_dir
-    ours = DiffGenerator.from_pretrained(str(folder), device="cpu", dtype=dtype_name)
+    ours = DiffGenerator.from_pretrained(str(folder), device="cpu", dtype=dtype_name, batched_cfg=False)
     pipe = _diffusers_pipeline(family, folder, DTYPES[dtype_name], ours)
     ratios = _mag_ratios(family)
     apply_mag_cache(
@@ -284,7 +284,7 @@ def test_easycache_matches_the_release_rule_around_diffusers(cell, variant_folde
     transformer, on every folder of the matrix: same skipped steps, same latents."""
     family = cell[0]
     folder = variant_folder(cell)
-    ours = DiffGenerator.from_pretrained(str(folder), device="cpu")
+    ours = DiffGenerator.from_pretrained(str(folder), device="cpu", batched_cfg=False)
     pipe = _diffusers_pipeline(family, folder, torch.float32, ours)
     release = ReleaseEasyCacheForward(pipe.transformer, EASY_STEPS, 2 if family == "wan" else 1, **EASY_SETTINGS)
     reference_latents = _diffusers_run(family, pipe, folder, seed=4, output_type="latent", steps=EASY_STEPS)
