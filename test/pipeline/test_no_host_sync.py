@@ -10,7 +10,8 @@ its docstring (``test/host_sync.py``) says what it can and cannot see on this CP
 
 The scheduler is part of the loop, and diffusers' schedulers sync in two places the pipeline
 avoids: on the first step unless ``set_begin_index`` was called (latent preparation calls it), and
-in UniPC's ``torch.linalg.solve`` (the stage steps the scheduler in ``SolveWithoutErrorCheck``).
+in UniPC's ``torch.linalg.solve`` (on CUDA the stage steps the scheduler in ``SolveWithoutErrorCheck``;
+the tests here set the stage as on CUDA).
 The last two tests show both syncs on the bare scheduler, so they fail once diffusers drops them.
 
 Every case runs with the denoising stage's ``batched_cfg`` off and on (cond and uncond as one
@@ -65,9 +66,11 @@ def _hunyuan_params(cache: CacheParams) -> SamplingParams:
 
 def _watch(generator: DiffGenerator, params: SamplingParams, batched_cfg: bool,
            monkeypatch: pytest.MonkeyPatch) -> tuple[HostSyncDetector, GenerationResult]:
-    """Generate with the detector on the loop, the denoising stage's ``batched_cfg`` set."""
+    """Generate with the detector on the loop, the denoising stage's ``batched_cfg`` set and its
+    scheduler stepped as on CUDA (``sync_free_scheduler``, which the generator sets for CUDA only)."""
     stage = next(s for s in generator.pipeline.stages if s.name == "denoising")
-    monkeypatch.setattr(stage, "batched_cfg", batched_cfg, raising=False)
+    monkeypatch.setattr(stage, "batched_cfg", batched_cfg)
+    monkeypatch.setattr(stage, "sync_free_scheduler", True)
     detector = HostSyncDetector()
     with detector:
         result = generator.generate(params, progress=detector.progress)
@@ -190,7 +193,7 @@ def test_the_scheduler_syncs_on_its_first_step_unless_its_begin_index_is_set(wan
 
 def test_unipc_solves_with_a_host_error_check_that_the_stage_lifts(wan_generator):
     """UniPC (the tiny Wan's scheduler, as Wan2.1's) calls ``torch.linalg.solve`` for its corrector
-    from the third step on; the stage runs ``step`` in ``SolveWithoutErrorCheck``, which drops only
+    from the third step on; on CUDA the stage runs ``step`` in ``SolveWithoutErrorCheck``, which drops only
     the check: the steps give the same latents bit for bit."""
     scheduler = next(s for s in wan_generator.pipeline.stages if s.name == "latent_preparation").scheduler
     assert type(scheduler).__name__ == "UniPCMultistepScheduler"

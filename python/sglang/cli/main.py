@@ -58,8 +58,9 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
                             "faster steps, but the first request of each new shape (size, frames, batch) pays "
                             "the compile")
     group.add_argument("--batched-cfg", action=argparse.BooleanOptionalAction, default=None,
-                       help="run the cond and uncond CFG branches as one batch of 2 (default: on for CUDA, off on "
-                            "CPU); does not apply with --enable-cfg-parallel, which runs them on different processes")
+                       help="run the cond and uncond CFG branches as one batch of 2 (default: on); --no-batched-cfg "
+                            "runs two passes as diffusers does; does not apply with --enable-cfg-parallel, which "
+                            "runs them on different processes")
 
 
 def speed_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -59,18 +59,17 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def resolve_batched_cfg(batched_cfg: bool | None, device: torch.device, enable_cfg_parallel: bool = False) -> bool:
-    """Whether the denoising stage runs cond and uncond as one batch of 2. ``None`` ("auto"): on
-    for CUDA, where one pass of batch 2 keeps the GPU busier than two of batch 1; off on the CPU
-    until the batched path is measured there. CFG parallel puts the branches on different ranks,
-    so there is nothing to batch."""
+def resolve_batched_cfg(batched_cfg: bool | None, enable_cfg_parallel: bool = False) -> bool:
+    """Whether the denoising stage runs cond and uncond as one batch of 2. ``None`` ("auto"): on.
+    On CUDA one pass of batch 2 keeps the GPU busier than two of batch 1 (sglang's default); on
+    the CPU it measured faster too, 1.23x denoising on the built-in model and 1.08x on a
+    block-dominated one (benchmark/fast_path.py, docs/benchmarks.md). CFG parallel puts the
+    branches on different ranks, so there is nothing to batch."""
     if enable_cfg_parallel:
         if batched_cfg:
             logger.warning("--batched-cfg does not apply with --enable-cfg-parallel: each rank runs one branch")
         return False
-    if batched_cfg is None:
-        return device.type == "cuda"
-    return bool(batched_cfg)
+    return True if batched_cfg is None else bool(batched_cfg)
 
 
 def denoising_stage(pipeline: Pipeline) -> DenoisingStage:
@@ -121,8 +120,8 @@ class DiffGenerator:
 
         ``enable_torch_compile`` compiles the DiT's transformer blocks (``DiTAdapter.compile_blocks``);
         the first request of each new shape pays the compile. ``batched_cfg`` runs the cond and
-        uncond branches as one batch of 2 (``None``: on for CUDA, off on the CPU; see
-        :func:`resolve_batched_cfg`). Worker processes build their pipelines with both."""
+        uncond branches as one batch of 2 (``None``: on unless CFG parallel; see
+        :func:`resolve_batched_cfg`); ``False`` gives the two passes diffusers' pipelines run. Worker processes build their pipelines with both."""
         extra: dict[str, Any] = {} if dist_timeout_s is None else {"timeout_s": dist_timeout_s}
         parallel = ParallelConfig.from_flags(num_gpus, enable_cfg_parallel, ulysses_degree, sp_degree, **extra)
         model_path = str(model_path or BUILTIN_MODEL_PATH)
@@ -132,7 +131,7 @@ class DiffGenerator:
         parallel.check(info.family)
         if cache_calibration is not None:
             load_calibration(cache_calibration).check_model(info.family.name)
-        use_batched_cfg = resolve_batched_cfg(batched_cfg, torch_device, parallel.enable_cfg_parallel)
+        use_batched_cfg = resolve_batched_cfg(batched_cfg, parallel.enable_cfg_parallel)
         pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
 
         def load() -> Pipeline:
@@ -140,6 +139,7 @@ class DiffGenerator:
             pipeline = pipeline_cls(info, torch_device, torch_dtype)
             stage = denoising_stage(pipeline)
             stage.batched_cfg = use_batched_cfg
+            stage.sync_free_scheduler = torch_device.type == "cuda"
             if enable_torch_compile:
                 stage.adapter.compile_blocks()
             return pipeline
