@@ -157,7 +157,7 @@ def test_ulysses_workers_compile_and_match_one_process(tmp_path):
     single = DiffGenerator.from_pretrained(model, device="cpu").generate(params)
     with DiffGenerator.from_pretrained(model, device="cpu", num_gpus=2, ulysses_degree=2, dist_timeout_s=300,
                                        enable_torch_compile=True) as group:
-        assert (group.workers.load["enable_torch_compile"], group.workers.load["batched_cfg"]) == (True, False)
+        assert (group.workers.load["enable_torch_compile"], group.workers.load["batched_cfg"]) == (True, True)
         parallel, first = _compiled(group, params)
         _, second = _compiled(group, params)
     assert first == (2, 2) and second == (0, 0)
