@@ -62,7 +62,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 def resolve_batched_cfg(batched_cfg: bool | None, enable_cfg_parallel: bool = False) -> bool:
     """Whether the denoising stage runs cond and uncond as one batch of 2. ``None`` ("auto"): on.
     On CUDA one pass of batch 2 keeps the GPU busier than two of batch 1 (sglang's default); on
-    the CPU it measured faster too, 1.23x denoising on the built-in model and 1.08x on a
+    the CPU it measured faster too, 1.21-1.25x denoising on the built-in model and 1.08-1.10x on a
     block-dominated one (benchmark/fast_path.py, docs/benchmarks.md). CFG parallel puts the
     branches on different ranks, so there is nothing to batch."""
     if enable_cfg_parallel:
