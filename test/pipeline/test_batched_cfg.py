@@ -142,7 +142,7 @@ def test_request_constants_are_computed_once_per_request(builtin_fp32):
         _run(builtin_fp32, CacheParams(), batched=False)
         assert calls == {"rope": 2, "text": 2}  # cond and uncond, once each for 10 steps
         _run(builtin_fp32, CacheParams(), batched=True)
-        assert calls == {"rope": 5, "text": 5}  # and the batch of both
+        assert calls == {"rope": 3, "text": 3}  # batched: once, for the batch of both
     finally:
         for hook in hooks:
             hook.remove()

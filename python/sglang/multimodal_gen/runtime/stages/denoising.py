@@ -106,6 +106,9 @@ class DenoisingStage(PipelineStage):
         branches = placement.local_branches
         inputs = self._branch_inputs(req, branches, latents)
         batch = self._stacked_inputs(branches, inputs, latents) if self.batched_cfg and len(branches) > 1 else None
+        if batch is None:  # batched, the constants are the batch's; a branch alone lets embed make its own
+            inputs = {b: self._with_constants(i.encoder_hidden_states, i.conditioning, latents)
+                      for b, i in inputs.items()}
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not req.show_progress_bar)
         if req.progress is not None:
             req.progress(0, len(timesteps))  # before the first step: a caller may stop it here
@@ -144,7 +147,7 @@ class DenoisingStage(PipelineStage):
         return req
 
     def _branch_inputs(self, req: Req, branches: Sequence[str], latents: torch.Tensor) -> dict[str, ModelInputs]:
-        """Each branch's model inputs with the adapter's request constants, computed once here."""
+        """Each branch's prompt embedding and conditioning (the guidance input included)."""
         inputs = {}
         for branch in branches:
             conditioning = dict(req.conditioning.get(branch, {}))
@@ -152,12 +155,13 @@ class DenoisingStage(PipelineStage):
                 conditioning["guidance"] = torch.tensor(
                     [req.params.guidance_scale] * latents.shape[0], dtype=self.dtype, device=latents.device
                 ) * self.embedded_guidance_scale
-            inputs[branch] = self._with_constants(req.prompt_embeds[branch], conditioning, latents)
+            inputs[branch] = ModelInputs(req.prompt_embeds[branch], conditioning)
         return inputs
 
     def _with_constants(
         self, encoder_hidden_states: torch.Tensor, conditioning: dict[str, Any], latents: torch.Tensor
     ) -> ModelInputs:
+        """The inputs with the adapter's request constants, computed once here for the whole loop."""
         constants = self.adapter.request_constants(latents.to(self.dtype), encoder_hidden_states, **conditioning)
         return ModelInputs(encoder_hidden_states, conditioning, constants)
 
@@ -192,7 +196,7 @@ class DenoisingStage(PipelineStage):
         if cache is not None and cache.skips_whole_model:
             features = StepFeatures(timestep=timestep, sigma=sigma, latents=latents)
             if not cache.should_compute(step, branch, features):
-                return (latents.float() + cache.reuse(step, branch)).to(self.dtype)
+                return self._reused_model_output(cache, step, branch, latents)
             with timer.time_pass():
                 out = self.adapter.forward(model_input, timestep, inputs.encoder_hidden_states, **inputs.kwargs)
             self._store_model_residual(cache, step, branch, out, latents)
@@ -229,7 +233,7 @@ class DenoisingStage(PipelineStage):
         if cache is not None and cache.skips_whole_model:
             features = StepFeatures(timestep=timestep, sigma=sigma, latents=latents)
             computing = [b for b in branches if cache.should_compute(step, b, features)]
-            preds = {b: (latents.float() + cache.reuse(step, b)).to(self.dtype) for b in branches if b not in computing}
+            preds = {b: self._reused_model_output(cache, step, b, latents) for b in branches if b not in computing}
             if len(computing) == n:
                 with timer.time_pass(count=n):
                     out = self.adapter.forward(torch.cat([model_input] * n), timestep.repeat(n),
@@ -237,7 +241,8 @@ class DenoisingStage(PipelineStage):
                 for branch, pred in zip(branches, out.chunk(n)):
                     self._store_model_residual(cache, step, branch, pred, latents)
                     preds[branch] = pred
-            else:  # a strategy deciding per branch: the branches that compute run one by one
+            else:  # a strategy deciding per branch: those that compute run one by one (their
+                # inputs carry no constants, so embed computes them: such steps are rare)
                 for branch in computing:
                     with timer.time_pass():
                         out = self.adapter.forward(model_input, timestep, inputs[branch].encoder_hidden_states,
@@ -269,6 +274,10 @@ class DenoisingStage(PipelineStage):
                 outs[row] = rows[row] + cache.reuse(step, branch)
         blocks_out = computed if len(computing) == n else torch.cat(outs)
         return dict(zip(branches, self.adapter.head(blocks_out, ctx).chunk(n)))
+
+    def _reused_model_output(self, cache: TimestepCache, step: int, branch: str, latents: torch.Tensor) -> torch.Tensor:
+        """A skipped whole-model call: the latents plus the estimate of output minus input."""
+        return (latents.float() + cache.reuse(step, branch)).to(self.dtype)
 
     def _store_model_residual(
         self, cache: TimestepCache, step: int, branch: str, out: torch.Tensor, latents: torch.Tensor
