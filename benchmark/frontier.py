@@ -46,24 +46,37 @@ from frontier_report import markdown_table, plot_frontier, summarise  # noqa: E4
 from metrics import psnr, ssim  # noqa: E402
 from threshold_search import nearest_threshold  # noqa: E402
 
-from sglang.multimodal_gen.configs.models import read_model_info  # noqa: E402
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
 from sglang.multimodal_gen.runtime.cache.base import budget_passes  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
 
 
 class DiffusersTaylorSeer:
-    """diffusers' ``WanPipeline`` on the same folder with its TaylorSeer hook, counting the steps
-    whose blocks ran (the first block's self-attention fired)."""
+    """diffusers' own pipeline (``WanPipeline`` or ``HunyuanVideoPipeline``) on the same folder with
+    its TaylorSeer hook, counting the steps whose blocks ran (the first block's attention fired)."""
 
-    def __init__(self, model_path: str, params: SamplingParams) -> None:
-        from diffusers import WanPipeline
-
-        self.pipe = WanPipeline.from_pretrained(model_path, dtype=torch.float32)
-        self.pipe.set_progress_bar_config(disable=True)
+    def __init__(self, gen: DiffGenerator, params: SamplingParams) -> None:
+        info = gen.pipeline.model_info
         self.params = params
-        self.text_length = read_model_info(Path(model_path)).text_max_length
-        self.pipe.transformer.blocks[0].attn1.register_forward_hook(lambda *_: self._ran.__setitem__(-1, True))
+        self.family = info.family.name
+        self.call_kwargs: dict = {"max_sequence_length": info.text_max_length}
+        if self.family == "wan":
+            from diffusers import WanPipeline
+
+            self.pipe = WanPipeline.from_pretrained(info.path, dtype=torch.float32)
+            self.call_kwargs["negative_prompt"] = params.negative_prompt
+            first_attention = self.pipe.transformer.blocks[0].attn1
+        else:
+            from diffusers import HunyuanVideoPipeline
+
+            # diffusers gets the Llama tokenizer and prompt crop as our loader and text stage read them
+            # (transformers' LlamaTokenizerFast would rebuild the byte-level vocabulary; see test_hunyuan.py).
+            text_stage = next(s for s in gen.pipeline.stages if s.name == "text_encoding")
+            self.pipe = HunyuanVideoPipeline.from_pretrained(info.path, tokenizer=text_stage.tokenizer, dtype=torch.float32)
+            self.call_kwargs["prompt_template"] = {"template": text_stage.template, "crop_start": text_stage.crop_start}
+            first_attention = self.pipe.transformer.transformer_blocks[0].attn
+        self.pipe.set_progress_bar_config(disable=True)
+        first_attention.register_forward_hook(lambda *_: self._ran.__setitem__(-1, True))
         self.pipe.transformer.register_forward_pre_hook(lambda *_: self._ran.append(False))
         self._ran: list[bool] = []
 
@@ -77,11 +90,13 @@ class DiffusersTaylorSeer:
         self._ran = []
         p = self.params
         frames = self.pipe(
-            prompt=prompt, negative_prompt=p.negative_prompt, height=p.height, width=p.width, num_frames=p.num_frames,
+            prompt=prompt, height=p.height, width=p.width, num_frames=p.num_frames,
             num_inference_steps=steps, guidance_scale=p.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_sequence_length=self.text_length,
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **self.call_kwargs,
         ).frames[0]
-        return np.asarray(frames, dtype=np.float32), sum(self._ran[0::2])  # the cond branch's passes
+        # Wan runs cond then uncond each step: count the cond branch's passes; HunyuanVideo runs one.
+        cond_passes = self._ran[0::2] if self.family == "wan" else self._ran
+        return np.asarray(frames, dtype=np.float32), sum(cond_passes)
 
 
 def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: int, quick: bool) -> dict:
@@ -123,7 +138,7 @@ def run_method(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", default=None, help="a Wan folder (default: the built-in model)")
+    parser.add_argument("--model-path", default=None, help="a Wan or HunyuanVideo folder, or a built-in model's name (default: the built-in Wan model)")
     parser.add_argument("--calibration", default=None, help="calibration file (default: the folder's own)")
     parser.add_argument("--quick", action="store_true", help="1 prompt, 1 seed")
     parser.add_argument("--steps", type=int, default=STEPS, help="step count of the reference and the cached runs")
@@ -143,7 +158,7 @@ def main() -> None:
     gen = DiffGenerator.from_pretrained(args.model_path, device="cpu", cache_calibration=args.calibration)
     steps = args.steps
     defaults = gen.validate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=steps))
-    peer = DiffusersTaylorSeer(str(gen.pipeline.model_info.path), defaults) if any(
+    peer = DiffusersTaylorSeer(gen, defaults) if any(
         m.name == "diffusers taylorseer" for m in methods) else None
     gen.generate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=steps))  # warm-up, not measured
     tuned = tune_thresholds(gen, methods, steps, args.quick)

@@ -1,15 +1,17 @@
-"""Measure the built-in reference model for docs/reference-model.md.
+"""Measure a built-in reference model for docs/reference-model.md.
 
-    python benchmark/reference_model.py [--model-path DIR] [--out benchmark/results/reference_model.json]
+    python benchmark/reference_model.py                                    # the Wan model
+    python benchmark/reference_model.py --model-path hunyuanvideo-t2v-tiny  # the HunyuanVideo model
 
-Writes the numbers (JSON) and two figures to docs/images/: a strip of frames for a few held-out
-prompts and the per-step magnitude-ratio curve next to the published Wan2.1 T2V 1.3B one.
+Writes the numbers (JSON, ``benchmark/results/reference_model[_hunyuan].json``) and two figures to
+docs/images/: a strip of frames for a few held-out prompts and the per-step magnitude-ratio curve
+next to the published one of its architecture (Wan2.1 T2V 1.3B, HunyuanVideo 544p).
 
 - adherence per attribute (tools/adherence.py) of the trained model and of random weights of the
-  same shape (``build_tiny_wan``), on the held-out captions with unused seeds;
+  same shape (``build_tiny_wan`` / ``build_tiny_hunyuan``), on the held-out captions with unused seeds;
 - the model's own magnitude ratios (a calibration run, averaged over prompts);
 - PSNR against the uncached output of the same seed for MagCache with its own ratios and with the
-  published 1.3B ratios at about half the steps skipped, for even skipping of the same number of
+  published ratios at about half the steps skipped, for even skipping of the same number of
   steps, and for broken caches (tools/probe_caches.py); and the same MagCache on random weights.
 """
 
@@ -21,6 +23,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,25 @@ STEPS = 50
 K = 4
 RETENTION = 0.2
 THRESHOLDS = [round(float(x), 3) for x in np.arange(0.005, 0.6, 0.005)]
-GEOMETRY = dict(height=64, width=64, num_frames=17, num_inference_steps=STEPS, guidance_scale=5.0)
+GEOMETRY = dict(height=64, width=64, num_frames=17, num_inference_steps=STEPS)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the measurements need to know of a model family: its published ratio curve and branches."""
+
+    published_key: str  # the MagCache preset of the published checkpoint (its 64x64 requests use it too)
+    published_label: str
+    branches: tuple[str, ...]
+    image_prefix: str
+    results_name: str
+
+
+ARCHITECTURES = {
+    "wan": Architecture("wan21_t2v_1.3b", "Wan2.1 T2V 1.3B", ("cond", "uncond"), "reference-model", "reference_model.json"),
+    "hunyuan": Architecture("hunyuan_544p", "HunyuanVideo 544p", ("cond",), "reference-model-hunyuan",
+                            "reference_model_hunyuan.json"),
+}
 
 
 def run(gen: DiffGenerator, prompt: str, seed: int, cache: CacheParams | None = None, calibrate: bool = False):
@@ -67,22 +88,22 @@ def magcache_params(threshold: float, ratios: dict[str, list[float]] | None, str
     return CacheParams(strategy=strategy, threshold=threshold, max_skip_steps=K, retention_ratio=RETENTION, options=options)
 
 
-def skipped_per_branch(threshold: float, ratios: dict[str, list[float]] | None) -> float:
+def skipped_per_branch(threshold: float, ratios: dict[str, list[float]] | None, arch: Architecture) -> float:
     """Mean skipped steps per branch of MagCache's plan (known up front, no generation needed)."""
     from sglang.multimodal_gen.runtime.cache import build_cache
 
-    cache = build_cache(magcache_params(threshold, ratios), STEPS, "wan21_t2v_1.3b", ("cond", "uncond"))
+    cache = build_cache(magcache_params(threshold, ratios), STEPS, arch.published_key, arch.branches)
     plan = cache.plan()
     return float(np.mean([p.count(False) for p in plan.values()]))
 
 
-def threshold_for_half(ratios: dict[str, list[float]] | None) -> tuple[float, float]:
+def threshold_for_half(ratios: dict[str, list[float]] | None, arch: Architecture) -> tuple[float, float]:
     """The smallest threshold whose plan skips at least half the steps per branch."""
     for t in THRESHOLDS:
-        skipped = skipped_per_branch(t, ratios)
+        skipped = skipped_per_branch(t, ratios, arch)
         if skipped >= STEPS / 2:
             return t, skipped
-    return THRESHOLDS[-1], skipped_per_branch(THRESHOLDS[-1], ratios)
+    return THRESHOLDS[-1], skipped_per_branch(THRESHOLDS[-1], ratios, arch)
 
 
 def fidelity(gen: DiffGenerator, prompts: list[str], variants: dict[str, CacheParams]) -> dict[str, dict]:
@@ -102,7 +123,7 @@ def fidelity(gen: DiffGenerator, prompts: list[str], variants: dict[str, CachePa
     }
 
 
-def frame_strip(gen: DiffGenerator, scenes, path: Path) -> None:
+def frame_strip(gen: DiffGenerator, scenes, path: Path, guidance: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,26 +141,28 @@ def frame_strip(gen: DiffGenerator, scenes, path: Path) -> None:
             if r == 0:
                 ax.set_title(f"frame {f}", fontsize=7)
         axes[r, 0].set_ylabel(scene.caption.replace(" moving", "\nmoving").replace("a ", "", 1), fontsize=5.5)
-    fig.suptitle("held-out prompts (never seen in training), seed 10000, 50 steps, CFG 5", fontsize=7)
+    fig.suptitle(f"held-out prompts (never seen in training), seed 10000, 50 steps, {guidance}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def ratio_plot(ratios: dict[str, list[float]], path: Path) -> None:
+def ratio_plot(ratios: dict[str, list[float]], path: Path, arch: Architecture, scheduler: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    published = preset_ratio_table()["wan21_t2v_1.3b"]
+    published = preset_ratio_table()[arch.published_key]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     steps = np.arange(STEPS)
     for branch, ours, theirs in (("cond", "tab:blue", "black"), ("uncond", "tab:orange", "tab:gray")):
-        ax.plot(steps, published[branch], "--", color=theirs, label=f"Wan2.1 T2V 1.3B (published), {branch}")
+        if branch not in arch.branches:
+            continue
+        ax.plot(steps, published[branch], "--", color=theirs, label=f"{arch.published_label} (published), {branch}")
         ax.plot(steps, ratios[branch], "-", color=ours, label=f"reference model, {branch}")
     ax.axhline(1.0, color="black", lw=0.5)
-    ax.set_xlabel("denoising step (50 UniPC steps)")
+    ax.set_xlabel(f"denoising step (50 {scheduler} steps)")
     ax.set_ylabel("|r_t| / |r_t-1|")
     ax.set_title("MagCache magnitude ratio of the block residual", fontsize=9)
     ax.legend(fontsize=7)
@@ -148,10 +171,30 @@ def ratio_plot(ratios: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
+def random_weights_twin(family: str, folder: Path) -> DiffGenerator:
+    """Random weights of the trained model's shapes: what every test saw before the model was trained."""
+    from sglang.multimodal_gen.tools.reference_architectures import (
+        REFERENCE_HUNYUAN_TRANSFORMER,
+        REFERENCE_TRANSFORMER,
+        REFERENCE_VAE_BASE_DIM,
+        HunyuanArchitecture,
+    )
+    from sglang.multimodal_gen.tools.tiny_models import build_tiny_hunyuan, build_tiny_wan
+
+    if family == "wan":
+        path = build_tiny_wan(folder, seed=0, transformer_config=REFERENCE_TRANSFORMER,
+                              vae_config={"base_dim": REFERENCE_VAE_BASE_DIM})
+    else:
+        path = build_tiny_hunyuan(folder, seed=0, transformer_config=REFERENCE_HUNYUAN_TRANSFORMER,
+                                  vae_config=HunyuanArchitecture().vae_config(REFERENCE_VAE_BASE_DIM))
+    return DiffGenerator.from_pretrained(str(path), device="cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-path", default=None)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmark" / "results" / "reference_model.json")
+    parser.add_argument("--model-path", default=None, help="model folder or built-in name (default: the built-in Wan model)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default: benchmark/results/reference_model[_hunyuan].json)")
     parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per held-out caption for adherence")
     parser.add_argument("--psnr-prompts", type=int, default=8)
@@ -161,19 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     register_probe_caches()
     start = time.time()
-    args.images.mkdir(parents=True, exist_ok=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     trained = DiffGenerator.from_pretrained(args.model_path, device="cpu")
+    family = trained.pipeline.model_info.family.name
+    arch = ARCHITECTURES[family]
+    out = args.out or REPO / "benchmark" / "results" / arch.results_name
+    args.images.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan
-        from sglang.multimodal_gen.tools.train_reference import REFERENCE_TRANSFORMER, REFERENCE_VAE_BASE_DIM
-
-        random_dir = build_tiny_wan(
-            Path(tmp) / "random", seed=0, transformer_config=REFERENCE_TRANSFORMER,
-            vae_config={"base_dim": REFERENCE_VAE_BASE_DIM},
-        )
-        random_gen = DiffGenerator.from_pretrained(str(random_dir), device="cpu")
+        random_gen = random_weights_twin(family, Path(tmp) / "random")
     seeds = [adherence.SEED_OFFSET + i for i in range(args.seeds)]
     results: dict = {}
     logger.info("adherence")
@@ -188,24 +227,29 @@ def main(argv: list[str] | None = None) -> int:
     ratios = own_ratios(trained, [s.caption for s in TRAIN_SCENES[::27]])
     random_ratios = own_ratios(random_gen, [s.caption for s in TRAIN_SCENES[::54]])
     results["mag_ratios"] = {"trained": ratios, "random": random_ratios}
-    ratio_plot(ratios, args.images / "reference-model-mag-ratios.png")
-    frame_strip(trained, [HELD_OUT[i] for i in (0, 9, 18, 27, 35)], args.images / "reference-model-frames.png")
+    latent_stage = next(s for s in trained.pipeline.stages if s.name == "latent_preparation")
+    scheduler = type(latent_stage.scheduler).__name__.removesuffix("Scheduler")
+    ratio_plot(ratios, args.images / f"{arch.image_prefix}-mag-ratios.png", arch, scheduler)
+    guidance = trained.validate(SamplingParams(prompt=HELD_OUT[0].caption)).guidance_scale
+    frame_strip(trained, [HELD_OUT[i] for i in (0, 9, 18, 27, 35)], args.images / f"{arch.image_prefix}-frames.png",
+                f"guidance {guidance:g}" + (" (CFG)" if len(arch.branches) == 2 else " (embedded)"))
 
     logger.info("fidelity")
-    own_t, own_skip = threshold_for_half(ratios)
-    pub_t, pub_skip = threshold_for_half(None)
+    own_t, own_skip = threshold_for_half(ratios, arch)
+    pub_t, pub_skip = threshold_for_half(None, arch)
     num_skip = int(round(own_skip))
     variants = {
         f"magcache own ratios (E{own_t}K{K}R{RETENTION})": magcache_params(own_t, ratios),
-        f"magcache published 1.3B ratios (E{pub_t}K{K}R{RETENTION})": magcache_params(pub_t, None),
+        f"magcache published {arch.published_label} ratios (E{pub_t}K{K}R{RETENTION})": magcache_params(pub_t, None),
         f"even skipping of {num_skip} steps": CacheParams(strategy="probe_even_skip", options={"num_skip": num_skip, "start_step": int(RETENTION * STEPS + 0.5)}),
         "zero residual (magcache own plan)": magcache_params(own_t, ratios, "probe_zero_residual"),
         "stale residual (magcache own plan)": magcache_params(own_t, ratios, "probe_stale_residual"),
-        "swapped cond/uncond residuals (magcache own plan)": magcache_params(own_t, ratios, "probe_swapped_residual"),
     }
+    if "uncond" in arch.branches:
+        variants["swapped cond/uncond residuals (magcache own plan)"] = magcache_params(own_t, ratios, "probe_swapped_residual")
     prompts = [s.caption for s in HELD_OUT[:: max(1, len(HELD_OUT) // args.psnr_prompts)]][: args.psnr_prompts]
     results["fidelity"] = {"trained": fidelity(trained, prompts, variants)}
-    random_t, _ = threshold_for_half(random_ratios)
+    random_t, _ = threshold_for_half(random_ratios, arch)
     results["fidelity"]["random"] = fidelity(
         random_gen, prompts[:4],
         {f"magcache own ratios (E{random_t}K{K}R{RETENTION})": magcache_params(random_t, random_ratios),
@@ -213,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results["thresholds"] = {"own": own_t, "published": pub_t, "random_own": random_t}
     results["minutes"] = round((time.time() - start) / 60, 1)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "mag_ratios"}, indent=2))
     return 0
 

@@ -147,6 +147,6 @@ def test_random_weights_hide_what_caching_costs(wan_generator):
 def test_vae_round_trip_ceiling_reads_rendered_videos_through_the_shipped_vae():
     """The ceiling docs/reference-model.md compares the transformer with: colours and motion survive the VAE."""
     scenes = [HELD_OUT[0], HELD_OUT[35]]
-    result = evaluate_vae_round_trip(str(BUILTIN_MODEL_PATH / "vae"), scenes, [SEED_OFFSET])
+    result = evaluate_vae_round_trip(BUILTIN_MODEL_PATH, scenes, [SEED_OFFSET])
     assert result["samples"] == 2
     assert result["accuracy"]["background"] == result["accuracy"]["direction"] == 1.0, result["readings"]

@@ -59,3 +59,53 @@ def test_few_step_training_writes_a_loadable_pipeline_and_reusing_its_vae_reprod
 def test_reusing_a_folder_that_is_not_a_vae_fails_with_one_line(tmp_path, restore_threads):
     with pytest.raises(SystemExit, match="no config.json there; pass the vae/ folder of a finished run"):
         train_reference.main(["--output", str(tmp_path / "out"), "--vae-from", str(tmp_path), *SMOKE])
+
+
+HUNYUAN_SMOKE = ["--architecture", "hunyuan", "--vae-steps", "2", "--vae-full-clips-from", "1", "--vae-batch", "2",
+                 "--num-videos", "16", "--dit-steps", "2", "--dit-batch", "2", "--dit-warmup", "1",
+                 "--distill-steps", "2", "--log-every", "1"]
+
+
+def _weights(folder) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(f.relative_to(folder)): load_file(f) for f in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_hunyuan_training_is_reproducible_and_writes_a_distilled_pipeline(tmp_path, caplog, restore_threads):
+    """Two few-step runs of the same command give the same weights in every component, and so does a
+    run reusing the first one's VAE; the result loads as a HunyuanVideo pipeline with its guidance embedded."""
+    caplog.set_level(logging.INFO, logger="train_reference")
+    first, second, resumed = tmp_path / "first", tmp_path / "second", tmp_path / "resumed"
+    assert train_reference.main(["--output", str(first), *HUNYUAN_SMOKE]) == 0
+    assert "distill step 2/2 guidance-distillation loss" in caplog.text
+    assert train_reference.main(["--output", str(second), *HUNYUAN_SMOKE]) == 0
+    assert train_reference.main(["--output", str(resumed), "--vae-from", str(first / "vae"), *HUNYUAN_SMOKE]) == 0
+
+    ours = _weights(first)
+    assert {name.split("/")[0] for name in ours} == {"text_encoder", "text_encoder_2", "transformer", "vae"}
+    for other in (_weights(second), _weights(resumed)):
+        assert ours.keys() == other.keys()
+        for name, tensors in ours.items():
+            assert all(torch.equal(tensors[k], other[name][k]) for k in tensors), name
+
+    summary = json.loads((first / "training_summary.json").read_text())
+    assert summary["architecture"] == "hunyuan" and summary["distill_final_loss"] > 0
+    config = json.loads((first / "sglang_config.json").read_text())
+    assert config["text_max_length"] == 16 and config["sampling_defaults"]["guidance_scale"] == 6.0
+    generator = DiffGenerator.from_pretrained(str(first), device="cpu")
+    assert generator.pipeline.model_info.family.name == "hunyuan"
+    frames = generator.generate(SamplingParams(prompt="a red circle moving left on a blue background", seed=0,
+                                               num_inference_steps=2)).frames
+    assert frames.shape == (17, 64, 64, 3)
+
+
+def test_distilling_guidance_of_a_cfg_model_is_refused(tmp_path, restore_threads):
+    with pytest.raises(SystemExit, match="wan runs classifier-free guidance, it has no guidance input to distill"):
+        train_reference.main(["--output", str(tmp_path / "out"), "--distill-steps", "5", *SMOKE])
+
+
+def test_a_vae_of_the_other_architecture_is_refused_with_one_line(tmp_path, restore_threads):
+    from sglang.multimodal_gen.tools.reference_architectures import WanArchitecture
+
+    WanArchitecture().new_vae(16).save_pretrained(tmp_path / "wan-vae")
+    with pytest.raises(SystemExit, match="not a hunyuan VAE"):
+        train_reference.main(["--output", str(tmp_path / "out"), "--vae-from", str(tmp_path / "wan-vae"), *HUNYUAN_SMOKE])

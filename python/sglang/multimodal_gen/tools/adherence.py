@@ -125,12 +125,14 @@ def evaluate(
     scenes: Iterable[Scene],
     seeds: Sequence[int],
     num_inference_steps: int = 50,
-    guidance_scale: float = 5.0,
+    guidance_scale: float | None = None,
 ) -> dict:
     """Generate every (scene, seed) with ``generator`` and return accuracy per attribute.
 
     The geometry is fixed to the training videos' (64x64, 17 frames), so models without the
     reference model's defaults (random weights of the same shape) are measured the same way.
+    ``guidance_scale`` defaults to the model's own (5 for the Wan model's CFG, 6 embedded for
+    HunyuanVideo's).
     """
     from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 
@@ -151,12 +153,13 @@ def evaluate(
     return _tally(videos())
 
 
-def evaluate_vae_round_trip(vae_path: str, scenes: Iterable[Scene], seeds: Sequence[int]) -> dict:
-    """Accuracy on rendered videos passed through the VAE alone: the ceiling a transformer can reach."""
+def evaluate_vae_round_trip(model_path, scenes: Iterable[Scene], seeds: Sequence[int]) -> dict:
+    """Accuracy on rendered videos passed through the model's VAE alone: the ceiling a transformer can reach."""
     import torch
-    from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(vae_path).eval()
+    from sglang.multimodal_gen.runtime.models.loader import load_component
+
+    vae = load_component(model_path, "vae").eval()
 
     def videos():
         for scene in scenes:
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=None, help="first N captions of the split (default: all held-out, 36 train)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per caption (taken from 10000 on, unused in training)")
     parser.add_argument("--num-inference-steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's own")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument(
         "--vae-round-trip",
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [SEED_OFFSET + i for i in range(args.seeds)]
     if args.vae_round_trip:
         model_path = resolve_model_path(str(args.model_path or BUILTIN_MODEL_PATH))
-        result = evaluate_vae_round_trip(str(model_path / "vae"), scenes, seeds)
+        result = evaluate_vae_round_trip(model_path, scenes, seeds)
     else:
         generator = DiffGenerator.from_pretrained(args.model_path, device="cpu")
         result = evaluate(generator, scenes, seeds, args.num_inference_steps, args.guidance_scale)

@@ -278,7 +278,13 @@ def train_clip_tokenizer(output_dir: Path, vocab_size: int = 320) -> None:
     tok.train_from_iterator(caption_corpus(), trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77).save_pretrained(output_dir)
+    # The trainer numbers the word-final characters in hash order, which changes from run to run;
+    # renumber (specials, the other unmerged tokens sorted, then merges in order) so a rerun
+    # gives the same ids and a trained text encoder is reproducible.
+    merged = list(dict.fromkeys("".join(m) for m in merges))
+    unmerged = sorted(set(model["vocab"]) - set(CLIP_SPECIAL_TOKENS) - set(merged))
+    vocab = {token: i for i, token in enumerate(CLIP_SPECIAL_TOKENS + unmerged + merged)}
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(output_dir)
 
 
 def build_tiny_hunyuan(

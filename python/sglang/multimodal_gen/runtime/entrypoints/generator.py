@@ -16,14 +16,15 @@ from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.calibration import apply_calibration, load_calibration
 from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_or_fallback
 from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroup
-from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
+from sglang.multimodal_gen.runtime.models.loader import BUILTIN_MODELS_DIR, resolve_model_path
 from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback, VideoGeometry
 from sglang.multimodal_gen.runtime.stages.denoising import DenoisingStage
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODEL_PATH = Path(__file__).resolve().parents[2] / "builtin" / "wan2.1-t2v-tiny"
+# The default --model-path; the other built-in models are chosen by folder name (loader.BUILTIN_MODELS_DIR).
+BUILTIN_MODEL_PATH = BUILTIN_MODELS_DIR / "wan2.1-t2v-tiny"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}

@@ -17,15 +17,28 @@ logger = logging.getLogger(__name__)
 _LOADABLE_LIBRARIES = ("diffusers", "transformers")
 
 
+# The trained reference models shipped inside the package, each selectable by its folder name.
+BUILTIN_MODELS_DIR = Path(__file__).resolve().parents[2] / "builtin"
+
+
+def builtin_model_names() -> list[str]:
+    return sorted(p.name for p in BUILTIN_MODELS_DIR.iterdir() if (p / "model_index.json").is_file())
+
+
 def resolve_model_path(model_path: str) -> Path:
-    """A local folder as is; otherwise a hub id looked up in the local cache, then on the hub."""
+    """A local folder as is; a built-in model by its folder name; otherwise a hub id looked up in
+    the local cache, then on the hub."""
     local = Path(model_path).expanduser()
     if local.exists():
         if not local.is_dir():
             raise ModelNotFoundError(f"--model-path {model_path} is a file; pass the model folder")
         return local
+    if "/" not in model_path and (BUILTIN_MODELS_DIR / model_path / "model_index.json").is_file():
+        return BUILTIN_MODELS_DIR / model_path
     if model_path.count("/") != 1 or model_path.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"model folder {model_path} does not exist")
+        raise ModelNotFoundError(
+            f"model folder {model_path} does not exist (built-in models: {', '.join(builtin_model_names())})"
+        )
     from huggingface_hub import snapshot_download
 
     try:

@@ -59,11 +59,15 @@ class HunyuanTextEncodingStage(PipelineStage):
         self.dtype = dtype
         self.hidden_layers_to_skip = hidden_layers_to_skip
 
-    def encode_llama(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, max_length, hidden) embeddings and their (1, max_length) mask, in the model dtype."""
+    def encode_llama(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_length, hidden) embeddings and their (B, max_length) mask, in the model dtype.
+
+        Batched, so the reference model's training (``tools/train_reference.py``) encodes its
+        captions with this very code and trains on what sampling feeds the transformer.
+        """
         total = self.crop_start + self.max_length
         tokens = self.tokenizer(
-            [self.template.format(prompt)],
+            [self.template.format(prompt) for prompt in prompts],
             max_length=total,
             padding="max_length",
             truncation=True,
@@ -71,7 +75,7 @@ class HunyuanTextEncodingStage(PipelineStage):
             return_tensors="pt",
         )
         mask = tokens.attention_mask.to(self.device)
-        if int(mask.sum()) == total:
+        if bool((mask.sum(dim=1) == total).any()):
             logger.warning("the prompt fills all %d text tokens and may have been truncated", self.max_length)
         hidden_states = self.text_encoder(
             input_ids=tokens.input_ids.to(self.device), attention_mask=mask, output_hidden_states=True
@@ -81,18 +85,18 @@ class HunyuanTextEncodingStage(PipelineStage):
             embeds, mask = embeds[:, self.crop_start :], mask[:, self.crop_start :]
         return embeds.to(self.dtype), mask.to(self.dtype)
 
-    def encode_clip(self, prompt: str) -> torch.Tensor:
-        """(1, pooled_dim) pooled CLIP embedding, in the model dtype."""
+    def encode_clip(self, prompts: list[str]) -> torch.Tensor:
+        """(B, pooled_dim) pooled CLIP embeddings, in the model dtype."""
         tokens = self.tokenizer_2(
-            [prompt], padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+            list(prompts), padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
         )
         pooled = self.text_encoder_2(tokens.input_ids.to(self.device), output_hidden_states=False).pooler_output
         return pooled.to(self.dtype)
 
     def __call__(self, req: Req) -> Req:
-        embeds, mask = self.encode_llama(req.params.prompt)
+        embeds, mask = self.encode_llama([req.params.prompt])
         req.prompt_embeds = {COND: embeds}
         req.conditioning = {
-            COND: {"encoder_attention_mask": mask, "pooled_projections": self.encode_clip(req.params.prompt)}
+            COND: {"encoder_attention_mask": mask, "pooled_projections": self.encode_clip([req.params.prompt])}
         }
         return req
