@@ -81,6 +81,19 @@ def test_missing_model_folder_and_offline_hub_id(tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_a_built_in_model_is_chosen_by_its_folder_name_and_a_wrong_name_lists_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no local folder of that name: the built-in one is meant
+    out = tmp_path / "hunyuan.npy"
+    assert main(["generate", "--model-path", "hunyuanvideo-t2v-tiny", "--prompt", "a red circle moving left on a "
+                 "blue background", "--num-inference-steps", "2", "--output-path", str(out)]) == 0
+    assert np.load(out).shape == (17, 64, 64, 3)
+    capsys.readouterr()
+    assert main(["generate", "--model-path", "hunyuan-tiny", "--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: model folder hunyuan-tiny does not exist "
+                   "(built-in models: hunyuanvideo-t2v-tiny, wan2.1-t2v-tiny)")
+
+
 def test_console_script_runs_builtin_model(tmp_path):
     """The installed entry point, on the built-in default model, as the README runs it."""
     out = tmp_path / "builtin.mp4"

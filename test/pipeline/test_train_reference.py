@@ -90,7 +90,7 @@ def test_hunyuan_training_is_reproducible_and_writes_a_distilled_pipeline(tmp_pa
     summary = json.loads((first / "training_summary.json").read_text())
     assert summary["architecture"] == "hunyuan" and summary["distill_final_loss"] > 0
     config = json.loads((first / "sglang_config.json").read_text())
-    assert config["text_max_length"] == 16 and config["sampling_defaults"]["guidance_scale"] == 6.0
+    assert config["text_max_length"] == 16 and config["sampling_defaults"]["guidance_scale"] == 2.0
     generator = DiffGenerator.from_pretrained(str(first), device="cpu")
     assert generator.pipeline.model_info.family.name == "hunyuan"
     frames = generator.generate(SamplingParams(prompt="a red circle moving left on a blue background", seed=0,
