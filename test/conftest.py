@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -18,6 +19,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Small request geometry every pipeline test shares: 64x48 pixels, 5 frames -> 2x8x6 latents.
 TINY_REQUEST = dict(height=64, width=48, num_frames=5, num_inference_steps=6, guidance_scale=5.0)
+
+
+def psnr_db(test, reference) -> float:
+    """PSNR of decoded frames in [0, 1] against a reference video."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(test, np.float64) - np.asarray(reference, np.float64)) ** 2))
+    return 10 * math.log10(1.0 / max(mse, 1e-20))
+
+
+def magcache_params(threshold: float, ratios: dict, strategy: str = "magcache"):
+    """MagCache (or a probe cache following its plan) at K=4, retention 0.2, with the given ratios."""
+    from sglang.multimodal_gen.configs.cache_params import CacheParams
+
+    return CacheParams(strategy=strategy, threshold=threshold, max_skip_steps=4, retention_ratio=0.2,
+                       options={"mag_ratios": ratios})
+
+
+def half_skip_threshold(ratios: dict, steps: int = 50) -> tuple[float, int]:
+    """The smallest threshold whose MagCache plan skips at least half the steps of every branch of ``ratios``."""
+    import numpy as np
+
+    from sglang.multimodal_gen.runtime.cache import build_cache
+
+    for threshold in np.arange(0.005, 0.6, 0.005):
+        plan = build_cache(magcache_params(float(threshold), ratios), steps, None, tuple(ratios)).plan()
+        skipped = min(p.count(False) for p in plan.values())
+        if skipped >= steps // 2:
+            return float(threshold), skipped
+    raise AssertionError("no threshold skips half the steps")
 
 
 # Schedulers a real checkpoint may ship, per family: name -> (diffusers class, its kwargs).

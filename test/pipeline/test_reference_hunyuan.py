@@ -10,14 +10,14 @@ architecture run on this model. The figures behind the bounds are in docs/refere
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 
+from conftest import half_skip_threshold, magcache_params, psnr_db
+
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
-from sglang.multimodal_gen.runtime.cache import build_cache
 from sglang.multimodal_gen.runtime.cache.base import COND, budget_passes
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 from sglang.multimodal_gen.runtime.models.loader import BUILTIN_MODELS_DIR, builtin_model_names
@@ -28,8 +28,6 @@ from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, TRAIN_SCENES
 NAME = "hunyuanvideo-t2v-tiny"
 FOLDER = BUILTIN_MODELS_DIR / NAME
 STEPS = 50
-K = 4
-RETENTION = 0.2
 PROMPT = HELD_OUT[4].caption
 
 
@@ -47,25 +45,6 @@ def own_ratios(reference) -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def uncached(reference) -> np.ndarray:
     return reference.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET)).frames
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * math.log10(1.0 / max(mse, 1e-20))
-
-
-def _magcache(threshold: float, ratios, strategy: str = "magcache") -> CacheParams:
-    return CacheParams(
-        strategy=strategy, threshold=threshold, max_skip_steps=K, retention_ratio=RETENTION, options={"mag_ratios": ratios}
-    )
-
-
-def _half_threshold(ratios) -> tuple[float, int]:
-    for threshold in np.arange(0.005, 0.6, 0.005):
-        plan = build_cache(_magcache(float(threshold), ratios), STEPS, None, (COND,)).plan()
-        if plan[COND].count(False) >= STEPS // 2:
-            return float(threshold), plan[COND].count(False)
-    raise AssertionError("no threshold skips half the steps")
 
 
 def test_it_ships_beside_the_wan_model_small_trained_and_selected_by_name(reference):
@@ -99,20 +78,20 @@ def test_the_embedded_guidance_was_distilled_into_a_real_control(reference, unca
     """Guidance 1 (the plain conditional model) and the default 2 draw different videos of the same
     seed (measured 27.7 dB apart); skipping half the steps moves a video far less (below)."""
     unguided = reference.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET, guidance_scale=1.0)).frames
-    assert _psnr(unguided, uncached) < 32
+    assert psnr_db(unguided, uncached) < 32
 
 
 def test_skipping_half_the_steps_costs_fidelity_and_broken_caches_cost_more(reference, own_ratios, uncached):
     register_probe_caches()
-    threshold, skipped = _half_threshold(own_ratios)
+    threshold, skipped = half_skip_threshold(own_ratios)
 
     def psnr_of(cache: CacheParams) -> float:
-        return _psnr(reference.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET, cache=cache)).frames, uncached)
+        return psnr_db(reference.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET, cache=cache)).frames, uncached)
 
-    magcache = psnr_of(_magcache(threshold, own_ratios))
+    magcache = psnr_of(magcache_params(threshold, own_ratios))
     even = psnr_of(CacheParams(strategy="probe_even_skip", options={"num_skip": skipped, "start_step": 10}))
-    zero = psnr_of(_magcache(threshold, own_ratios, "probe_zero_residual"))
-    stale = psnr_of(_magcache(threshold, own_ratios, "probe_stale_residual"))
+    zero = psnr_of(magcache_params(threshold, own_ratios, "probe_zero_residual"))
+    stale = psnr_of(magcache_params(threshold, own_ratios, "probe_stale_residual"))
     for psnr in (magcache, even):
         assert 30 <= psnr < 55, (magcache, even)
     # On this model, unlike the Wan one, the calibrated plan beats the even one (47 vs 37 dB over 8 prompts).
@@ -125,9 +104,9 @@ def test_random_weights_hide_what_caching_costs(hunyuan_generator):
     request = dict(prompt=PROMPT, seed=SEED_OFFSET, height=64, width=64, num_frames=17, num_inference_steps=STEPS)
     calibration = hunyuan_generator.generate(SamplingParams(**request), calibrate=True)
     ratios = {b: list(r.mag_ratio) for b, r in calibration.cache.calibration_records().items()}
-    threshold, _ = _half_threshold(ratios)
-    cached = hunyuan_generator.generate(SamplingParams(**request, cache=_magcache(threshold, ratios))).frames
-    assert _psnr(cached, calibration.frames) > 50
+    threshold, _ = half_skip_threshold(ratios)
+    cached = hunyuan_generator.generate(SamplingParams(**request, cache=magcache_params(threshold, ratios))).frames
+    assert psnr_db(cached, calibration.frames) > 50
 
 
 @pytest.mark.parametrize("speedup", [1.5, 2.0])
@@ -137,7 +116,7 @@ def test_the_planner_beats_running_fewer_steps_at_equal_passes(reference, uncach
     planned = reference.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET, cache=CacheParams(speedup=speedup)))
     assert planned.cache_stats.branches[COND].num_computed == passes
     fewer = reference.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET, num_inference_steps=passes)).frames
-    planned_db, fewer_db = _psnr(planned.frames, uncached), _psnr(fewer, uncached)
+    planned_db, fewer_db = psnr_db(planned.frames, uncached), psnr_db(fewer, uncached)
     assert planned_db > fewer_db, f"planner {planned_db:.2f} dB vs {passes} steps {fewer_db:.2f} dB"
 
 
@@ -145,7 +124,7 @@ def test_bf16_caching_costs_nothing_beyond_bf16_itself(uncached):
     """bf16 (the CUDA default) against the fp32 uncached video: the planner at 2x lands where bf16's
     own rounding does (measured 44.3 and 44.6 dB)."""
     bf16 = DiffGenerator.from_pretrained(NAME, device="cpu", dtype="bfloat16")
-    plain = _psnr(bf16.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET)).frames, uncached)
+    plain = psnr_db(bf16.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET)).frames, uncached)
     planned = bf16.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET, cache=CacheParams(speedup=2)))
     assert planned.cache_stats.branches[COND].num_computed == 25
-    assert plain > 35 and _psnr(planned.frames, uncached) > plain - 1.5, (plain, _psnr(planned.frames, uncached))
+    assert plain > 35 and psnr_db(planned.frames, uncached) > plain - 1.5, (plain, psnr_db(planned.frames, uncached))

@@ -8,22 +8,20 @@ docs/reference-model.md (benchmark/reference_model.py).
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 
+from conftest import half_skip_threshold, magcache_params, psnr_db
+
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
-from sglang.multimodal_gen.runtime.cache import build_cache
 from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
 from sglang.multimodal_gen.tools.adherence import SEED_OFFSET, evaluate_vae_round_trip, read_video, score
 from sglang.multimodal_gen.tools.probe_caches import even_skip_plan, register_probe_caches
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, TRAIN_SCENES, all_scenes, parse_caption, render
 
 STEPS = 50
-K = 4
-RETENTION = 0.2
 PROMPT = HELD_OUT[4].caption
 
 
@@ -37,27 +35,6 @@ def own_ratios(reference) -> dict[str, list[float]]:
     """The model's magnitude ratios from one calibration run (what `sglang calibrate` would fit)."""
     result = reference.generate(SamplingParams(prompt=TRAIN_SCENES[0].caption, seed=1), calibrate=True)
     return {b: list(r.mag_ratio) for b, r in result.cache.calibration_records().items()}
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * math.log10(1.0 / max(mse, 1e-20))
-
-
-def _magcache(threshold: float, ratios, strategy: str = "magcache") -> CacheParams:
-    return CacheParams(
-        strategy=strategy, threshold=threshold, max_skip_steps=K, retention_ratio=RETENTION, options={"mag_ratios": ratios}
-    )
-
-
-def _half_threshold(ratios) -> tuple[float, int]:
-    """Smallest threshold whose plan skips at least half the steps of each branch."""
-    for threshold in np.arange(0.005, 0.6, 0.005):
-        plan = build_cache(_magcache(float(threshold), ratios), STEPS, None).plan()
-        skipped = min(p.count(False) for p in plan.values())
-        if skipped >= STEPS // 2:
-            return float(threshold), skipped
-    raise AssertionError("no threshold skips half the steps")
 
 
 def test_builtin_model_is_the_small_trained_reference():
@@ -116,16 +93,16 @@ def test_magnitude_ratio_is_near_one_then_falls(own_ratios):
 
 def test_skipping_half_the_steps_costs_fidelity_and_broken_caches_cost_more(reference, own_ratios):
     register_probe_caches()
-    threshold, skipped = _half_threshold(own_ratios)
+    threshold, skipped = half_skip_threshold(own_ratios)
     params = dict(prompt=PROMPT, seed=SEED_OFFSET)
     uncached = reference.generate(SamplingParams(**params)).frames
 
     def psnr_of(cache: CacheParams) -> float:
-        return _psnr(reference.generate(SamplingParams(**params, cache=cache)).frames, uncached)
+        return psnr_db(reference.generate(SamplingParams(**params, cache=cache)).frames, uncached)
 
-    magcache = psnr_of(_magcache(threshold, own_ratios))
+    magcache = psnr_of(magcache_params(threshold, own_ratios))
     even = psnr_of(CacheParams(strategy="probe_even_skip", options={"num_skip": skipped, "start_step": 10}))
-    zero = psnr_of(_magcache(threshold, own_ratios, "probe_zero_residual"))
+    zero = psnr_of(magcache_params(threshold, own_ratios, "probe_zero_residual"))
     assert even_skip_plan(STEPS, skipped, 10).count(False) == skipped
     # Far below the 60+ dB of random weights; even skipping lands in the same band on this model.
     for psnr in (magcache, even):
@@ -139,9 +116,9 @@ def test_random_weights_hide_what_caching_costs(wan_generator):
                    guidance_scale=5.0)
     calibration = wan_generator.generate(SamplingParams(**request), calibrate=True)
     ratios = {b: list(r.mag_ratio) for b, r in calibration.cache.calibration_records().items()}
-    threshold, _ = _half_threshold(ratios)
-    cached = wan_generator.generate(SamplingParams(**request, cache=_magcache(threshold, ratios))).frames
-    assert _psnr(cached, calibration.frames) > 50
+    threshold, _ = half_skip_threshold(ratios)
+    cached = wan_generator.generate(SamplingParams(**request, cache=magcache_params(threshold, ratios))).frames
+    assert psnr_db(cached, calibration.frames) > 50
 
 
 def test_vae_round_trip_ceiling_reads_rendered_videos_through_the_shipped_vae():

@@ -19,7 +19,6 @@ import torch
 
 from sglang.multimodal_gen.tools.synthetic_videos import VIDEO_FRAMES, VIDEO_SIZE
 from sglang.multimodal_gen.tools.tiny_models import (
-    HUNYUAN_COMPONENTS,
     HUNYUAN_SCHEDULER,
     TINY_CLIP_TEXT,
     TINY_HUNYUAN_TRANSFORMER,
@@ -30,11 +29,11 @@ from sglang.multimodal_gen.tools.tiny_models import (
     TINY_WAN_TRANSFORMER,
     TINY_WAN_VAE,
     WAN_SCHEDULER,
+    save_hunyuan_components,
     save_wan_components,
     train_clip_tokenizer,
     train_llama_tokenizer,
     train_tokenizer,
-    write_model_index,
 )
 
 # Wan: the test models' transformer, a third wider (4 heads, ffn 384: 1.1M parameters), which
@@ -237,15 +236,7 @@ class HunyuanArchitecture:
         return transformer(xt, sigma * 1000, guidance=guidance * 1000, return_dict=False, **text)[0]
 
     def save(self, output: Path, text: TextPath, transformer, vae) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        llama, clip = text.modules
-        llama.save_pretrained(output / "text_encoder", safe_serialization=True)
-        clip.save_pretrained(output / "text_encoder_2", safe_serialization=True)
-        transformer.save_pretrained(output / "transformer", safe_serialization=True)
-        vae.save_pretrained(output / "vae", safe_serialization=True)
-        FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER).save_pretrained(output / "scheduler")
-        write_model_index(output, "HunyuanVideoPipeline", HUNYUAN_COMPONENTS)
+        save_hunyuan_components(output, *text.modules, transformer, vae)
         overrides = {
             "sampling_defaults": self.sampling_defaults,
             "text_max_length": HUNYUAN_TEXT_LENGTH,

@@ -299,7 +299,7 @@ def build_tiny_hunyuan(
     tokenizer/ (Llama BPE), text_encoder_2/ (CLIPTextModel), tokenizer_2/ (CLIP BPE), scheduler/ and
     model_index.json. An sglang_config.json records the template crop of this tokenizer.
     """
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
     from transformers import (
         CLIPTextConfig,
@@ -347,12 +347,19 @@ def build_tiny_hunyuan(
     )
     vae = AutoencoderKLHunyuanVideo(**{**TINY_HUNYUAN_VAE, **(vae_config or {})})
 
+    save_hunyuan_components(out, text_encoder, text_encoder_2, transformer, vae)
+    overrides = {"pipeline_options": {"prompt_template": {"crop_start": crop_start}}}
+    (out / "sglang_config.json").write_text(json.dumps(overrides, indent=2) + "\n")
+    return out
+
+
+def save_hunyuan_components(out: Path, text_encoder, text_encoder_2, transformer, vae) -> None:
+    """Save the model components, the flow-matching Euler scheduler and model_index.json next to the tokenizers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     text_encoder_2.save_pretrained(out / "text_encoder_2", safe_serialization=True)
     transformer.save_pretrained(out / "transformer", safe_serialization=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER).save_pretrained(out / "scheduler")
     write_model_index(out, "HunyuanVideoPipeline", HUNYUAN_COMPONENTS)
-    overrides = {"pipeline_options": {"prompt_template": {"crop_start": crop_start}}}
-    (out / "sglang_config.json").write_text(json.dumps(overrides, indent=2) + "\n")
-    return out
