@@ -4,6 +4,7 @@
     python benchmark/frontier.py --model-path /work/models/wan-seed4242 --calibration C.json
     python benchmark/frontier.py --steps 20                       # at another step count
     python benchmark/frontier.py --quick                          # 1 prompt, 1 seed (a smoke run)
+    python benchmark/frontier.py --model-path hunyuanvideo-t2v-tiny --output benchmark/results/frontier-hunyuan.json
 
 For each held-out prompt and seed: the uncached run (50 steps unless ``--steps``) is the reference;
 every method of ``frontier_configs.METHODS`` is asked for 1.5x, 2x, 2.5x and 3x (``round(steps /

@@ -3,8 +3,8 @@
 Every method is asked for the same speedups and so (where it can hit them) the same number of
 transformer passes per branch, ``round(steps / speedup)``. A method is a name, what it turns a
 speedup into (``request``), and its plot style; add a method by adding a ``FrontierMethod`` to
-``METHODS``. ``taylorseer`` runs in diffusers' ``WanPipeline`` (the harness's ``DiffusersTaylorSeer``),
-the others in our pipeline.
+``METHODS``. ``taylorseer`` runs in diffusers' own pipeline of the model's family (``WanPipeline`` or
+``HunyuanVideoPipeline``, the harness's ``DiffusersTaylorSeer``), the others in our pipeline.
 """
 
 from __future__ import annotations
