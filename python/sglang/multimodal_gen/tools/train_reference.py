@@ -26,7 +26,7 @@ all with fixed seeds and a fixed number of steps so that a rerun reproduces the 
     python -m sglang.multimodal_gen.tools.train_reference --architecture hunyuan \
         --output python/sglang/multimodal_gen/builtin/hunyuanvideo-t2v-tiny
 
-About 57 (Wan) and 50 (HunyuanVideo) minutes on one CPU thread (``--vae-from`` skips phase 1).
+About 57 minutes each (Wan, HunyuanVideo) on one CPU thread (``--vae-from`` skips phase 1).
 See docs/reference-model.md.
 """
 
