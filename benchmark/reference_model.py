@@ -174,20 +174,18 @@ def ratio_plot(ratios: dict[str, list[float]], path: Path, arch: Architecture, s
 def random_weights_twin(family: str, folder: Path) -> DiffGenerator:
     """Random weights of the trained model's shapes: what every test saw before the model was trained."""
     from sglang.multimodal_gen.tools.reference_architectures import (
+        ARCHITECTURES as REFERENCE_ARCHITECTURES,
         REFERENCE_HUNYUAN_TRANSFORMER,
         REFERENCE_TRANSFORMER,
         REFERENCE_VAE_BASE_DIM,
-        HunyuanArchitecture,
     )
     from sglang.multimodal_gen.tools.tiny_models import build_tiny_hunyuan, build_tiny_wan
 
-    if family == "wan":
-        path = build_tiny_wan(folder, seed=0, transformer_config=REFERENCE_TRANSFORMER,
-                              vae_config={"base_dim": REFERENCE_VAE_BASE_DIM})
-    else:
-        path = build_tiny_hunyuan(folder, seed=0, transformer_config=REFERENCE_HUNYUAN_TRANSFORMER,
-                                  vae_config=HunyuanArchitecture().vae_config(REFERENCE_VAE_BASE_DIM))
-    return DiffGenerator.from_pretrained(str(path), device="cpu")
+    build, transformer = {"wan": (build_tiny_wan, REFERENCE_TRANSFORMER),
+                          "hunyuan": (build_tiny_hunyuan, REFERENCE_HUNYUAN_TRANSFORMER)}[family]
+    vae = REFERENCE_ARCHITECTURES[family].vae_config(REFERENCE_VAE_BASE_DIM)
+    return DiffGenerator.from_pretrained(str(build(folder, seed=0, transformer_config=transformer, vae_config=vae)),
+                                         device="cpu")
 
 
 def main(argv: list[str] | None = None) -> int:

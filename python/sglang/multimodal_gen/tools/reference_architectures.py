@@ -20,15 +20,14 @@ import torch
 from sglang.multimodal_gen.tools.synthetic_videos import VIDEO_FRAMES, VIDEO_SIZE
 from sglang.multimodal_gen.tools.tiny_models import (
     HUNYUAN_SCHEDULER,
-    TINY_CLIP_TEXT,
     TINY_HUNYUAN_TRANSFORMER,
     TINY_HUNYUAN_VAE,
-    TINY_LLAMA,
     TINY_TEXT_LENGTH,
     TINY_UMT5,
     TINY_WAN_TRANSFORMER,
     TINY_WAN_VAE,
     WAN_SCHEDULER,
+    new_hunyuan_text_encoders,
     save_hunyuan_components,
     save_wan_components,
     train_clip_tokenizer,
@@ -67,7 +66,27 @@ class TextPath:
     state: dict[str, Any]
 
 
-class WanArchitecture:
+class ReferenceArchitecture:
+    """What both architectures share: the VAE class is named once and built from ``vae_config``."""
+
+    name: str
+    vae_class_name: str
+
+    def vae_config(self, base_dim: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def new_vae(self, base_dim: int):
+        import diffusers
+
+        return getattr(diffusers, self.vae_class_name)(**self.vae_config(base_dim))
+
+    def load_vae(self, folder: Path):
+        import diffusers
+
+        return getattr(diffusers, self.vae_class_name).from_pretrained(folder)
+
+
+class WanArchitecture(ReferenceArchitecture):
     """Wan2.1 T2V: UMT5 text, ``AutoencoderKLWan`` (per-channel latent mean/std), UniPC with shift 3."""
 
     name = "wan"
@@ -78,15 +97,8 @@ class WanArchitecture:
         num_inference_steps=50, guidance_scale=5.0, height=VIDEO_SIZE, width=VIDEO_SIZE, num_frames=VIDEO_FRAMES, fps=8
     )
 
-    def new_vae(self, base_dim: int):
-        from diffusers import AutoencoderKLWan
-
-        return AutoencoderKLWan(**{**TINY_WAN_VAE, "base_dim": base_dim})
-
-    def load_vae(self, folder: Path):
-        from diffusers import AutoencoderKLWan
-
-        return AutoencoderKLWan.from_pretrained(folder)
+    def vae_config(self, base_dim: int) -> dict[str, Any]:
+        return {**TINY_WAN_VAE, "base_dim": base_dim}
 
     def vae_base_dim(self, vae) -> int:
         return vae.config.base_dim
@@ -155,7 +167,7 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(frames, dim=2)
 
 
-class HunyuanArchitecture:
+class HunyuanArchitecture(ReferenceArchitecture):
     """HunyuanVideo T2V: Llama + CLIP text, ``AutoencoderKLHunyuanVideo`` (one scaling factor),
     flow-matching Euler with shift 7, guidance as an embedding (distilled, see train_reference)."""
 
@@ -173,16 +185,6 @@ class HunyuanArchitecture:
         """Channels (base/2, base, 2 base, 2 base): 8x spatial, 4x temporal, 16 latent channels."""
         return {**TINY_HUNYUAN_VAE, "block_out_channels": (base_dim // 2, base_dim, 2 * base_dim, 2 * base_dim)}
 
-    def new_vae(self, base_dim: int):
-        from diffusers import AutoencoderKLHunyuanVideo
-
-        return AutoencoderKLHunyuanVideo(**self.vae_config(base_dim))
-
-    def load_vae(self, folder: Path):
-        from diffusers import AutoencoderKLHunyuanVideo
-
-        return AutoencoderKLHunyuanVideo.from_pretrained(folder)
-
     def vae_base_dim(self, vae) -> int:
         return vae.config.block_out_channels[1]
 
@@ -199,7 +201,7 @@ class HunyuanArchitecture:
 
     def new_text_path(self, output: Path) -> TextPath:
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+        from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
         from sglang.multimodal_gen.runtime.stages.hunyuan_text_encoding import HunyuanTextEncodingStage
 
@@ -207,10 +209,7 @@ class HunyuanArchitecture:
         train_clip_tokenizer(output / "tokenizer_2")
         llama_tok = PreTrainedTokenizerFast.from_pretrained(output / "tokenizer")
         clip_tok = CLIPTokenizer.from_pretrained(output / "tokenizer_2")
-        llama = LlamaModel(LlamaConfig(vocab_size=len(llama_tok), bos_token_id=llama_tok.bos_token_id,
-                                       eos_token_id=llama_tok.eos_token_id, pad_token_id=llama_tok.pad_token_id, **TINY_LLAMA))
-        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), bos_token_id=clip_tok.bos_token_id,
-                                            eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id, **TINY_CLIP_TEXT))
+        llama, clip = new_hunyuan_text_encoders(llama_tok, clip_tok)
 
         def encode(modules: list[torch.nn.Module], captions: list[str]) -> dict[str, torch.Tensor]:
             # The runtime's own text stage, batched: training sees what sampling feeds the transformer.
@@ -245,4 +244,4 @@ class HunyuanArchitecture:
         (output / "sglang_config.json").write_text(json.dumps(overrides, indent=2) + "\n")
 
 
-ARCHITECTURES: dict[str, Any] = {"wan": WanArchitecture(), "hunyuan": HunyuanArchitecture()}
+ARCHITECTURES: dict[str, ReferenceArchitecture] = {"wan": WanArchitecture(), "hunyuan": HunyuanArchitecture()}

@@ -301,14 +301,7 @@ def build_tiny_hunyuan(
     """
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTokenizer,
-        LlamaConfig,
-        LlamaModel,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -319,24 +312,7 @@ def build_tiny_hunyuan(
     clip_tok = CLIPTokenizer.from_pretrained(out / "tokenizer_2")
 
     torch.manual_seed(seed)
-    text_encoder = LlamaModel(
-        LlamaConfig(
-            vocab_size=len(llama_tok),
-            bos_token_id=llama_tok.bos_token_id,
-            eos_token_id=llama_tok.eos_token_id,
-            pad_token_id=llama_tok.pad_token_id,
-            **TINY_LLAMA,
-        )
-    )
-    text_encoder_2 = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-            **TINY_CLIP_TEXT,
-        )
-    )
+    text_encoder, text_encoder_2 = new_hunyuan_text_encoders(llama_tok, clip_tok)
     transformer = HunyuanVideoTransformer3DModel(
         **{
             **TINY_HUNYUAN_TRANSFORMER,
@@ -351,6 +327,18 @@ def build_tiny_hunyuan(
     overrides = {"pipeline_options": {"prompt_template": {"crop_start": crop_start}}}
     (out / "sglang_config.json").write_text(json.dumps(overrides, indent=2) + "\n")
     return out
+
+
+def new_hunyuan_text_encoders(llama_tokenizer, clip_tokenizer):
+    """A tiny ``LlamaModel`` and ``CLIPTextModel`` sized to these tokenizers (random weights from torch's RNG)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    def token_ids(tokenizer) -> dict[str, Any]:
+        return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    return (LlamaModel(LlamaConfig(**token_ids(llama_tokenizer), **TINY_LLAMA)),
+            CLIPTextModel(CLIPTextConfig(**token_ids(clip_tokenizer), **TINY_CLIP_TEXT)))
 
 
 def save_hunyuan_components(out: Path, text_encoder, text_encoder_2, transformer, vae) -> None:
