@@ -10,7 +10,15 @@ The reference model is trained on these, so that its outputs can be checked from
   VAE also sees a more varied version (``render(varied=True)``).
 
 A fixed tenth of the (colour, shape, direction, background) combinations never appears in training
-(:data:`HELD_OUT`), so adherence can be measured on captions the model has not seen.
+(:data:`HELD_OUT`), so adherence can be measured on captions the model has not seen. Those scenes
+have only white and yellow backgrounds and left and up motion; the hard world's held-out set
+(:data:`HARD_HELD_OUT`) spans every value of every attribute.
+
+Two worlds share the captions (:data:`WORLDS`). ``simple`` is the one above: a caption fixes almost
+the whole video, so the sampling flow is nearly straight and fewer steps cost little. ``hard``
+(:func:`render_hard`) leaves more to the noise, as real video models' captions do: the named
+object's size, speed, start and path, 1-3 smaller distractor shapes, a camera pan, a low-frequency
+background gradient, per-video gain and per-frame flicker.
 """
 
 from __future__ import annotations
@@ -131,14 +139,118 @@ def render(
     return frames
 
 
+# The hard world's ranges, in pixels of a 64x64, 17-frame video (scaled for other sizes).
+# The named object is always larger than any distractor (its smallest area, a triangle of half
+# 7, is 98 px; the largest distractor, a square of half 4.5, 81 px), moves at least 1.25 px per
+# frame along its direction and the pan at most 0.4 across it, so the caption stays readable
+# from the pixels (tools/adherence.py) while everything else is left to the noise.
+HARD_OBJECT_HALF = (7.0, 9.5)
+HARD_OBJECT_SPEED = (1.25, 2.25)
+HARD_DISTRACTORS = (1, 3)
+HARD_DISTRACTOR_HALF = (3.0, 4.5)
+HARD_DISTRACTOR_SPEED = 2.0
+HARD_PAN = 0.4
+HARD_GRADIENT = 30.0
+HARD_GAIN = (0.85, 1.1)
+HARD_FLICKER = 0.08
+
+
+def _spanning_held_out() -> tuple[Scene, ...]:
+    """Twelve scenes in which every colour, shape, direction and background appears at least once."""
+    scenes = []
+    for i in range(12):
+        color = VIDEO_COLORS[i % len(VIDEO_COLORS)]
+        background = VIDEO_COLORS[(i + 1 + 2 * (i // len(VIDEO_COLORS))) % len(VIDEO_COLORS)]
+        scenes.append(Scene(color, VIDEO_SHAPES[i % len(VIDEO_SHAPES)], VIDEO_DIRECTIONS[i % len(VIDEO_DIRECTIONS)], background))
+    return tuple(scenes)
+
+
+HARD_HELD_OUT: tuple[Scene, ...] = _spanning_held_out()
+HARD_TRAIN_SCENES: tuple[Scene, ...] = tuple(s for s in all_scenes() if s not in set(HARD_HELD_OUT))
+
+
+def _fitting_start(rng: np.random.Generator, travel: float, margin: float, size: int) -> float:
+    """A start coordinate from which a path of signed length ``travel`` stays ``margin`` inside the frame."""
+    low, high = margin - min(0.0, travel), size - margin - max(0.0, travel)
+    return float(rng.uniform(low, high)) if high > low else (low + high) / 2
+
+
+def render_hard(scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE) -> np.ndarray:
+    """One video of ``scene`` in the hard world, uint8 (frames, size, size, 3); see the module docstring.
+
+    Drawn back to front: the background with its gradient, the distractors (each a colour other
+    than the background's, the named object's and each other's), the named object on top; then
+    the camera's gain and flicker scale every pixel. The pan moves everything, the gradient too.
+    """
+    scale = size / 64
+    span = max(1, num_frames - 1)
+    pan = rng.uniform(-HARD_PAN, HARD_PAN, size=2) * scale
+    dx, dy = DIRECTION_VECTORS[scene.direction]
+    half = rng.uniform(*HARD_OBJECT_HALF) * scale
+    velocity = np.array([dx, dy], dtype=np.float64) * rng.uniform(*HARD_OBJECT_SPEED) * scale + pan
+    start = np.array([_fitting_start(rng, velocity[a] * span, half + 1, size) for a in (0, 1)])
+
+    others = [c for c in VIDEO_COLORS if c not in (scene.color, scene.background)]
+    count = int(rng.integers(HARD_DISTRACTORS[0], HARD_DISTRACTORS[1] + 1))
+    distractors = []
+    for color in rng.choice(others, size=count, replace=False):
+        distractors.append((
+            str(color),
+            VIDEO_SHAPES[int(rng.integers(0, len(VIDEO_SHAPES)))],
+            rng.uniform(*HARD_DISTRACTOR_HALF) * scale,
+            rng.uniform(0, size, size=2),
+            rng.uniform(-HARD_DISTRACTOR_SPEED, HARD_DISTRACTOR_SPEED, size=2) * scale + pan,
+        ))
+
+    angle = rng.uniform(0, 2 * np.pi)
+    amplitude = rng.uniform(0, HARD_GRADIENT)
+    gain = rng.uniform(*HARD_GAIN)
+    flicker = rng.uniform(-HARD_FLICKER, HARD_FLICKER, size=num_frames)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    frames = np.empty((num_frames, size, size, 3), dtype=np.float32)
+    for f in range(num_frames):
+        gx, gy = xs - size / 2 - pan[0] * f, ys - size / 2 - pan[1] * f
+        ramp = amplitude * (gx * np.cos(angle) + gy * np.sin(angle)) / (size / 2)
+        frame = np.asarray(PALETTE[scene.background], dtype=np.float32) + ramp[..., None]
+        for color, shape, d_half, d_start, d_velocity in distractors:
+            cx, cy = d_start + d_velocity * f
+            frame[shape_mask(shape, cx, cy, d_half, size)] = PALETTE[color]
+        cx, cy = start + velocity * f
+        frame[shape_mask(scene.shape, cx, cy, half, size)] = PALETTE[scene.color]
+        frames[f] = frame * gain * (1 + flicker[f])
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class World:
+    """A captioned world: which scenes train, which are held out, and how a video is drawn."""
+
+    name: str
+    train_scenes: tuple[Scene, ...]
+    held_out: tuple[Scene, ...]
+
+    def render(self, scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_FRAMES, varied: bool = False) -> np.ndarray:
+        """``varied`` widens the simple world's ranges for the VAE; the hard world is always varied."""
+        if self.name == "hard":
+            return render_hard(scene, rng, num_frames)
+        return render(scene, rng, num_frames, varied=varied)
+
+
+WORLDS: dict[str, World] = {
+    "simple": World("simple", TRAIN_SCENES, HELD_OUT),
+    "hard": World("hard", HARD_TRAIN_SCENES, HARD_HELD_OUT),
+}
+
+
 def sample_batch(
     rng: np.random.Generator,
     batch_size: int,
     scenes: tuple[Scene, ...] = TRAIN_SCENES,
     num_frames: int = VIDEO_FRAMES,
     varied: bool = False,
+    world: str = "simple",
 ) -> tuple[np.ndarray, list[Scene]]:
-    """``batch_size`` random scenes and their videos as float32 (B, 3, F, H, W) in [-1, 1]."""
+    """``batch_size`` random scenes of ``world`` and their videos as float32 (B, 3, F, H, W) in [-1, 1]."""
     picked = [scenes[i] for i in rng.integers(0, len(scenes), size=batch_size)]
-    videos = np.stack([render(s, rng, num_frames, varied=varied) for s in picked])
+    videos = np.stack([WORLDS[world].render(s, rng, num_frames, varied=varied) for s in picked])
     return videos.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0, picked
