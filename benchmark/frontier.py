@@ -35,13 +35,12 @@ sys.path.insert(0, str(REPO / "python"))
 
 from frontier_configs import (  # noqa: E402
     METHODS,
-    PROMPTS,
     SEEDS,
     SPEEDUPS,
     STEPS,
-    TUNING_PROMPTS,
     FrontierMethod,
     Request,
+    model_prompts,
 )
 from frontier_report import markdown_table, plot_frontier, summarise  # noqa: E402
 from metrics import psnr, ssim  # noqa: E402
@@ -100,11 +99,10 @@ class DiffusersTaylorSeer:
         return np.asarray(frames, dtype=np.float32), sum(cond_passes)
 
 
-def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: int, quick: bool) -> dict:
+def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: int, prompts: list[str]) -> dict:
     """``{strategy: {speedup: (threshold, mean passes on the tuning prompts)}}`` for the methods that
     need one; found once per strategy (with ``reuse``: the estimator barely moves the passes)."""
     tuned: dict[str, dict[float, tuple[float, float]]] = {}
-    prompts = TUNING_PROMPTS[:1] if quick else TUNING_PROMPTS
     for method in methods:
         for speedup in SPEEDUPS:
             request = method.request(speedup, steps)
@@ -155,16 +153,19 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from: {'; '.join(m.name for m in METHODS)}")
     methods = [m for m in METHODS if chosen is None or m.name in chosen]
-    samples = [(p, s) for p in (PROMPTS[:1] if args.quick else PROMPTS) for s in (SEEDS[:1] if args.quick else SEEDS)]
     gen = DiffGenerator.from_pretrained(args.model_path, device="cpu", cache_calibration=args.calibration)
+    prompts, tuning_prompts = model_prompts(gen.pipeline.model_info.path)
+    if args.quick:
+        prompts, tuning_prompts = prompts[:1], tuning_prompts[:1]
+    samples = [(p, s) for p in prompts for s in (SEEDS[:1] if args.quick else SEEDS)]
     steps = args.steps
-    defaults = gen.validate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=steps))
+    defaults = gen.validate(SamplingParams(prompt=prompts[0], num_inference_steps=steps))
     peer = DiffusersTaylorSeer(gen, defaults) if any(
         m.name == "diffusers taylorseer" for m in methods) else None
-    gen.generate(SamplingParams(prompt=PROMPTS[0], num_inference_steps=steps))  # warm-up, not measured
-    tuned = tune_thresholds(gen, methods, steps, args.quick)
+    gen.generate(SamplingParams(prompt=prompts[0], num_inference_steps=steps))  # warm-up, not measured
+    tuned = tune_thresholds(gen, methods, steps, tuning_prompts)
     for strategy, by_speedup in tuned.items():
-        print(f"{strategy} thresholds (mean passes on {len(TUNING_PROMPTS[:1] if args.quick else TUNING_PROMPTS)} "
+        print(f"{strategy} thresholds (mean passes on {len(tuning_prompts)} "
               f"training captions): " + ", ".join(f"{x:g}x {t:g} ({p:.1f})" for x, (t, p) in by_speedup.items()))
     rows: list[dict] = []
     bar = tqdm(total=len(samples) * (1 + len(methods) * len(SPEEDUPS)), desc="frontier", unit="run")

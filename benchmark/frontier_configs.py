@@ -10,20 +10,31 @@ speedup into (``request``), and its plot style; add a method by adding a ``Front
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.runtime.cache.base import budget_passes
-from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, TRAIN_SCENES
+from sglang.multimodal_gen.tools.adherence import model_world
+from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, WORLDS
 
 SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
 STEPS = 50
 # Held-out captions (never trained on; the calibration prompts are training captions), spread over
-# shapes, colours and directions; two seeds each.
+# shapes, colours and directions; two seeds each. A model folder's heldout_prompts.txt replaces them.
 PROMPTS = [HELD_OUT[i].caption for i in (0, 5, 9, 14, 19, 23, 28, 33)]
 SEEDS = (0, 1)
 # Training captions (never scored) on which a strategy without a budget is tuned to each pass count.
-TUNING_PROMPTS = [TRAIN_SCENES[i].caption for i in (7, 160, 250)]
+TUNING_SCENE_INDICES = (7, 160, 250)
+
+
+def model_prompts(model_folder: Path) -> tuple[list[str], list[str]]:
+    """The scored and the tuning captions for a model: its folder's ``heldout_prompts.txt`` when it
+    has one (else :data:`PROMPTS`), and training captions of the world it was trained on."""
+    listed = Path(model_folder) / "heldout_prompts.txt"
+    scored = [line.strip() for line in listed.read_text().splitlines() if line.strip()] if listed.is_file() else PROMPTS
+    train_scenes = WORLDS[model_world(Path(model_folder))].train_scenes
+    return scored, [train_scenes[i].caption for i in TUNING_SCENE_INDICES]
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class Request:
     num_inference_steps: int
     cache: CacheParams | None = None
     taylorseer: dict | None = None  # diffusers TaylorSeerCacheConfig settings
-    tune_threshold: bool = False  # the harness sets cache.threshold: passes nearest the budget on TUNING_PROMPTS
+    tune_threshold: bool = False  # the harness sets cache.threshold: passes nearest the budget on the tuning captions
 
 
 @dataclass(frozen=True)
@@ -74,5 +85,7 @@ METHODS = [
     FrontierMethod("easycache", _tuned("easycache"), "P-"),
     FrontierMethod("easycache, forecast1", _tuned("easycache", estimator="forecast1"), "X-"),
     FrontierMethod("easycache, forecast1_sigma", _tuned("easycache", estimator="forecast1_sigma"), "X:"),
+    FrontierMethod("planner, forecast1", _cached("planner", estimator="forecast1"), "^:"),
+    FrontierMethod("planner, forecast1_sigma", _cached("planner", estimator="forecast1_sigma"), "v-."),
     FrontierMethod("planner", _cached("planner"), "D-"),
 ]

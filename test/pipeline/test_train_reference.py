@@ -109,3 +109,40 @@ def test_a_vae_of_the_other_architecture_is_refused_with_one_line(tmp_path, rest
     WanArchitecture().new_vae(16).save_pretrained(tmp_path / "wan-vae")
     with pytest.raises(SystemExit, match="not a hunyuan VAE"):
         train_reference.main(["--output", str(tmp_path / "out"), "--vae-from", str(tmp_path / "wan-vae"), *HUNYUAN_SMOKE])
+
+
+def test_a_stopped_and_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path, caplog, restore_threads):
+    """Hard world, few steps: stopping after transformer step 2 and resuming in a new call of the
+    script reproduces every weight of the run that never stopped; the result ships its held-out captions."""
+    from sglang.multimodal_gen.runtime.models.loader import BUILTIN_MODELS_DIR
+
+    caplog.set_level(logging.INFO, logger="train_reference")
+    hard = ["--world", "hard", "--vae-from", str(BUILTIN_MODELS_DIR / "wan2.1-t2v-tiny" / "vae"), "--num-videos", "4",
+            "--dit-steps", "4", "--dit-batch", "2", "--dit-warmup", "1", "--log-every", "2"]
+    whole, split, checkpoints = tmp_path / "whole", tmp_path / "split", tmp_path / "checkpoints"
+    assert train_reference.main(["--output", str(whole), *hard]) == 0
+    assert train_reference.main(["--output", str(split), "--checkpoint-dir", str(checkpoints), "--stop-after-steps", "2", *hard]) == 0
+    assert "stopped after dit step 2" in caplog.text and not (split / "transformer").exists()
+    with pytest.raises(SystemExit, match="holds a run already; pass --resume"):
+        train_reference.main(["--output", str(split), "--checkpoint-dir", str(checkpoints), *hard])
+    with pytest.raises(SystemExit, match=r"holds a run with other settings \(dit_steps\)"):
+        train_reference.main(["--output", str(split), "--checkpoint-dir", str(checkpoints), "--resume", *hard, "--dit-steps", "5"])
+    assert train_reference.main(["--output", str(split), "--checkpoint-dir", str(checkpoints), "--resume", *hard]) == 0
+    assert "dit: resuming at step 2/4" in caplog.text
+
+    ours, theirs = _weights(whole), _weights(split)
+    assert ours.keys() == theirs.keys() and len(ours) == 3
+    for name, tensors in ours.items():
+        assert all(torch.equal(tensors[k], theirs[name][k]) for k in tensors), name
+    assert json.loads((split / "vae" / "config.json").read_text())["latents_std"] == \
+        json.loads((whole / "vae" / "config.json").read_text())["latents_std"]
+    held_out = (whole / "heldout_prompts.txt").read_text().splitlines()
+    assert len(held_out) == 12 and held_out[0] == "a red circle moving left on a green background"
+    assert json.loads((whole / "training_summary.json").read_text())["config"]["world"] == "hard"
+
+
+def test_resume_without_a_checkpoint_folder_is_refused_with_one_line(tmp_path, restore_threads):
+    with pytest.raises(SystemExit, match="--resume and --stop-after-steps need --checkpoint-dir"):
+        train_reference.main(["--output", str(tmp_path / "out"), "--resume", *SMOKE])
+    with pytest.raises(SystemExit, match="no checkpoint in"):
+        train_reference.main(["--output", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "none"), "--resume", *SMOKE])

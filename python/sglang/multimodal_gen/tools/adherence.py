@@ -10,10 +10,15 @@ read back from the frames, without any learned classifier:
   pixels best (intersection over union, averaged over the frames); unlike a ratio of the bounding
   box, this does not flip when a decoder softens a corner.
 
+The hard world (``render_hard``) adds distractors, a pan, a gradient, gain and flicker, so
+:func:`read_hard_video` reads it differently: pixels are matched to the palette up to a
+brightness factor (gain and flicker scale every pixel), and the named object is the largest
+connected region of one colour (it is always larger than any distractor), followed frame by frame.
+
     python -m sglang.multimodal_gen.tools.adherence --model-path DIR
 
-prints per-attribute accuracy on the held-out captions (never seen in training) with seeds that
-were not used either. A model that ignores its prompt scores chance: 1/6 per colour, 1/3 for the
+prints per-attribute accuracy on the held-out captions (never seen in training; the model folder's
+``heldout_prompts.txt`` where it has one) with seeds that were not used either. A model that ignores its prompt scores chance: 1/6 per colour, 1/3 for the
 shape, 1/4 for the direction.
 """
 
@@ -28,15 +33,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pathlib import Path
+
 from sglang.multimodal_gen.tools.synthetic_videos import (
-    HELD_OUT,
     PALETTE,
-    TRAIN_SCENES,
     VIDEO_FRAMES,
     VIDEO_SHAPES,
     VIDEO_SIZE,
+    WORLDS,
     Scene,
-    render,
+    parse_caption,
     shape_mask,
 )
 
@@ -90,6 +96,100 @@ def read_video(frames: np.ndarray) -> Reading:
     return Reading(_NAMES[color], shape, _direction(centroids), _NAMES[background])
 
 
+# Brightness factors a palette colour may appear at in the hard world (gain x flicker, with margin).
+_BRIGHTNESS = (0.7, 1.25)
+# A pixel farther than this (squared RGB distance, [0, 1] scale) from every scaled palette colour is unlabelled.
+_MAX_COLOR_DISTANCE = 0.06
+
+
+def palette_labels(frames: np.ndarray) -> np.ndarray:
+    """Per-pixel palette index, matching each colour up to a brightness factor in ``_BRIGHTNESS``; -1 if none is near.
+
+    Black and white lie on one ray, so the factor's range is what tells them apart.
+    """
+    norms = (_RGB**2).sum(-1)
+    factor = np.clip(frames @ _RGB.T / norms, *_BRIGHTNESS)
+    dist = ((frames[..., None, :] - factor[..., None] * _RGB) ** 2).sum(-1)
+    labels = dist.argmin(-1)
+    labels[dist.min(-1) > _MAX_COLOR_DISTANCE] = -1
+    return labels
+
+
+def largest_components(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of each frame of ``mask`` (frames, H, W), as a mask of the same shape."""
+    frames, height, width = mask.shape
+    big = height * width
+    ids = np.where(mask, np.arange(big).reshape(1, height, width), big)
+    while True:
+        low = ids.copy()
+        low[:, 1:] = np.minimum(low[:, 1:], ids[:, :-1])
+        low[:, :-1] = np.minimum(low[:, :-1], ids[:, 1:])
+        low[:, :, 1:] = np.minimum(low[:, :, 1:], ids[:, :, :-1])
+        low[:, :, :-1] = np.minimum(low[:, :, :-1], ids[:, :, 1:])
+        low = np.where(mask, low, big)
+        if np.array_equal(low, ids):
+            break
+        ids = low
+    out = np.zeros_like(mask)
+    for f in range(frames):
+        present = ids[f][mask[f]]
+        if present.size:
+            values, counts = np.unique(present, return_counts=True)
+            out[f] = ids[f] == values[counts.argmax()]
+    return out
+
+
+def read_hard_video(frames: np.ndarray) -> Reading:
+    """Classify a hard-world video (frames, H, W, 3), float in [0, 1]: background, then the largest object.
+
+    The object's colour is the one whose largest connected region, in the median frame, is the
+    largest; its shape and direction are read from that region in every frame where it is big
+    enough to be a shape.
+    """
+    frames = np.asarray(frames, dtype=np.float32)
+    labels = palette_labels(frames)
+    counts = np.bincount(labels[labels >= 0].ravel(), minlength=len(_NAMES))
+    background = int(counts.argmax())
+    regions: dict[int, np.ndarray] = {}
+    sizes: dict[int, float] = {}
+    for color in range(len(_NAMES)):
+        if color == background or counts[color] < MIN_SHAPE_PIXELS:
+            continue
+        regions[color] = largest_components(labels == color)
+        sizes[color] = float(np.median(regions[color].sum(axis=(1, 2))))
+    if not sizes or max(sizes.values()) < MIN_SHAPE_PIXELS:
+        return Reading(None, None, None, _NAMES[background])
+    color = max(sizes, key=sizes.get)
+    centroids, overlaps = [], []
+    for f, region in enumerate(regions[color]):
+        ys, xs = np.nonzero(region)
+        if len(ys) < MIN_SHAPE_PIXELS:
+            continue
+        centroids.append((f, xs.mean(), ys.mean()))
+        overlaps.append(_template_overlaps(region, len(ys), xs.mean() + 0.5, ys.mean() + 0.5))
+    shape = VIDEO_SHAPES[int(np.mean(overlaps, axis=0).argmax())] if overlaps else None
+    return Reading(_NAMES[color], shape, _direction(centroids), _NAMES[background])
+
+
+READERS = {"simple": read_video, "hard": read_hard_video}
+
+
+def model_world(model_path: Path) -> str:
+    """The synthetic world a reference model was trained on (its ``training_summary.json``), ``simple`` if unknown."""
+    summary = Path(model_path) / "training_summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text()).get("config", {}).get("world", "simple")
+    return "simple"
+
+
+def held_out_scenes(model_path: Path, world: str) -> list[Scene]:
+    """The model folder's ``heldout_prompts.txt`` when it has one, else the world's held-out scenes."""
+    listed = Path(model_path) / "heldout_prompts.txt"
+    if listed.is_file():
+        return [parse_caption(line) for line in listed.read_text().splitlines() if line.strip()]
+    return list(WORLDS[world].held_out)
+
+
 def _template_overlaps(mask: np.ndarray, pixels: int, cx: float, cy: float) -> list[float]:
     """IoU of ``mask`` with each of :data:`VIDEO_SHAPES` drawn with its pixel count and centroid."""
     ious = []
@@ -126,6 +226,7 @@ def evaluate(
     seeds: Sequence[int],
     num_inference_steps: int = 50,
     guidance_scale: float | None = None,
+    world: str = "simple",
 ) -> dict:
     """Generate every (scene, seed) with ``generator`` and return accuracy per attribute.
 
@@ -150,10 +251,21 @@ def evaluate(
                 )
                 yield scene, seed, generator.generate(params).frames
 
-    return _tally(videos())
+    return _tally(videos(), READERS[world])
 
 
-def evaluate_vae_round_trip(model_path, scenes: Iterable[Scene], seeds: Sequence[int]) -> dict:
+def evaluate_renders(scenes: Iterable[Scene], seeds: Sequence[int], world: str) -> dict:
+    """Accuracy on the world's own renders: how often the reader itself is right (the tool's validation)."""
+
+    def videos():
+        for scene in scenes:
+            for seed in seeds:
+                yield scene, seed, WORLDS[world].render(scene, np.random.default_rng(seed)) / 255.0
+
+    return _tally(videos(), READERS[world])
+
+
+def evaluate_vae_round_trip(model_path, scenes: Iterable[Scene], seeds: Sequence[int], world: str = "simple") -> dict:
     """Accuracy on rendered videos passed through the model's VAE alone: the ceiling a transformer can reach."""
     import torch
 
@@ -164,20 +276,20 @@ def evaluate_vae_round_trip(model_path, scenes: Iterable[Scene], seeds: Sequence
     def videos():
         for scene in scenes:
             for seed in seeds:
-                video = render(scene, np.random.default_rng(seed))
+                video = WORLDS[world].render(scene, np.random.default_rng(seed))
                 x = torch.from_numpy(video.transpose(3, 0, 1, 2)[None].astype(np.float32) / 127.5 - 1)
                 with torch.no_grad():
                     decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
                 yield scene, seed, (decoded[0].permute(1, 2, 3, 0).numpy() + 1) / 2
 
-    return _tally(videos())
+    return _tally(videos(), READERS[world])
 
 
-def _tally(videos: Iterable[tuple[Scene, int, np.ndarray]]) -> dict:
+def _tally(videos: Iterable[tuple[Scene, int, np.ndarray]], reader=read_video) -> dict:
     hits = {a: 0 for a in ATTRIBUTES}
     all_hit, total, samples = 0, 0, []
     for scene, seed, frames in videos:
-        reading = read_video(frames)
+        reading = reader(frames)
         result = score(reading, scene)
         for a, ok in result.items():
             hits[a] += ok
@@ -195,38 +307,48 @@ def _tally(videos: Iterable[tuple[Scene, int, np.ndarray]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Per-attribute prompt adherence of a model, read from its pixels.")
-    parser.add_argument("--model-path", default=None, help="model folder (default: the built-in model)")
+    parser.add_argument("--model-path", default=None, help="model folder or built-in name (default: the built-in model)")
     parser.add_argument("--split", choices=["held-out", "train"], default="held-out", help="which captions to use")
     parser.add_argument("--num-prompts", type=int, default=None, help="first N captions of the split (default: all held-out, 36 train)")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per caption (taken from 10000 on, unused in training)")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per caption")
+    parser.add_argument("--first-seed", type=int, default=SEED_OFFSET, help=f"first seed (default {SEED_OFFSET}; sampling seeds are never used in training)")
     parser.add_argument("--num-inference-steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's own")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--vae-round-trip",
         action="store_true",
         help="read rendered videos passed through the model's VAE instead of generating (the VAE's ceiling)",
     )
+    source.add_argument("--renders", action="store_true", help="read the world's own renders (the reader's own accuracy)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    from sglang.multimodal_gen.errors import ModelNotFoundError
     from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
     from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 
-    scenes = list(HELD_OUT) if args.split == "held-out" else list(TRAIN_SCENES[::9])
+    try:
+        model_path = resolve_model_path(str(args.model_path or BUILTIN_MODEL_PATH))
+    except ModelNotFoundError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    world = model_world(model_path)
+    scenes = held_out_scenes(model_path, world) if args.split == "held-out" else list(WORLDS[world].train_scenes[::9])
     if args.num_prompts is not None:
         scenes = scenes[: args.num_prompts]
-    seeds = [SEED_OFFSET + i for i in range(args.seeds)]
-    if args.vae_round_trip:
-        model_path = resolve_model_path(str(args.model_path or BUILTIN_MODEL_PATH))
-        result = evaluate_vae_round_trip(model_path, scenes, seeds)
+    seeds = [args.first_seed + i for i in range(args.seeds)]
+    if args.renders:
+        result = evaluate_renders(scenes, seeds, world)
+    elif args.vae_round_trip:
+        result = evaluate_vae_round_trip(model_path, scenes, seeds, world)
     else:
-        generator = DiffGenerator.from_pretrained(args.model_path, device="cpu")
-        result = evaluate(generator, scenes, seeds, args.num_inference_steps, args.guidance_scale)
+        generator = DiffGenerator.from_pretrained(str(model_path), device="cpu")
+        result = evaluate(generator, scenes, seeds, args.num_inference_steps, args.guidance_scale, world)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['samples']} videos ({len(scenes)} {args.split} captions x {len(seeds)} seeds)")
+    print(f"{result['samples']} videos ({len(scenes)} {args.split} captions x {len(seeds)} seeds, {world} world)")
     for a in ATTRIBUTES:
         print(f"  {a:<11} {result['accuracy'][a]:6.1%}   (chance {CHANCE[a]:.1%})")
     print(f"  {'all four':<11} {result['all_attributes']:6.1%}")

@@ -223,11 +223,16 @@ def render_hard(scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_
 
 @dataclass(frozen=True)
 class World:
-    """A captioned world: which scenes train, which are held out, and how a video is drawn."""
+    """A captioned world: which scenes train, which are held out, and how a video is drawn.
+
+    ``ships_held_out``: a model trained on it carries ``heldout_prompts.txt`` (the whole held-out
+    set), which benchmarks and the adherence tool read instead of their own selection.
+    """
 
     name: str
     train_scenes: tuple[Scene, ...]
     held_out: tuple[Scene, ...]
+    ships_held_out: bool = False
 
     def render(self, scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_FRAMES, varied: bool = False) -> np.ndarray:
         """``varied`` widens the simple world's ranges for the VAE; the hard world is always varied."""
@@ -238,7 +243,7 @@ class World:
 
 WORLDS: dict[str, World] = {
     "simple": World("simple", TRAIN_SCENES, HELD_OUT),
-    "hard": World("hard", HARD_TRAIN_SCENES, HARD_HELD_OUT),
+    "hard": World("hard", HARD_TRAIN_SCENES, HARD_HELD_OUT, ships_held_out=True),
 }
 
 

@@ -177,7 +177,7 @@ def train_vae(cfg: TrainConfig, rng: np.random.Generator, arch):
 def encode_dataset(vae, cfg: TrainConfig, rng: np.random.Generator, arch) -> tuple[torch.Tensor, list[str], dict]:
     """Encode ``num_videos`` training videos (posterior means) and measure the VAE on 17 frames."""
     latents, captions, psnrs = [], [], []
-    chunk = 16
+    chunk = min(16, cfg.num_videos)
     for _ in tqdm(range(0, cfg.num_videos, chunk), desc="encode", file=sys.stdout, mininterval=15):
         videos, scenes = sample_batch(rng, chunk, WORLDS[cfg.world].train_scenes, world=cfg.world)
         x = torch.from_numpy(videos)
@@ -407,6 +407,8 @@ def train(
         transformer, distill_loss = distill_guidance(cfg, latents, captions, arch, text, transformer)
 
     arch.save(output, text, transformer, vae)
+    if world.ships_held_out:
+        (output / "heldout_prompts.txt").write_text("".join(f"{s.caption}\n" for s in world.held_out))
     summary = {
         "architecture": architecture,
         "config": asdict(cfg),
