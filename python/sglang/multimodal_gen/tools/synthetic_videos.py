@@ -72,7 +72,8 @@ def all_scenes() -> list[Scene]:
     ]
 
 
-# Every tenth combination (offset 3, so each colour, shape, direction and background appears).
+# Every tenth combination (offset 3): every colour and shape, but only white and yellow backgrounds
+# and left and up motion (the hard world's HARD_HELD_OUT spans every value).
 HELD_OUT: tuple[Scene, ...] = tuple(s for i, s in enumerate(all_scenes()) if i % 10 == 3)
 TRAIN_SCENES: tuple[Scene, ...] = tuple(s for s in all_scenes() if s not in set(HELD_OUT))
 
