@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter, take_rows
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
