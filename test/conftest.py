@@ -118,6 +118,15 @@ def tiny_hunyuan_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def builtin_generator():
+    """The built-in Wan model in fp32 with the default settings; a test that changes one of them
+    puts it back."""
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+
+    return DiffGenerator.from_pretrained(device="cpu")
+
+
+@pytest.fixture(scope="session")
 def hunyuan_generator(tiny_hunyuan_dir):
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 

@@ -21,13 +21,6 @@ from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
 PROMPT = "a green square moving up on a black background"
 
 
-@pytest.fixture(scope="module")
-def builtin_generator():
-    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
-
-    return DiffGenerator.from_pretrained(None, device="cpu")
-
-
 def _generate(generator, steps: int, cache: CacheParams | None = None, prompt: str = PROMPT, seed: int = 0):
     return generator.generate(SamplingParams(prompt=prompt, seed=seed, num_inference_steps=steps,
                                              cache=cache or CacheParams()))
