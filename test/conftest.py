@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models are built once per test session in the diffusers layout."""
+"""Shared fixtures (tiny models built once per test session in the diffusers layout, the built-in
+model loaded once), how the suite splits over pytest-xdist workers, and the time per test file."""
 
 from __future__ import annotations
 
@@ -7,15 +8,74 @@ import math
 import os
 import shutil
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_DIR = REPO / "test"
 sys.path.insert(0, str(REPO / "python"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Each xdist worker (and the processes it spawns, which inherit this) takes its share of the
+    # cores: two workers of two threads each on two cores would contend for every kernel. Set
+    # before torch is imported, which reads it once.
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
+# What one xdist worker runs whole (``--dist loadscope``, scheduled by ``pytest_xdist_make_scheduler``
+# below): every test that starts torch.distributed processes, one after another (one group of
+# processes at a time, no two picking free ports at once); every test of the `sglang serve` process
+# that server/ shares (started once); every other file's tests, so that a module's fixtures (a
+# loaded model, a calibration) are built on one worker only.
+SHARED_SCOPES = ("distributed", "server")
+# Tests outside distributed/ that start torch.distributed processes too.
+ALSO_DISTRIBUTED = ("test/pipeline/test_torch_compile.py::test_ulysses_workers_compile_and_match_one_process",)
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work of a test under ``--dist loadscope``: its shared scope, else its file."""
+    path = nodeid.split("::")[0]
+    if nodeid in ALSO_DISTRIBUTED:
+        return "distributed"
+    directory = Path(path).parts[1] if Path(path).parts[0] == "test" else ""
+    return directory if directory in SHARED_SCOPES else path
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadscope`` with :func:`xdist_scope` as the scope (pytest 9.2 no longer lets
+    ``xdist_group`` marks reach xdist's ``loadgroup``, pytest-xdist issue 1386); other modes as xdist has them."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return SharedScopeScheduling(config, log)
+
+
+_FILE_SECONDS: dict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add each phase (setup, call, teardown) of a test to its file's time (under xdist this runs
+    where the reports meet too)."""
+    _FILE_SECONDS[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Seconds per test file, slowest first: where the suite's time goes, so a file that grows shows."""
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.section("seconds per test file (setup + call + teardown of its tests)")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}s  {path}")
 
 # Small request geometry every pipeline test shares: 64x48 pixels, 5 frames -> 2x8x6 latents.
 TINY_REQUEST = dict(height=64, width=48, num_frames=5, num_inference_steps=6, guidance_scale=5.0)
@@ -118,7 +178,17 @@ def tiny_hunyuan_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def builtin_generator():
+    """The built-in Wan model in fp32 with the default settings; a test that changes one of them
+    puts it back."""
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+
+    return DiffGenerator.from_pretrained(device="cpu")
+
+
+@pytest.fixture(scope="session")
 def hunyuan_generator(tiny_hunyuan_dir):
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 
     return DiffGenerator.from_pretrained(str(tiny_hunyuan_dir), device="cpu")
+

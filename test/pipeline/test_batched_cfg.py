@@ -71,11 +71,11 @@ def _run(generator: DiffGenerator, cache: CacheParams, batched: bool, seed: int 
     blocks_batches: list[int] = []
     hook = stage.adapter.transformer.blocks[0].register_forward_pre_hook(
         lambda module, args: blocks_batches.append(args[0].shape[0]))
-    stage.batched_cfg = batched
+    default, stage.batched_cfg = stage.batched_cfg, batched
     try:
         result = generator.generate(params)
     finally:
-        stage.batched_cfg = False
+        stage.batched_cfg = default
         hook.remove()
     return result, blocks_batches
 
@@ -89,15 +89,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.fixture(scope="module")
-def builtin_fp32():
-    return DiffGenerator.from_pretrained(device="cpu")
-
-
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_batched_cfg_equals_two_passes(builtin_fp32, name):
-    two, two_batches = _run(builtin_fp32, STRATEGIES[name], batched=False)
-    one, one_batches = _run(builtin_fp32, STRATEGIES[name], batched=True)
+def test_batched_cfg_equals_two_passes(builtin_generator, name):
+    two, two_batches = _run(builtin_generator, STRATEGIES[name], batched=False)
+    one, one_batches = _run(builtin_generator, STRATEGIES[name], batched=True)
     assert _plan(one) == _plan(two)
     if name != "none":
         assert one.cache_stats.total_skipped > 0
@@ -109,10 +104,10 @@ def test_batched_cfg_equals_two_passes(builtin_fp32, name):
 
 
 @pytest.mark.parametrize("strategy", [UncondEveryOtherStep.name, WholeModelUncondEveryOtherStep.name])
-def test_branches_that_part_ways_run_the_computing_ones(builtin_fp32, strategy):
+def test_branches_that_part_ways_run_the_computing_ones(builtin_generator, strategy):
     cache = CacheParams(strategy=strategy)
-    two, _ = _run(builtin_fp32, cache, batched=False)
-    one, batches = _run(builtin_fp32, cache, batched=True)
+    two, _ = _run(builtin_generator, cache, batched=False)
+    one, batches = _run(builtin_generator, cache, batched=True)
     assert _plan(one) == _plan(two) == {"cond": list(range(STEPS)), "uncond": list(range(0, STEPS, 2))}
     assert _close(one.latents, two.latents) < FP32_TOLERANCE
     # One pass per step: of the batch when both compute, of cond alone when uncond skips.
@@ -131,17 +126,17 @@ def test_bf16_batched_cfg_is_within_bf16_rounding():
         assert (one.latents.float() - two.latents.float()).abs().max() <= 0.5 * bf16_error, name
 
 
-def test_request_constants_are_computed_once_per_request(builtin_fp32):
+def test_request_constants_are_computed_once_per_request(builtin_generator):
     """The rotary table and the projected prompt: per branch and batch, never per step."""
-    model = _stage(builtin_fp32).adapter.transformer
+    model = _stage(builtin_generator).adapter.transformer
     calls = {"rope": 0, "text": 0}
     hooks = [model.rope.register_forward_hook(lambda *a: calls.__setitem__("rope", calls["rope"] + 1)),
              model.condition_embedder.text_embedder.register_forward_hook(
                  lambda *a: calls.__setitem__("text", calls["text"] + 1))]
     try:
-        _run(builtin_fp32, CacheParams(), batched=False)
+        _run(builtin_generator, CacheParams(), batched=False)
         assert calls == {"rope": 2, "text": 2}  # cond and uncond, once each for 10 steps
-        _run(builtin_fp32, CacheParams(), batched=True)
+        _run(builtin_generator, CacheParams(), batched=True)
         assert calls == {"rope": 3, "text": 3}  # batched: once, for the batch of both
     finally:
         for hook in hooks:

@@ -129,13 +129,6 @@ def test_serve_refuses_a_bad_calibration_file_before_listening(tiny_wan_dir, tmp
     assert code == 2 and "is not a calibration file" in err and len(err.splitlines()) == 1
 
 
-@pytest.fixture(scope="module")
-def builtin_generator():
-    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
-
-    return DiffGenerator.from_pretrained(device="cpu")
-
-
 def test_fresh_calibration_of_the_trained_builtin_model_skips_within_a_quality_bound(builtin_generator, tmp_path):
     """Measured on the trained built-in model (30 steps, 64x64, 17 frames): MagCache at the release
     defaults with a fresh calibration skips 15 of 30 steps per branch (2.00x fewer transformer

@@ -19,18 +19,15 @@ from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
 
 PROMPT = "a green square moving up on a black background"
+# What `sglang calibrate` records for the planner (inner products normalised per prompt, sigmas,
+# tables per step count) does not depend on the video's size: its tests calibrate at this one.
+SMALL = dict(height=32, width=32, num_frames=5)
 
 
-@pytest.fixture(scope="module")
-def builtin_generator():
-    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
-
-    return DiffGenerator.from_pretrained(None, device="cpu")
-
-
-def _generate(generator, steps: int, cache: CacheParams | None = None, prompt: str = PROMPT, seed: int = 0):
+def _generate(generator, steps: int, cache: CacheParams | None = None, prompt: str = PROMPT, seed: int = 0,
+              **size: int):
     return generator.generate(SamplingParams(prompt=prompt, seed=seed, num_inference_steps=steps,
-                                             cache=cache or CacheParams()))
+                                             cache=cache or CacheParams(), **size))
 
 
 def psnr(test: np.ndarray, reference: np.ndarray) -> float:
@@ -110,7 +107,7 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
 
     steps = 20  # beyond CALIBRATION_WINDOW, so the rows stop growing
     output = tmp_path / "planner.json"
-    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=steps, seed=0), output)
+    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=steps, seed=0, **SMALL), output)
     saved = CalibrationResult.load(output)
     assert CALIBRATION_WINDOW < steps
     for name, branch in saved.branches.items():
@@ -121,7 +118,7 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
     assert len(saved.sigmas) == steps + 1 and saved.sigmas[-1] == 0.0
     assert all(a > b for a, b in zip(saved.sigmas, saved.sigmas[1:]))
     # The planner takes the fresh file at its own step count.
-    result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)))
+    result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)), **SMALL)
     _assert_budget(result, steps, 10, "planner")
     assert result.cache.config.sigmas == saved.sigmas
 
@@ -132,7 +129,7 @@ def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_us
     from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate
 
     output = tmp_path / "tables.json"
-    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=20, seed=0), output,
+    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=20, seed=0, **SMALL), output,
               planner_steps=[8, 30, 20, 8])
     saved = CalibrationResult.load(output)
     assert [t["num_inference_steps"] for t in saved.planner_tables] == [8, 30]  # 20 is the main run, 8 once
@@ -145,7 +142,7 @@ def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_us
         assert len(table["sigmas"]) == n + 1 and table["sigmas"][-1] == 0.0
         assert {b: len(rows) for b, rows in table["gram"].items()} == {COND: n, UNCOND: n}
     for steps, table_steps in [(8, 8), (12, 8), (20, 20), (25, 30), (30, 30), (50, 30)]:
-        result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)))
+        result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)), **SMALL)
         _assert_budget(result, steps, budget_passes(steps, 2), "planner")
         assert len(result.cache.config.sigmas) == table_steps + 1, steps
 

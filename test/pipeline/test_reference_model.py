@@ -16,7 +16,7 @@ from conftest import half_skip_threshold, magcache_params, psnr_db
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
-from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
+from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH
 from sglang.multimodal_gen.tools.adherence import SEED_OFFSET, evaluate_vae_round_trip, read_video, score
 from sglang.multimodal_gen.tools.probe_caches import even_skip_plan, register_probe_caches
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, TRAIN_SCENES, all_scenes, parse_caption, render
@@ -26,14 +26,9 @@ PROMPT = HELD_OUT[4].caption
 
 
 @pytest.fixture(scope="module")
-def reference() -> DiffGenerator:
-    return DiffGenerator.from_pretrained(device="cpu")
-
-
-@pytest.fixture(scope="module")
-def own_ratios(reference) -> dict[str, list[float]]:
+def own_ratios(builtin_generator) -> dict[str, list[float]]:
     """The model's magnitude ratios from one calibration run (what `sglang calibrate` would fit)."""
-    result = reference.generate(SamplingParams(prompt=TRAIN_SCENES[0].caption, seed=1), calibrate=True)
+    result = builtin_generator.generate(SamplingParams(prompt=TRAIN_SCENES[0].caption, seed=1), calibrate=True)
     return {b: list(r.mag_ratio) for b, r in result.cache.calibration_records().items()}
 
 
@@ -69,7 +64,7 @@ def test_pixel_reader_tolerates_the_softened_edges_a_decoder_produces():
         assert all(score(read_video(_box_blur(render(scene, rng), 5) / 255.0), scene).values()), scene
 
 
-def test_held_out_prompts_get_their_colours_and_direction(reference):
+def test_held_out_prompts_get_their_colours_and_direction(builtin_generator):
     """Six captions never seen in training, spread over the held-out list, one unused seed each.
 
     Colours and direction must be read back from most of them (chance: 1 in 6 per colour, 1 in 4
@@ -78,7 +73,7 @@ def test_held_out_prompts_get_their_colours_and_direction(reference):
     hits = {"color": 0, "background": 0, "direction": 0}
     scenes = HELD_OUT[::7]
     for scene in scenes:
-        frames = reference.generate(SamplingParams(prompt=scene.caption, seed=SEED_OFFSET)).frames
+        frames = builtin_generator.generate(SamplingParams(prompt=scene.caption, seed=SEED_OFFSET)).frames
         result = score(read_video(frames), scene)
         for attribute in hits:
             hits[attribute] += result[attribute]
@@ -91,14 +86,14 @@ def test_magnitude_ratio_is_near_one_then_falls(own_ratios):
         assert np.mean(ratios[35:46]) < np.mean(ratios[5:16]) - 0.015, ratios
 
 
-def test_skipping_half_the_steps_costs_fidelity_and_broken_caches_cost_more(reference, own_ratios):
+def test_skipping_half_the_steps_costs_fidelity_and_broken_caches_cost_more(builtin_generator, own_ratios):
     register_probe_caches()
     threshold, skipped = half_skip_threshold(own_ratios)
     params = dict(prompt=PROMPT, seed=SEED_OFFSET)
-    uncached = reference.generate(SamplingParams(**params)).frames
+    uncached = builtin_generator.generate(SamplingParams(**params)).frames
 
     def psnr_of(cache: CacheParams) -> float:
-        return psnr_db(reference.generate(SamplingParams(**params, cache=cache)).frames, uncached)
+        return psnr_db(builtin_generator.generate(SamplingParams(**params, cache=cache)).frames, uncached)
 
     magcache = psnr_of(magcache_params(threshold, own_ratios))
     even = psnr_of(CacheParams(strategy="probe_even_skip", options={"num_skip": skipped, "start_step": 10}))

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
-from sglang.cli.main import add_model_args, add_parallel_args, add_speed_args, parallel_kwargs, speed_kwargs
+from sglang.cli.args import add_model_args, add_parallel_args, add_speed_args, parallel_kwargs, speed_kwargs
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
 
 if TYPE_CHECKING:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, get_cache_class, registered_caches
+from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, registered_caches
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 
 # Knobs that have their own field here rather than living in `options`.
 TOP_LEVEL_KNOBS = ("threshold", "max_skip_steps", "retention_ratio")

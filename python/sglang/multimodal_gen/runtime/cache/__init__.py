@@ -1,16 +1,8 @@
-"""Timestep caching: the strategy contract, the registered strategies, and `build_cache`.
+"""Timestep caching: the registered strategies and `build_cache`.
 
-Adding a strategy is one module plus one import line below. The module defines a config
-dataclass and a `TimestepCache` subclass decorated with `@register_cache` that has:
-
-- `name`: the value of `--cache`;
-- `config_class`: its config dataclass (the valid `--cache-params` keys are its fields);
-- `_decide(step, branch, features)`: True to run the DiT blocks.
-
-Strategies with per-model presets (MagCache, TeaCache) also set `preset_levels`, override the
-`from_params` classmethod and may offer `preset_model_keys()`. Strategies that skip whole model
-calls with one decision per step for every CFG branch (EasyCache) set `skips_whole_model` and
-`decides_per_pair`. See docs/caching.md.
+The contract a strategy implements is `strategy.py` (a `TimestepCache` subclass with `name`,
+`config_class` and `_decide`, registered with `@register_cache` from `registry.py`). Adding a
+strategy is that module plus one import line below, which registers it. See docs/caching.md.
 """
 
 from __future__ import annotations
@@ -19,20 +11,13 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Sequence
 
-from sglang.multimodal_gen.runtime.cache.base import (
-    COND,
-    UNCOND,
-    BranchStats,
-    CacheConfigError,
-    CacheStats,
-    CalibrationRecord,
-    StepFeatures,
-    TimestepCache,
-    budget_passes,
-    get_cache_class,
-    register_cache,
-    registered_caches,
-)
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.budget import budget_passes
+from sglang.multimodal_gen.runtime.cache.recording import CalibrationRecord
+from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, register_cache, registered_caches
+from sglang.multimodal_gen.runtime.cache.stats import BranchStats, CacheStats
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 from sglang.multimodal_gen.runtime.cache.estimators import (
     ResidualEstimator,
     get_estimator,

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, CalibrationRecord
+from sglang.multimodal_gen.runtime.cache.recording import CalibrationRecord
+from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 
 if TYPE_CHECKING:
     from sglang.multimodal_gen.configs.cache_params import CacheParams
@@ -275,8 +277,6 @@ def apply_calibration(
 
     Warns when the calibration was made at a step count far from the request's, unless the request
     takes nothing from it (strategies that need no calibration, such as EasyCache)."""
-    from sglang.multimodal_gen.runtime.cache.base import get_cache_class
-
     calibration = load_calibration(calibration_file)
     calibration.check_model(model_family)
     supplied = get_cache_class(params.strategy).options_from_calibration(calibration, num_inference_steps)

@@ -37,14 +37,13 @@ from typing import ClassVar
 
 import torch
 
-from sglang.multimodal_gen.runtime.cache.base import (
+from sglang.multimodal_gen.runtime.cache.registry import register_cache
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.validation import (
     CacheConfigError,
-    StepFeatures,
-    TimestepCache,
     is_number,
     is_whole,
     n_steps,
-    register_cache,
     threshold_above,
 )
 

@@ -36,7 +36,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from sglang.multimodal_gen.runtime.cache.base import CacheConfigError, NameRegistry
+from sglang.multimodal_gen.runtime.cache.registry import NameRegistry
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 
 DEFAULT_ESTIMATOR = "reuse"
 

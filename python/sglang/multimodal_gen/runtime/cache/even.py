@@ -11,16 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from sglang.multimodal_gen.runtime.cache.base import (
-    COND,
-    UNCOND,
-    CacheConfigError,
-    StepFeatures,
-    TimestepCache,
-    is_number,
-    is_whole,
-    register_cache,
-)
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.registry import register_cache
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError, is_number, is_whole
 
 
 @dataclass

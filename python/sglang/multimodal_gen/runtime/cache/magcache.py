@@ -40,16 +40,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 
-from sglang.multimodal_gen.runtime.cache.base import (
-    COND,
-    UNCOND,
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.registry import register_cache
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.validation import (
     CacheConfigError,
-    StepFeatures,
-    TimestepCache,
-    n_steps,
     is_number,
     is_whole,
-    register_cache,
+    n_steps,
     threshold_above,
 )
 

@@ -43,17 +43,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA
-from sglang.multimodal_gen.runtime.cache.base import (
-    COND,
-    UNCOND,
-    CacheConfigError,
-    StepFeatures,
-    TimestepCache,
-    is_number,
-    is_whole,
-    register_cache,
-)
+from sglang.multimodal_gen.runtime.cache.registry import register_cache
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError, is_number, is_whole
 
 if TYPE_CHECKING:
     from sglang.multimodal_gen.configs.cache_params import CacheParams

@@ -39,16 +39,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from sglang.multimodal_gen.runtime.cache.base import (
-    COND,
-    UNCOND,
-    CacheConfigError,
-    StepFeatures,
-    TimestepCache,
-    is_number,
-    register_cache,
-    threshold_above,
-)
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.registry import register_cache
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError, is_number, threshold_above
 
 if TYPE_CHECKING:
     from sglang.multimodal_gen.configs.cache_params import CacheParams

@@ -2,7 +2,8 @@
 
 ``DiffGenerator.from_pretrained(..., num_gpus=N)`` keeps its own pipeline as rank 0 and starts
 ``N - 1`` worker processes (``torch.multiprocessing``, spawn) that join torch.distributed (NCCL
-on CUDA, gloo on the CPU) over a free loopback TCP port and load the same model. A request goes
+on CUDA, gloo on the CPU) over a free loopback TCP port and load the same model with the loader
+the generator hands over (this layer knows nothing of the entrypoints). A request goes
 from rank 0 to every worker with ``broadcast_object_list`` on the control group; every rank
 runs the pipeline (the denoising stage splits the work through ``parallel_state``); each rank's
 report comes back with ``all_gather_object``; rank 0 returns the result.
@@ -146,12 +147,11 @@ def _worker_main(
     config: ParallelConfig,
     init_method: str,
     load: dict[str, Any],
+    load_worker: Callable[[dict[str, Any]], Any],
     worker_init: Callable[[], None] | None,
     errors: Any,
 ) -> None:
     """A worker's life: join the group, load the model, serve requests until told to stop."""
-    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
-
     try:
         ps.init_parallel_state(
             rank, config.num_gpus, init_method, sp_degree=config.sp_degree, cfg_degree=config.cfg_degree,
@@ -159,7 +159,7 @@ def _worker_main(
         )
         if worker_init is not None:
             worker_init()
-        generator = DiffGenerator.from_pretrained(**{**load, "device": _rank_device(load.get("device"), rank)})
+        pipeline = load_worker({**load, "device": _rank_device(load.get("device"), rank)})
         control = ps.get_control_group()
         control.barrier()  # loaded
         while True:
@@ -167,7 +167,7 @@ def _worker_main(
             if message[0] == "stop":
                 break
             _, params, calibrate = message
-            result = generator.pipeline.run(params, calibrate=calibrate, stop_after="denoising")  # rank 0 decodes
+            result = pipeline.run(params, calibrate=calibrate, stop_after="denoising")  # rank 0 decodes
             control.all_gather_object(rank_report(result))
     except BaseException as exc:  # report, then leave: the closed connection ends rank 0's wait
         try:
@@ -184,8 +184,11 @@ class WorkerGroup:
 
     Args:
         config: The process layout.
-        load: ``DiffGenerator.from_pretrained`` keyword arguments every rank loads with.
-        load_rank0: Loads rank 0's model in this process (called once the group is up).
+        load: The keyword arguments every rank loads its model with (``device`` among them).
+        load_rank0: Loads rank 0's pipeline in this process (called once the group is up).
+        load_worker: A picklable function that loads a worker's pipeline from ``load`` (with the
+            worker's device): what the group runs requests on, built by the layer that knows
+            how (the generator).
         worker_init: A picklable function each worker runs before loading (tests register
             strategies with it).
     """
@@ -195,10 +198,12 @@ class WorkerGroup:
         config: ParallelConfig,
         load: dict[str, Any],
         load_rank0: Callable[[], Any],
+        load_worker: Callable[[dict[str, Any]], Any],
         worker_init: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.load = load
+        self.load_worker = load_worker
         self.worker_init = worker_init
         self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = []
@@ -213,7 +218,7 @@ class WorkerGroup:
         self._procs = [
             self._ctx.Process(
                 target=_worker_main,
-                args=(rank, self.config, init_method, self.load, self.worker_init, self._errors),
+                args=(rank, self.config, init_method, self.load, self.load_worker, self.worker_init, self._errors),
                 daemon=True, name=f"sglang-rank{rank}",
             )
             for rank in range(1, self.config.num_gpus)

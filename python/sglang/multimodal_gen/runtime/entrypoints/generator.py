@@ -156,7 +156,7 @@ class DiffGenerator:
         load_args = dict(model_path=model_path, device=str(torch_device), dtype=dtype,
                          cache_calibration=cache_calibration, enable_torch_compile=enable_torch_compile,
                          batched_cfg=use_batched_cfg)
-        workers = WorkerGroup(parallel, load_args, load, worker_init)
+        workers = WorkerGroup(parallel, load_args, load, load_worker_pipeline, worker_init)
         return cls(workers.pipeline, model_path, cache_calibration, workers)
 
     def close(self) -> None:
@@ -222,3 +222,9 @@ class DiffGenerator:
         if params.output_path is not None:
             result.output_path = str(save_video(result.frames, params.output_path, result.params.fps))
         return result
+
+
+def load_worker_pipeline(load: dict[str, Any]) -> Pipeline:
+    """A worker rank's pipeline, loaded from the same arguments as rank 0's (with the worker's
+    device): what :class:`WorkerGroup` runs in each worker process (picklable, by name)."""
+    return DiffGenerator.from_pretrained(**load).pipeline

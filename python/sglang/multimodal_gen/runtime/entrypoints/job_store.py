@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import UserError
-from sglang.multimodal_gen.runtime.cache.base import CacheConfigError
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import VideoError
 
 logger = logging.getLogger(__name__)

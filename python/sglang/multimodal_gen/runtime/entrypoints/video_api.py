@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
-from sglang.multimodal_gen.runtime.cache.base import CacheConfigError
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
     DEFAULT_MAX_JSON_DEPTH,
     RequestLimits,

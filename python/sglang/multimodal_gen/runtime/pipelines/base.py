@@ -12,7 +12,8 @@ import torch
 
 from sglang.multimodal_gen.configs.models import ModelInfo
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
-from sglang.multimodal_gen.runtime.cache.base import CacheStats, TimestepCache
+from sglang.multimodal_gen.runtime.cache.stats import CacheStats
+from sglang.multimodal_gen.runtime.cache.strategy import TimestepCache
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter, take_rows
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
@@ -36,23 +37,83 @@ class ModelInputs:
         return {**self.conditioning, **self.constants}
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """What every branch of one denoising step takes: the step index, the latents as the
+    scheduler holds them (what a skipped whole-model call adds its estimate to), the same in the
+    model dtype, the timestep and the scheduler's sigma."""
+
+    step: int
+    latents: torch.Tensor
+    model_input: torch.Tensor
+    timestep: torch.Tensor
+    sigma: float | None
+
+
+class BranchInputs:
+    """The model inputs of any batch of this process's CFG branches: stacked on the batch
+    dimension, with the adapter's request constants of that batch, each made once per request.
+
+    Args:
+        adapter: Computes the request constants (``request_constants``).
+        dtype: The model's compute dtype, which the latents take to enter the model.
+        inputs: Each branch's inputs, without constants.
+        latents: The request's initial latents (one branch's batch).
+    """
+
+    def __init__(self, adapter: DiTAdapter, dtype: torch.dtype, inputs: dict[str, ModelInputs],
+                 latents: torch.Tensor) -> None:
+        self._adapter = adapter
+        self._dtype = dtype
+        self._inputs = inputs
+        self._latents = latents
+        self._batches: dict[tuple[str, ...], ModelInputs | None] = {}
+
+    def batch(self, branches: tuple[str, ...]) -> ModelInputs | None:
+        """The inputs of ``branches`` as one batch, or ``None`` where they do not stack (tensors of
+        different shapes or other values that differ)."""
+        if branches not in self._batches:
+            self._batches[branches] = self._stack(branches)
+        return self._batches[branches]
+
+    def _stack(self, branches: tuple[str, ...]) -> ModelInputs | None:
+        parts = [self._inputs[b] for b in branches]
+        if len(parts) == 1:
+            return self._with_constants(parts[0].encoder_hidden_states, parts[0].conditioning, self._latents)
+        names = set(parts[0].conditioning)
+        if any(set(p.conditioning) != names for p in parts):
+            return None
+        stacked = {name: _stack([p.conditioning[name] for p in parts]) for name in names}
+        embeds = _stack([p.encoder_hidden_states for p in parts])
+        if embeds is _UNSTACKABLE or any(value is _UNSTACKABLE for value in stacked.values()):
+            return None
+        return self._with_constants(embeds, stacked, torch.cat([self._latents] * len(parts)))
+
+    def _with_constants(
+        self, encoder_hidden_states: torch.Tensor, conditioning: dict[str, Any], latents: torch.Tensor
+    ) -> ModelInputs:
+        constants = self._adapter.request_constants(latents.to(self._dtype), encoder_hidden_states, **conditioning)
+        return ModelInputs(encoder_hidden_states, conditioning, constants)
+
+
 class DenoisingStage(PipelineStage):
     """Knows caching only through ``TimestepCache``: one ``should_compute`` per step and branch.
 
-    By default cond and uncond run as separate transformer passes (as diffusers' WanPipeline
-    does), cond first, so each branch has its own cache decision and its own residual (unless the
-    strategy ``decides_per_pair``). With ``batched_cfg`` the branches of this process run as one
-    batch: one embedding of the batch, the decisions cond first, one blocks pass of the branches
-    that compute (all of them, for a strategy that ``decides_per_pair``) and one head for all.
-    ``req.conditioning[branch]`` holds any further model inputs of a branch and reaches
-    ``adapter.embed`` as keyword arguments, with the adapter's ``request_constants`` (computed once
-    per request). A strategy that ``skips_whole_model`` is asked before the embedding and a skip
-    returns the latents plus its estimate of the model output minus them. A :class:`PassTimer`
-    times the loop and every pass the cache may skip (the blocks, or the whole model call; a pass
-    of a batch counts once per branch in it); with a cache the figures go to its stats
-    (``CacheStats.record_timing``) for the measured speedup. With CFG parallel a
-    :class:`BranchPlacement` names the branches this rank runs and gathers every branch's
-    prediction before guidance, so every rank steps the scheduler on the same values.
+    Each step runs this process's CFG branches in batches: with ``batched_cfg`` all of them as
+    one batch, otherwise (as diffusers' WanPipeline does) a batch of one per branch, cond first.
+    Every batch goes through :meth:`_predict`, the one place that asks the cache, runs what
+    computes, stores and reuses. The strategy says what a skip covers: the blocks (the batch is
+    embedded, the branches that compute run the blocks as one batch, the head runs on all), or
+    with ``skips_whole_model`` the whole model call (asked before any embedding; the branches
+    that compute run the model as one batch, a skipped one returns the latents plus its
+    estimate of the model output minus them). ``req.conditioning[branch]`` holds any further
+    model inputs of a branch and reaches ``adapter.embed`` as keyword arguments, with the
+    adapter's ``request_constants`` (computed once per request and batch). A :class:`PassTimer`
+    times the loop and every pass the cache may skip (a pass of a batch counts once per branch
+    in it); with a cache the figures go to its stats (``CacheStats.record_timing``) for the
+    measured speedup. With CFG parallel a :class:`BranchPlacement` names the branches this rank
+    runs and gathers every branch's prediction before guidance, so every rank steps the
+    scheduler on the same values.
 
     Args:
         adapter: The model's embed / blocks / head split.
@@ -100,34 +161,25 @@ class DenoisingStage(PipelineStage):
         placement.attach(cache)
         _warn_if_nothing_skips(cache, planned=True)
         latents = req.latents
-        model_dtype = self.dtype
         timesteps = req.timesteps
         sigmas = scheduler_sigmas(scheduler, len(timesteps))
-        branches = placement.local_branches
-        inputs = self._branch_inputs(req, branches, latents)
-        batch = self._stacked_inputs(branches, inputs, latents) if self.batched_cfg and len(branches) > 1 else None
-        if batch is None:  # batched, the constants are the batch's; a branch alone lets embed make its own
-            inputs = {b: self._with_constants(i.encoder_hidden_states, i.conditioning, latents)
-                      for b, i in inputs.items()}
+        inputs = BranchInputs(self.adapter, self.dtype, self._branch_inputs(req, placement.local_branches, latents),
+                              latents)
+        batches = self._batches(placement.local_branches, inputs)
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not req.show_progress_bar)
         if req.progress is not None:
             req.progress(0, len(timesteps))  # before the first step: a caller may stop it here
         timer = PassTimer(latents.device)
         timer.start()
         for step, t in enumerate(timesteps):
-            model_input = latents.to(model_dtype)
+            model_input = latents.to(self.dtype)
             timestep = t.expand(model_input.shape[0])
             if self.timestep_in_latent_dtype:
                 timestep = timestep.to(latents.dtype)
-            if batch is not None:
-                local = self._predict_batch(step, branches, latents, model_input, timestep, sigmas[step], batch,
-                                            inputs, req, timer)
-            else:
-                local = {
-                    branch: self._predict(step, branch, latents, model_input, timestep, sigmas[step], inputs[branch],
-                                          req, timer)
-                    for branch in branches
-                }
+            current = StepInputs(step, latents, model_input, timestep, sigmas[step])
+            local = {}
+            for branches in batches:
+                local.update(self._predict(current, branches, inputs, cache, timer))
             preds = placement.gather(local)
             noise_pred = preds[COND]
             if UNCOND in preds:
@@ -158,139 +210,104 @@ class DenoisingStage(PipelineStage):
             inputs[branch] = ModelInputs(req.prompt_embeds[branch], conditioning)
         return inputs
 
-    def _with_constants(
-        self, encoder_hidden_states: torch.Tensor, conditioning: dict[str, Any], latents: torch.Tensor
-    ) -> ModelInputs:
-        """The inputs with the adapter's request constants, computed once here for the whole loop."""
-        constants = self.adapter.request_constants(latents.to(self.dtype), encoder_hidden_states, **conditioning)
-        return ModelInputs(encoder_hidden_states, conditioning, constants)
-
-    def _stacked_inputs(
-        self, branches: Sequence[str], inputs: dict[str, ModelInputs], latents: torch.Tensor
-    ) -> ModelInputs | None:
-        """The branches' inputs as one batch (with the batch's request constants), or ``None`` where
-        they do not stack: tensors of different shapes or other values that differ."""
-        parts = [inputs[b] for b in branches]
-        names = set(parts[0].conditioning)
-        if any(set(p.conditioning) != names for p in parts):
-            return None
-        stacked = {name: _stack([p.conditioning[name] for p in parts]) for name in names}
-        embeds = _stack([p.encoder_hidden_states for p in parts])
-        if embeds is _UNSTACKABLE or any(value is _UNSTACKABLE for value in stacked.values()):
-            return None
-        return self._with_constants(embeds, stacked, torch.cat([latents] * len(parts)))
+    def _batches(self, branches: Sequence[str], inputs: BranchInputs) -> list[tuple[str, ...]]:
+        """The batches every step runs: all branches as one where ``batched_cfg`` is on and their
+        inputs stack, else one per branch. Their inputs (and request constants) are made here,
+        before the loop."""
+        together = tuple(branches)
+        if self.batched_cfg and len(together) > 1 and inputs.batch(together) is not None:
+            batches = [together]
+        else:
+            batches = [(branch,) for branch in together]
+        for batch in batches:
+            inputs.batch(batch)
+        return batches
 
     def _predict(
         self,
-        step: int,
-        branch: str,
-        latents: torch.Tensor,
-        model_input: torch.Tensor,
-        timestep: torch.Tensor,
-        sigma: float | None,
-        inputs: ModelInputs,
-        req: Req,
-        timer: PassTimer,
-    ) -> torch.Tensor:
-        cache = req.cache
-        if cache is not None and cache.skips_whole_model:
-            features = StepFeatures(timestep=timestep, sigma=sigma, latents=latents)
-            if not cache.should_compute(step, branch, features):
-                return self._reused_model_output(cache, step, branch, latents)
-            with timer.time_pass():
-                out = self.adapter.forward(model_input, timestep, inputs.encoder_hidden_states, **inputs.kwargs)
-            self._store_model_residual(cache, step, branch, out, latents)
-            return out
-        hidden, ctx = self.adapter.embed(model_input, timestep, inputs.encoder_hidden_states, **inputs.kwargs)
-        features = StepFeatures(
-            timestep=timestep, modulated_input=ctx.modulated_input, timestep_projection=ctx.timestep_projection,
-            sigma=sigma, latents=latents,
-        )
-        if cache is None or cache.should_compute(step, branch, features):
-            with timer.time_pass():
-                out = self.adapter.blocks(hidden, ctx)
-            if cache is not None:
-                cache.store(step, branch, out - hidden)
-        else:
-            out = hidden + cache.reuse(step, branch)
-        return self.adapter.head(out, ctx)
-
-    def _predict_batch(
-        self,
-        step: int,
-        branches: Sequence[str],
-        latents: torch.Tensor,
-        model_input: torch.Tensor,
-        timestep: torch.Tensor,
-        sigma: float | None,
-        batch: ModelInputs,
-        inputs: dict[str, ModelInputs],
-        req: Req,
+        current: StepInputs,
+        branches: tuple[str, ...],
+        inputs: BranchInputs,
+        cache: TimestepCache | None,
         timer: PassTimer,
     ) -> dict[str, torch.Tensor]:
-        """Every branch of ``branches`` at one step, with one blocks (or model) pass for those that compute."""
-        cache, n = req.cache, len(branches)
-        if cache is not None and cache.skips_whole_model:
-            features = StepFeatures(timestep=timestep, sigma=sigma, latents=latents)
-            computing = [b for b in branches if cache.should_compute(step, b, features)]
-            preds = {b: self._reused_model_output(cache, step, b, latents) for b in branches if b not in computing}
-            if len(computing) == n:
-                with timer.time_pass(count=n):
-                    out = self.adapter.forward(torch.cat([model_input] * n), timestep.repeat(n),
-                                               batch.encoder_hidden_states, **batch.kwargs)
-                for branch, pred in zip(branches, out.chunk(n)):
-                    self._store_model_residual(cache, step, branch, pred, latents)
-                    preds[branch] = pred
-            else:  # a strategy deciding per branch: those that compute run one by one (their
-                # inputs carry no constants, so embed computes them: such steps are rare)
-                for branch in computing:
-                    with timer.time_pass():
-                        out = self.adapter.forward(model_input, timestep, inputs[branch].encoder_hidden_states,
-                                                   **inputs[branch].kwargs)
-                    self._store_model_residual(cache, step, branch, out, latents)
-                    preds[branch] = out
-            return {b: preds[b] for b in branches}
-        hidden, ctx = self.adapter.embed(torch.cat([model_input] * n), timestep.repeat(n), batch.encoder_hidden_states,
-                                         **batch.kwargs)
-        rows = hidden.chunk(n)
-        computing = [
-            row for row, branch in enumerate(branches)
-            if cache is None or cache.should_compute(step, branch, StepFeatures(
-                timestep=timestep, modulated_input=_row(ctx.modulated_input, row, n),
-                timestep_projection=_row(ctx.timestep_projection, row, n), sigma=sigma, latents=latents,
-            ))
-        ]
-        outs = list(rows)
+        """The predictions of one batch of ``branches`` at one step: each branch asks the cache
+        (in order, cond first), the branches that compute run the skippable part (the blocks, or
+        the whole model call) as one batch and store what a skip would replace, the others add
+        the cache's estimate instead."""
+        n = len(branches)
+        whole_model = cache is not None and cache.skips_whole_model
+        if whole_model:
+            bases = [current.latents] * n
+            features = [StepFeatures(timestep=current.timestep, sigma=current.sigma, latents=current.latents)] * n
+        else:
+            batch = inputs.batch(branches)
+            hidden, ctx = self.adapter.embed(_repeat(current.model_input, n), _repeat(current.timestep, n),
+                                             batch.encoder_hidden_states, **batch.kwargs)
+            bases = _rows(hidden, n)
+            features = [
+                StepFeatures(timestep=current.timestep, modulated_input=_row(ctx.modulated_input, row, n),
+                             timestep_projection=_row(ctx.timestep_projection, row, n), sigma=current.sigma,
+                             latents=current.latents)
+                for row in range(n)
+            ]
+        computing = [row for row, branch in enumerate(branches)
+                     if cache is None or cache.should_compute(current.step, branch, features[row])]
+        outs = list(bases)
         computed = None
         if computing:
-            with timer.time_pass(count=len(computing)):
-                computed = self.adapter.blocks(take_rows(hidden, computing), ctx.select(computing))
-            for row, out in zip(computing, computed.chunk(len(computing))):
+            k = len(computing)
+            if whole_model:
+                part = inputs.batch(tuple(branches[row] for row in computing))
+                with timer.time_pass(count=k):
+                    computed = self.adapter.forward(_repeat(current.model_input, k), _repeat(current.timestep, k),
+                                                    part.encoder_hidden_states, **part.kwargs)
+            else:
+                with timer.time_pass(count=k):
+                    computed = self.adapter.blocks(take_rows(hidden, computing), ctx.select(computing))
+            for row, out in zip(computing, _rows(computed, k)):
                 outs[row] = out
                 if cache is not None:
-                    cache.store(step, branches[row], out - rows[row])
+                    cache.store(current.step, branches[row], self._residual(cache, out, bases[row], whole_model))
         for row, branch in enumerate(branches):
             if row not in computing:
-                outs[row] = rows[row] + cache.reuse(step, branch)
-        blocks_out = computed if len(computing) == n else torch.cat(outs)
-        return dict(zip(branches, self.adapter.head(blocks_out, ctx).chunk(n)))
+                estimate = cache.reuse(current.step, branch)
+                outs[row] = (bases[row].float() + estimate).to(self.dtype) if whole_model else bases[row] + estimate
+        if whole_model:
+            return dict(zip(branches, outs))
+        blocks_out = computed if len(computing) == n else _cat(outs)
+        return dict(zip(branches, _rows(self.adapter.head(blocks_out, ctx), n)))
 
-    def _reused_model_output(self, cache: TimestepCache, step: int, branch: str, latents: torch.Tensor) -> torch.Tensor:
-        """A skipped whole-model call: the latents plus the estimate of output minus input."""
-        return (latents.float() + cache.reuse(step, branch)).to(self.dtype)
-
-    def _store_model_residual(
-        self, cache: TimestepCache, step: int, branch: str, out: torch.Tensor, latents: torch.Tensor
-    ) -> None:
-        if out.shape != latents.shape:
+    @staticmethod
+    def _residual(cache: TimestepCache, out: torch.Tensor, base: torch.Tensor, whole_model: bool) -> torch.Tensor:
+        """What a skip would replace: the blocks' output minus their input, or (in float32) the
+        model output minus its latent input."""
+        if not whole_model:
+            return out - base
+        if out.shape != base.shape:
             raise RuntimeError(f"{cache.name} caches the model output minus its input, but this model maps "
-                               f"latents {tuple(latents.shape)} to {tuple(out.shape)}")
-        cache.store(step, branch, out.float() - latents.float())
+                               f"latents {tuple(base.shape)} to {tuple(out.shape)}")
+        return out.float() - base.float()
+
+
+def _repeat(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """``tensor`` once per branch of a batch of ``n`` (itself for a batch of one)."""
+    return tensor if n == 1 else torch.cat([tensor] * n)
+
+
+def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The branches' rows as one batch (the row itself for a batch of one)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _rows(tensor: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """A batch of ``n`` branches cut into its branches."""
+    return [tensor] if n == 1 else list(tensor.chunk(n))
 
 
 def _row(tensor: torch.Tensor | None, row: int, n: int) -> torch.Tensor | None:
     """Branch ``row``'s part of a batch of ``n`` branches."""
-    return None if tensor is None else tensor.chunk(n)[row]
+    return None if tensor is None else _rows(tensor, n)[row]
 
 
 _UNSTACKABLE = object()

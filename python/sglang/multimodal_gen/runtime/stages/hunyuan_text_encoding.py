@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-from sglang.multimodal_gen.runtime.cache.base import COND
+from sglang.multimodal_gen.runtime.cache.branches import COND
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 
 logger = logging.getLogger(__name__)

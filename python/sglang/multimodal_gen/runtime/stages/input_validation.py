@@ -8,7 +8,7 @@ from typing import Any, Callable
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache import build_cache
-from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req, VideoGeometry
 
 

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 
 
