@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--model-path", default=None, help="a Wan or HunyuanVideo folder, or a built-in model's name (default: the built-in Wan model)")
     parser.add_argument("--calibration", default=None, help="calibration file (default: the folder's own)")
     parser.add_argument("--quick", action="store_true", help="1 prompt, 1 seed")
+    parser.add_argument("--seeds", type=int, default=len(SEEDS), help=f"seeds per prompt, from 0 (default {len(SEEDS)})")
     parser.add_argument("--steps", type=int, default=STEPS, help="step count of the reference and the cached runs")
     parser.add_argument("--methods", default=None,
                         help="subset of the method names, separated by ';' (names may hold commas)")
@@ -157,7 +158,7 @@ def main() -> None:
     prompts, tuning_prompts = model_prompts(gen.pipeline.model_info.path)
     if args.quick:
         prompts, tuning_prompts = prompts[:1], tuning_prompts[:1]
-    samples = [(p, s) for p in prompts for s in (SEEDS[:1] if args.quick else SEEDS)]
+    samples = [(p, s) for p in prompts for s in range(1 if args.quick else args.seeds)]
     steps = args.steps
     defaults = gen.validate(SamplingParams(prompt=prompts[0], num_inference_steps=steps))
     peer = DiffusersTaylorSeer(gen, defaults) if any(
