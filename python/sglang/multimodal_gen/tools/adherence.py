@@ -171,7 +171,7 @@ def read_hard_video(frames: np.ndarray) -> Reading:
     return Reading(_NAMES[color], shape, _direction(centroids), _NAMES[background])
 
 
-READERS = {"simple": read_video, "hard": read_hard_video}
+READERS = {"simple": read_video, "hard": read_hard_video, "hard-cued": read_hard_video}
 
 
 def model_world(model_path: Path) -> str:

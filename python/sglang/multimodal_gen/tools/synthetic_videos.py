@@ -170,18 +170,28 @@ HARD_HELD_OUT: tuple[Scene, ...] = _spanning_held_out()
 HARD_TRAIN_SCENES: tuple[Scene, ...] = tuple(s for s in all_scenes() if s not in set(HARD_HELD_OUT))
 
 
-def _fitting_start(rng: np.random.Generator, travel: float, margin: float, size: int) -> float:
-    """A start coordinate from which a path of signed length ``travel`` stays ``margin`` inside the frame."""
+def _fitting_start(rng: np.random.Generator, travel: float, margin: float, size: int, side: float = 1.0) -> float:
+    """A start coordinate from which a path of signed length ``travel`` stays ``margin`` inside the frame,
+    within the first ``side`` fraction of the possible starts counted from the side the path leaves."""
     low, high = margin - min(0.0, travel), size - margin - max(0.0, travel)
-    return float(rng.uniform(low, high)) if high > low else (low + high) / 2
+    if high <= low:
+        return (low + high) / 2
+    if side >= 1.0:
+        return float(rng.uniform(low, high))
+    offset = rng.uniform(0.0, side) * (high - low)
+    return float(low + offset if travel >= 0 else high - offset)
 
 
-def render_hard(scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE) -> np.ndarray:
+def render_hard(scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE,
+                start_side: float = 1.0) -> np.ndarray:
     """One video of ``scene`` in the hard world, uint8 (frames, size, size, 3); see the module docstring.
 
     Drawn back to front: the background with its gradient, the distractors (each a colour other
     than the background's, the named object's and each other's), the named object on top; then
     the camera's gain and flicker scale every pixel. The pan moves everything, the gradient too.
+    ``start_side`` < 1 starts the named object within that fraction of its possible starts on the
+    side it moves away from, so that every frame, not only the motion, tells the direction (the
+    ``hard-cued`` world; ``hard`` starts it anywhere).
     """
     scale = size / 64
     span = max(1, num_frames - 1)
@@ -189,7 +199,9 @@ def render_hard(scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_
     dx, dy = DIRECTION_VECTORS[scene.direction]
     half = rng.uniform(*HARD_OBJECT_HALF) * scale
     velocity = np.array([dx, dy], dtype=np.float64) * rng.uniform(*HARD_OBJECT_SPEED) * scale + pan
-    start = np.array([_fitting_start(rng, velocity[a] * span, half + 1, size) for a in (0, 1)])
+    along = 0 if dx else 1
+    start = np.array([_fitting_start(rng, velocity[a] * span, half + 1, size, start_side if a == along else 1.0)
+                      for a in (0, 1)])
 
     others = [c for c in VIDEO_COLORS if c not in (scene.color, scene.background)]
     count = int(rng.integers(HARD_DISTRACTORS[0], HARD_DISTRACTORS[1] + 1))
@@ -228,23 +240,28 @@ class World:
 
     ``ships_held_out``: a model trained on it carries ``heldout_prompts.txt`` (the whole held-out
     set), which benchmarks and the adherence tool read instead of their own selection.
+    ``start_side``: for the hard worlds, :func:`render_hard`'s argument.
     """
 
     name: str
     train_scenes: tuple[Scene, ...]
     held_out: tuple[Scene, ...]
     ships_held_out: bool = False
+    start_side: float | None = None
 
     def render(self, scene: Scene, rng: np.random.Generator, num_frames: int = VIDEO_FRAMES, varied: bool = False) -> np.ndarray:
-        """``varied`` widens the simple world's ranges for the VAE; the hard world is always varied."""
-        if self.name == "hard":
-            return render_hard(scene, rng, num_frames)
+        """``varied`` widens the simple world's ranges for the VAE; the hard worlds are always varied."""
+        if self.start_side is not None:
+            return render_hard(scene, rng, num_frames, start_side=self.start_side)
         return render(scene, rng, num_frames, varied=varied)
 
 
+# The hard-cued world's start: the first 35% of the possible starts (about 6 px of range).
+HARD_CUED_START_SIDE = 0.35
 WORLDS: dict[str, World] = {
     "simple": World("simple", TRAIN_SCENES, HELD_OUT),
-    "hard": World("hard", HARD_TRAIN_SCENES, HARD_HELD_OUT, ships_held_out=True),
+    "hard": World("hard", HARD_TRAIN_SCENES, HARD_HELD_OUT, ships_held_out=True, start_side=1.0),
+    "hard-cued": World("hard-cued", HARD_TRAIN_SCENES, HARD_HELD_OUT, ships_held_out=True, start_side=HARD_CUED_START_SIDE),
 }
 
 

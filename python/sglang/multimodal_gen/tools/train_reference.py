@@ -105,7 +105,10 @@ ARCHITECTURE_DEFAULTS: dict[str, dict] = {"wan": {}, "hunyuan": HUNYUAN_DEFAULTS
 # flow's curvature grows with training (an undertrained model predicts smooth averages and looks
 # easier than it is).
 HARD_WORLD_DEFAULTS: dict = dict(world="hard", vae_init="wan2.1-t2v-tiny", vae_steps=0, num_videos=4000, dit_steps=16000)
-WORLD_DEFAULTS: dict[str, dict] = {"simple": {}, "hard": HARD_WORLD_DEFAULTS}
+# The hard-cued world (the object starts on the side it leaves, so a frame tells the direction):
+# the hard world's recipe. The hard model did not learn direction from motion alone (docs).
+WORLD_DEFAULTS: dict[str, dict] = {"simple": {}, "hard": HARD_WORLD_DEFAULTS,
+                                   "hard-cued": {**HARD_WORLD_DEFAULTS, "world": "hard-cued"}}
 
 
 def default_config(architecture: str, world: str = "simple", **overrides) -> TrainConfig:
