@@ -13,8 +13,8 @@ adds ``e_k = r_i + c_k (r_i - r_h)`` at step ``k`` (``c_k = 0`` for ``reuse``, `
 What the gap moves the latent by, against the uncached run, is about ``E = sum_k dt_k (e_k -
 r_k)`` with ``dt_k`` the scheduler's sigma step: errors within a gap are summed before the norm
 because they are correlated (a stale residual is wrong the same way on consecutive steps), which
-a per-step summed cost misses and which is why it stopped predicting the final error beyond 2x
-(shared/reference/frontier-notes.md). Different gaps, separated by a computed step, add in
+a per-step summed cost misses and which is why, in an early experiment, it stopped predicting the
+final error beyond 2x. Different gaps, separated by a computed step, add in
 quadrature (``|E|^2``, as independent errors do), over branches too: measured against adding their
 norms (the triangle bound), this kept a better worst case on both trained models at 1.5x and
 2x. The plan minimises that total for exactly the requested passes, with at most
