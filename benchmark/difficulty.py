@@ -9,8 +9,8 @@ guidance scale: the uncached run at ``--reference-steps`` (50) is the reference,
 their latents (peak: the reference latents' peak-to-peak range). Published figures on the same
 measure: Wan2.1-1.3B at 20 steps 14.50 dB, Wan2.1-14B at 25 steps 15.82 dB, HunyuanVideo at 25
 steps 17.57 dB (docs/reference-model.md). It also averages the model's MagCache magnitude ratios
-(calibration runs of the first ``--ratio-prompts`` captions) and plots them beside the published
-curve of its architecture (``--plot``). One torch thread; results do not depend on the load.
+(50-step calibration runs of the first ``--ratio-prompts`` captions, ``reference_model.own_ratios``)
+and plots them beside the published curve of its architecture (``--plot``, ``reference_model.ratio_plot``). One torch thread; results do not depend on the load.
 """
 
 from __future__ import annotations
@@ -30,14 +30,10 @@ sys.path.insert(0, str(REPO / "python"))
 
 from frontier_configs import model_prompts  # noqa: E402
 from metrics import psnr  # noqa: E402
+from reference_model import ARCHITECTURES, own_ratios, ratio_plot  # noqa: E402
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
-from sglang.multimodal_gen.runtime.cache.magcache import nearest_interp, preset_ratio_table  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
-
-PUBLISHED_RATIOS = {"wan": ("wan21_t2v_1.3b", "published Wan2.1 T2V 1.3B"),
-                    "hunyuan": ("hunyuan_544p", "published HunyuanVideo 544p")}
-
 
 def latent_psnr(test: torch.Tensor, reference: torch.Tensor) -> float:
     peak = float(reference.max() - reference.min())
@@ -61,39 +57,6 @@ def measure(gen: DiffGenerator, prompts: list[str], seeds: list[int], guidance: 
                 bar.update()
     bar.close()
     return scores
-
-
-def mean_ratios(gen: DiffGenerator, prompts: list[str], steps: int) -> dict[str, list[float]]:
-    """The model's magnitude ratio per step and branch, averaged over ``prompts`` (calibration runs)."""
-    per_branch: dict[str, list[np.ndarray]] = {}
-    for prompt in prompts:
-        result = gen.generate(SamplingParams(prompt=prompt, seed=0, num_inference_steps=steps), calibrate=True)
-        for branch, record in result.cache.calibration_records().items():
-            per_branch.setdefault(branch, []).append(np.asarray(record.mag_ratio, dtype=np.float64))
-    return {b: [round(float(v), 4) for v in np.mean(r, axis=0)] for b, r in per_branch.items()}
-
-
-def plot_ratios(ratios: dict[str, list[float]], family: str, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key, label = PUBLISHED_RATIOS[family]
-    steps = len(next(iter(ratios.values())))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for branch, curve in ratios.items():
-        ax.plot(range(steps), curve, label=f"this model, {branch}")
-    for branch, curve in preset_ratio_table()[key].items():
-        ax.plot(range(steps), nearest_interp(curve, steps), ":", label=f"{label}, {branch}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("magnitude ratio")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def summary_table(results: dict) -> str:
@@ -141,10 +104,12 @@ def main() -> None:
     results = {"model": model, "default_guidance": default_guidance, "prompts": prompts, "seeds": seeds,
                "reference_steps": args.reference_steps, "step_counts": step_counts, "by_guidance": by_guidance}
     if args.ratio_prompts:
-        ratios = mean_ratios(gen, prompts[: args.ratio_prompts], args.reference_steps)
+        ratios = own_ratios(gen, prompts[: args.ratio_prompts])
         results["magnitude_ratios"] = ratios
         plot = Path(args.plot or REPO / f"docs/images/ratios-{model}.png")
-        plot_ratios(ratios, info.family.name, f"{model}: magnitude ratio, mean of {args.ratio_prompts} captions", plot)
+        latent_stage = next(st for st in gen.pipeline.stages if st.name == "latent_preparation")
+        scheduler = type(latent_stage.scheduler).__name__.removesuffix("Scheduler")
+        ratio_plot(ratios, plot, ARCHITECTURES[info.family.name], scheduler)
         print(f"wrote {plot}")
     print(f"{model}: plain steps against {args.reference_steps}, {len(prompts)} held-out captions x {len(seeds)} seeds, "
           "PSNR dB mean / worst")

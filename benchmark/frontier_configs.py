@@ -15,7 +15,7 @@ from typing import Callable
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.runtime.cache.base import budget_passes
-from sglang.multimodal_gen.tools.adherence import model_world
+from sglang.multimodal_gen.tools.adherence import listed_held_out, model_world
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, WORLDS
 
 SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
@@ -31,8 +31,8 @@ TUNING_SCENE_INDICES = (7, 160, 250)
 def model_prompts(model_folder: Path) -> tuple[list[str], list[str]]:
     """The scored and the tuning captions for a model: its folder's ``heldout_prompts.txt`` when it
     has one (else :data:`PROMPTS`), and training captions of the world it was trained on."""
-    listed = Path(model_folder) / "heldout_prompts.txt"
-    scored = [line.strip() for line in listed.read_text().splitlines() if line.strip()] if listed.is_file() else PROMPTS
+    listed = listed_held_out(Path(model_folder))
+    scored = PROMPTS if listed is None else [scene.caption for scene in listed]
     train_scenes = WORLDS[model_world(Path(model_folder))].train_scenes
     return scored, [train_scenes[i].caption for i in TUNING_SCENE_INDICES]
 

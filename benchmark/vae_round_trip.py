@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "python"))
 from metrics import psnr  # noqa: E402
 
 from sglang.multimodal_gen.runtime.models.loader import load_component, resolve_model_path  # noqa: E402
-from sglang.multimodal_gen.tools.adherence import held_out_scenes, model_world  # noqa: E402
+from sglang.multimodal_gen.tools.adherence import held_out_scenes, model_world, round_trip  # noqa: E402
 from sglang.multimodal_gen.tools.synthetic_videos import WORLDS  # noqa: E402
 
 
@@ -47,10 +47,7 @@ def main() -> None:
     for scene in scenes:
         for seed in range(args.seeds):
             video = WORLDS[world].render(scene, np.random.default_rng(seed))
-            x = torch.from_numpy(video.transpose(3, 0, 1, 2)[None].astype(np.float32) / 127.5 - 1)
-            with torch.no_grad():
-                decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            back = (decoded[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+            back = round_trip(vae, video)
             scores.append(psnr(back, video / 255.0))
             # Frame-to-frame brightness changes of the render that the round trip reproduces (correlation).
             steps_in, steps_out = np.diff(video.mean(axis=(1, 2, 3))), np.diff(back.mean(axis=(1, 2, 3)) * 255)

@@ -182,12 +182,18 @@ def model_world(model_path: Path) -> str:
     return "simple"
 
 
+def listed_held_out(model_path: Path) -> list[Scene] | None:
+    """The scenes of the model folder's ``heldout_prompts.txt``, ``None`` if it has none."""
+    listed = Path(model_path) / "heldout_prompts.txt"
+    if not listed.is_file():
+        return None
+    return [parse_caption(line) for line in listed.read_text().splitlines() if line.strip()]
+
+
 def held_out_scenes(model_path: Path, world: str) -> list[Scene]:
     """The model folder's ``heldout_prompts.txt`` when it has one, else the world's held-out scenes."""
-    listed = Path(model_path) / "heldout_prompts.txt"
-    if listed.is_file():
-        return [parse_caption(line) for line in listed.read_text().splitlines() if line.strip()]
-    return list(WORLDS[world].held_out)
+    listed = listed_held_out(model_path)
+    return list(WORLDS[world].held_out) if listed is None else listed
 
 
 def _template_overlaps(mask: np.ndarray, pixels: int, cx: float, cy: float) -> list[float]:
@@ -265,10 +271,18 @@ def evaluate_renders(scenes: Iterable[Scene], seeds: Sequence[int], world: str) 
     return _tally(videos(), READERS[world])
 
 
-def evaluate_vae_round_trip(model_path, scenes: Iterable[Scene], seeds: Sequence[int], world: str = "simple") -> dict:
-    """Accuracy on rendered videos passed through the model's VAE alone: the ceiling a transformer can reach."""
+def round_trip(vae, video: np.ndarray) -> np.ndarray:
+    """A uint8 video (frames, H, W, 3) encoded (posterior mean) and decoded by ``vae``: float frames in [0, 1]."""
     import torch
 
+    x = torch.from_numpy(video.transpose(3, 0, 1, 2)[None].astype(np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    return (decoded[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+
+
+def evaluate_vae_round_trip(model_path, scenes: Iterable[Scene], seeds: Sequence[int], world: str = "simple") -> dict:
+    """Accuracy on rendered videos passed through the model's VAE alone: the ceiling a transformer can reach."""
     from sglang.multimodal_gen.runtime.models.loader import load_component
 
     vae = load_component(model_path, "vae").eval()
@@ -276,11 +290,7 @@ def evaluate_vae_round_trip(model_path, scenes: Iterable[Scene], seeds: Sequence
     def videos():
         for scene in scenes:
             for seed in seeds:
-                video = WORLDS[world].render(scene, np.random.default_rng(seed))
-                x = torch.from_numpy(video.transpose(3, 0, 1, 2)[None].astype(np.float32) / 127.5 - 1)
-                with torch.no_grad():
-                    decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-                yield scene, seed, (decoded[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+                yield scene, seed, round_trip(vae, WORLDS[world].render(scene, np.random.default_rng(seed)))
 
     return _tally(videos(), READERS[world])
 

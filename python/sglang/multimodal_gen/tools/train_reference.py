@@ -333,8 +333,13 @@ def initial_vae(cfg: TrainConfig, arch):
     """The VAE ``vae_init`` names (a built-in model's name or a model folder), to fine-tune in phase 1."""
     from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 
-    folder = Path(cfg.vae_init) / "vae" if Path(cfg.vae_init).is_dir() else resolve_model_path(cfg.vae_init) / "vae"
-    return load_trained_vae(folder, cfg, arch, option="--vae-init")
+    from sglang.multimodal_gen.errors import ModelNotFoundError
+
+    try:
+        folder = resolve_model_path(cfg.vae_init)
+    except ModelNotFoundError as exc:
+        raise SystemExit(f"--vae-init: {exc}") from None
+    return load_trained_vae(folder / "vae", cfg, arch, option="--vae-init")
 
 
 def load_trained_vae(folder: Path, cfg: TrainConfig, arch, option: str = "--vae-from"):
