@@ -1,6 +1,6 @@
 """The built-in hard-world model: as curved as the anchors say real video models are, and the planner still pays.
 
-On the simple world 25 plain steps land about 46 dB from the 50-step video; on real Wan2.1 about
+On the simple world 25 plain steps land about 45 dB from the 50-step video; on real Wan2.1 about
 15. This model (docs/reference-model.md, "The hard world") is where fewer steps cost what they
 cost on real models, so these tests pin that difficulty at a small size and check that
 ``--cache-speedup 2`` still beats running fewer steps there. Figures behind the bands:
@@ -30,7 +30,7 @@ FOLDER = BUILTIN_MODELS_DIR / NAME
 SAMPLES = [(HARD_HELD_OUT[1].caption, 0), (HARD_HELD_OUT[6].caption, 1)]
 # 25 plain steps against 50 on SAMPLES at the default guidance 8, decoded PSNR, as
 # benchmark/difficulty.py measured them (a +-3 dB band around each); the mean over all 36
-# held-out samples is 30.8 dB (worst 19.2), against 46 dB on the simple world.
+# held-out samples is 30.8 dB (worst 19.2), against 45 dB on the simple world.
 MEASURED_25_STEPS_DB = {SAMPLES[0][0]: 32.35, SAMPLES[1][0]: 34.33}
 
 
