@@ -18,7 +18,7 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 from sglang.multimodal_gen.tools import train_reference
 
-SMOKE = ["--vae-steps", "3", "--vae-full-clips-from", "2", "--vae-batch", "2", "--num-videos", "16",
+SMOKE = ["--vae-steps", "3", "--vae-full-clips-from", "2", "--vae-batch", "2", "--num-videos", "4",
          "--dit-steps", "3", "--dit-batch", "2", "--dit-warmup", "1", "--log-every", "2"]
 
 
@@ -62,7 +62,7 @@ def test_reusing_a_folder_that_is_not_a_vae_fails_with_one_line(tmp_path, restor
 
 
 HUNYUAN_SMOKE = ["--architecture", "hunyuan", "--vae-steps", "2", "--vae-full-clips-from", "1", "--vae-batch", "2",
-                 "--num-videos", "16", "--dit-steps", "2", "--dit-batch", "2", "--dit-warmup", "1",
+                 "--num-videos", "4", "--dit-steps", "2", "--dit-batch", "2", "--dit-warmup", "1",
                  "--distill-steps", "2", "--log-every", "1"]
 
 

@@ -127,7 +127,10 @@ class WanDiTAdapter(DiTAdapter):
         shard = None
         if self._exchange is not None:
             shard = local_shard(hidden.shape[1], self._exchange.group)
-            hidden = shard.take(hidden, dim=1)  # real tokens only: the padding lives inside blocks
+            # Real tokens only (the padding lives inside blocks), copied out of the whole sequence so
+            # every block sees one contiguous layout: a compiled block then traces one graph, not one
+            # for the strided first input and another for the contiguous rest.
+            hidden = shard.take(hidden, dim=1).contiguous()
             rotary_emb = tuple(shard.shard(freqs, dim=1) for freqs in rotary_emb)
         if text_states is None:
             temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(
