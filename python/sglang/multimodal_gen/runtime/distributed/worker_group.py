@@ -245,16 +245,17 @@ class WorkerGroup:
         return pipeline
 
     def _worker_failure(self, wait_s: float = 5.0) -> str | None:
-        """The first failed worker's ``rank N: error`` line, waiting up to ``wait_s`` for it."""
+        """The first failed worker's ``rank N: error`` line, waiting up to ``wait_s`` for it; at once
+        when a worker has died (what it reported, if anything, was flushed before it exited)."""
         deadline = time.monotonic() + wait_s
         while True:
+            dead = [p for p in self._procs if p.exitcode not in (None, 0)]
             try:
                 rank, error = self._errors.get(timeout=0.1)
                 return f"rank {rank}: {error}"
             except queue.Empty:
                 pass
-            dead = [p for p in self._procs if p.exitcode not in (None, 0)]
-            if time.monotonic() > deadline:
+            if dead or time.monotonic() > deadline:
                 return f"rank {self._procs.index(dead[0]) + 1} exited with code {dead[0].exitcode}" if dead else None
 
     def _stop_workers(self) -> None:
