@@ -15,7 +15,7 @@ import pytest
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.cache.base import CALIBRATION_WINDOW, COND, UNCOND, budget_passes
-from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult
+from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, _warn_resampled_once
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
 
 PROMPT = "a green square moving up on a black background"
@@ -52,6 +52,30 @@ def test_the_planner_meets_the_speedup_exactly(builtin_generator, steps):
         assert result.cache_stats.branches[COND].computed_steps == result.cache_stats.branches[UNCOND].computed_steps
         assert result.cache.plan()[COND] == [s in result.cache_stats.branches[COND].computed_steps
                                              for s in range(steps)]
+
+
+@pytest.mark.parametrize("steps, warning", [(20, None), (30, None), (40, None),
+                                             (100, "made at 50 steps and is resampled to 100")])
+def test_the_shipped_planner_tables_count_as_calibrated(builtin_generator, steps, warning, caplog):
+    """The built-in calibration holds planner tables at 20, 30 and 50 steps: a request near one of
+    them plans from that table and is not told to recalibrate."""
+    _warn_resampled_once.cache_clear()  # it warns once per process; this test counts its own
+    with caplog.at_level(logging.WARNING, logger="sglang.multimodal_gen.runtime.cache.calibration"):
+        builtin_generator.validate(SamplingParams(prompt="a red circle", num_inference_steps=steps,
+                                                  cache=CacheParams(speedup=2)))
+    warnings = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0]
+
+
+def test_magcache_still_warns_far_from_its_50_step_ratios(builtin_generator, caplog):
+    _warn_resampled_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="sglang.multimodal_gen.runtime.cache.calibration"):
+        builtin_generator.validate(SamplingParams(prompt="a red circle", num_inference_steps=20,
+                                                  cache=CacheParams(strategy="magcache")))
+    assert "made at 50 steps and is resampled to 20; recalibrate" in caplog.text
 
 
 @pytest.mark.parametrize("strategy", ["magcache", "teacache", "even"])

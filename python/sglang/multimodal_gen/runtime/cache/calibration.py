@@ -159,8 +159,10 @@ class CalibrationResult:
                 param="cache_calibration",
             )
 
-    def resampled_far(self, num_inference_steps: int) -> bool:
-        ratio = num_inference_steps / self.num_inference_steps
+    def resampled_far(self, num_inference_steps: int, recorded_steps: int | None = None) -> bool:
+        """Whether data recorded at ``recorded_steps`` (default: this calibration's step count) is
+        resampled by more than ``LARGE_STEP_RATIO`` either way for ``num_inference_steps``."""
+        ratio = num_inference_steps / (recorded_steps or self.num_inference_steps)
         return ratio > LARGE_STEP_RATIO or ratio < 1 / LARGE_STEP_RATIO
 
     # ------------------------------------------------------------------ files
@@ -279,10 +281,12 @@ def apply_calibration(
     takes nothing from it (strategies that need no calibration, such as EasyCache)."""
     calibration = load_calibration(calibration_file)
     calibration.check_model(model_family)
-    supplied = get_cache_class(params.strategy).options_from_calibration(calibration, num_inference_steps)
+    strategy = get_cache_class(params.strategy)
+    supplied = strategy.options_from_calibration(calibration, num_inference_steps)
     takes_alpha = params.estimator == "blend" and params.blend_alpha is None and calibration.blend_alpha is not None
-    if (supplied or takes_alpha) and calibration.resampled_far(num_inference_steps):
-        _warn_resampled_once(str(calibration_file), calibration.num_inference_steps, num_inference_steps)
+    recorded = strategy.calibrated_steps(calibration, num_inference_steps) if supplied else calibration.num_inference_steps
+    if (supplied or takes_alpha) and calibration.resampled_far(num_inference_steps, recorded):
+        _warn_resampled_once(str(calibration_file), recorded, num_inference_steps)
     params = dataclasses.replace(params, options={**supplied, **params.options}, calibration_file=str(calibration_file))
     if takes_alpha:
         params = dataclasses.replace(params, blend_alpha=calibration.blend_alpha)  # the user's own alpha wins

@@ -295,6 +295,13 @@ class BudgetPlanner(TimestepCache):
             options["measured_estimator"] = dict(table["estimator"])
         return options
 
+    @classmethod
+    def calibrated_steps(cls, calibration: Any, num_inference_steps: int) -> int:
+        """The step count of the table the request plans from (``sglang calibrate --planner-steps``
+        records tables at further step counts, so a request at one of them is calibrated)."""
+        table = calibration.nearest_planner_table(num_inference_steps)
+        return calibration.num_inference_steps if table is None else table["num_inference_steps"]
+
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Plan exactly ``passes`` computed steps for the request's estimator; with none named, for
         the one calibration measured best at the nearest speedup (else blend or reuse by the sign of

@@ -149,6 +149,13 @@ class TimestepCache(CacheBookkeeping):
         request of ``num_inference_steps`` (``None``: unknown)."""
         return {}
 
+    @classmethod
+    def calibrated_steps(cls, calibration: Any, num_inference_steps: int) -> int:
+        """The step count at which the data :meth:`options_from_calibration` takes for such a request
+        was recorded; a request far from it is told to recalibrate. Default: the calibration's own
+        (the planner's tables at further step counts override it)."""
+        return calibration.num_inference_steps
+
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Make exactly ``passes`` blocks passes per branch (``--cache-speedup``), or refuse in one line.
 
