@@ -90,6 +90,14 @@ def test_uncached_estimate_adds_skipped_passes_at_the_mean_pass_time():
     assert figures["pass_reduction"] == round(40 / 33, 4)  # the ideal figure stays
 
 
+def test_a_compiling_pass_is_not_charged_to_every_skipped_step():
+    """The first request with --enable-torch-compile: one pass took 20 s to compile, the rest 0.1 s."""
+    stats = _stats([10, 12, 14, 15, 16], [10, 12])  # 7 skipped, 33 computed passes
+    stats.record_timing(24.0, [20.0] + [0.1] * 30 + [0.4, 0.41])  # 0.4 is within 4x the median; 0.41 is not
+    assert stats.timed_passes == 33 and stats.blocks_pass_seconds == pytest.approx((3.0 + 0.4) / 31)
+    assert stats.uncached_estimate_seconds == pytest.approx(24.0 + 7 * 3.4 / 31)
+
+
 def test_no_skips_estimate_equals_measured_time():
     stats = _stats([], [])
     stats.record_timing(3.0, [0.15] * 40)

@@ -3,8 +3,12 @@ denoising stage measured, as the summary lines the CLI prints and the dict the s
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+#: A timed pass slower than this many times the median pass is left out of the typical pass time.
+OUTLIER_FACTOR = 4.0
 
 
 @dataclass
@@ -91,14 +95,22 @@ class CacheStats:
         return f"{self.strategy}: {done} ({self.pass_reduction:.2f}x fewer transformer passes)"
 
     def record_timing(self, denoising_seconds: float, pass_seconds: Sequence[float]) -> None:
-        """Keep the denoising stage's measured time and its blocks passes' times (their mean)."""
+        """Keep the denoising stage's measured time and a typical blocks pass's time: the mean of
+        the passes within ``OUTLIER_FACTOR`` of their median. A pass that compiled (the first
+        request with ``--enable-torch-compile``, or a recompile) takes seconds where the others
+        take milliseconds; counted in the mean, it would be charged again for every skipped step
+        and inflate the uncached estimate, though an uncached run compiles no more than once."""
         self.denoising_seconds = denoising_seconds
         self.timed_passes = len(pass_seconds)
-        self.blocks_pass_seconds = sum(pass_seconds) / len(pass_seconds) if pass_seconds else None
+        if not pass_seconds:
+            self.blocks_pass_seconds = None
+            return
+        typical = [s for s in pass_seconds if s <= OUTLIER_FACTOR * statistics.median(pass_seconds)]
+        self.blocks_pass_seconds = sum(typical) / len(typical)
 
     @property
     def uncached_estimate_seconds(self) -> float | None:
-        """Denoising time had no step been skipped: measured time + skipped passes x mean pass time.
+        """Denoising time had no step been skipped: measured time + skipped passes x typical pass time.
 
         A skipped step still ran embed, head and the residual add, which stay in the measured time;
         an uncached step would not add the residual, so this overstates by that (small) cost.
