@@ -139,7 +139,8 @@ def _diffusers_pipeline(family: str, folder: Path, dtype: torch.dtype, ours: Dif
     return pipe
 
 
-def _diffusers_run(family: str, pipe, folder: Path, seed: int, output_type: str, steps: int | None = None):
+def _diffusers_run(family: str, pipe, folder: Path, seed: int, output_type: str, steps: int | None = None,
+                   **call_kwargs):
     if family == "wan":
         kwargs = dict(negative_prompt=NEGATIVE, **TINY_REQUEST)
     else:
@@ -148,8 +149,22 @@ def _diffusers_run(family: str, pipe, folder: Path, seed: int, output_type: str,
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     return pipe(
-        prompt=PROMPT, generator=torch.Generator().manual_seed(seed), output_type=output_type, **kwargs
+        prompt=PROMPT, generator=torch.Generator().manual_seed(seed), output_type=output_type, **kwargs, **call_kwargs
     ).frames
+
+
+def _diffusers_latents_and_frames(family: str, pipe, folder: Path, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """One diffusers run: the latents after its last step (what ``output_type="latent"`` returns,
+    taken from its step-end callback) and its decoded frames."""
+    final: dict[str, torch.Tensor] = {}
+
+    def keep_latents(pipeline, step: int, timestep, tensors: dict) -> dict:
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    frames = _diffusers_run(family, pipe, folder, seed, "np", callback_on_step_end=keep_latents,
+                            callback_on_step_end_tensor_inputs=["latents"])[0]
+    return final["latents"], frames
 
 
 def _our_params(family: str, seed: int, cache: CacheParams | None = None, steps: int | None = None) -> SamplingParams:
@@ -180,8 +195,7 @@ def test_pipeline_matches_diffusers(cell, variant_folder):
 
     result = ours.generate(_our_params(family, seed=5))
     assert np.isfinite(result.frames).all()
-    reference_latents = _diffusers_run(family, pipe, folder, seed=5, output_type="latent")
-    reference_frames = _diffusers_run(family, pipe, folder, seed=5, output_type="np")[0]
+    reference_latents, reference_frames = _diffusers_latents_and_frames(family, pipe, folder, seed=5)
     _assert_match(result, reference_latents, reference_frames)
 
 
