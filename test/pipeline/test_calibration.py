@@ -138,7 +138,9 @@ def test_fresh_calibration_of_the_trained_builtin_model_skips_within_a_quality_b
 
     steps = 30
     output = tmp_path / "builtin.json"
-    calibrate(builtin_generator, PROMPTS, SamplingParams(num_inference_steps=steps, seed=0), output)
+    # MagCache takes the ratios; the planner's estimator is predicted, not measured (no further runs).
+    calibrate(builtin_generator, PROMPTS, SamplingParams(num_inference_steps=steps, seed=0), output,
+              planner_estimator="predict")
     prompt = "a white triangle moving left on a black background"
     uncached = builtin_generator.generate(SamplingParams(prompt=prompt, seed=21, num_inference_steps=steps))
     cache = CacheParams(strategy="magcache", calibration_file=str(output))

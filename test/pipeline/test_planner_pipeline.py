@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -131,7 +132,8 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
 
     steps = 20  # beyond CALIBRATION_WINDOW, so the rows stop growing
     output = tmp_path / "planner.json"
-    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=steps, seed=0, **SMALL), output)
+    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=steps, seed=0, **SMALL), output,
+              planner_estimator="predict")
     saved = CalibrationResult.load(output)
     assert CALIBRATION_WINDOW < steps
     for name, branch in saved.branches.items():
@@ -154,11 +156,11 @@ def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_us
 
     output = tmp_path / "tables.json"
     calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=20, seed=0, **SMALL), output,
-              planner_steps=[8, 30, 20, 8])
+              planner_steps=[8, 30, 20, 8], planner_estimator="predict")
     saved = CalibrationResult.load(output)
     assert [t["num_inference_steps"] for t in saved.planner_tables] == [8, 30]  # 20 is the main run, 8 once
     for table in saved.planner_tables + [{"estimator": saved.planner_estimator}]:
-        # The estimator measured on the calibration prompts, per checked speedup.
+        # An estimator per checked speedup for every table (measured ones: test_calibration.py).
         assert set(table["estimator"]) == {"1.5", "2", "2.5", "3"}, table["estimator"]
         assert set(table["estimator"].values()) <= {"reuse", "forecast1", "blend"}
     for table in saved.planner_tables:
@@ -169,6 +171,39 @@ def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_us
         result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)), **SMALL)
         _assert_budget(result, steps, budget_passes(steps, 2), "planner")
         assert len(result.cache.config.sigmas) == table_steps + 1, steps
+
+
+def test_a_predicted_estimator_costs_only_the_recorded_runs(builtin_generator, tmp_path):
+    """``planner_estimator="predict"``: one uncached generation per prompt and table, nothing more,
+    and every table still names an estimator per checked speedup (the cost model's choice)."""
+    from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate
+
+    generations = []
+    generate = builtin_generator.generate
+
+    def counted(params, *args, **kwargs):
+        generations.append((params.num_inference_steps, params.cache.strategy))
+        return generate(params, *args, **kwargs)
+
+    builtin_generator.generate = counted
+    try:
+        saved = calibrate(builtin_generator, [PROMPT, "a blue square"], SamplingParams(num_inference_steps=12, seed=0,
+                          **SMALL), tmp_path / "p.json", planner_steps=[8], planner_estimator="predict")
+    finally:
+        del builtin_generator.generate
+    assert sorted(generations) == [(8, "none"), (8, "none"), (12, "none"), (12, "none")]
+    for table in [saved.planner_estimator, saved.planner_tables[0]["estimator"]]:
+        assert set(table) == {"1.5", "2", "2.5", "3"} and set(table.values()) <= {"reuse", "forecast1", "blend"}
+
+
+def test_cli_planner_estimator_predict_says_so(tmp_path, capsys):
+    from sglang.cli.main import main
+
+    code = main(["calibrate", "--prompt", PROMPT, "--num-inference-steps", "6", "--planner-estimator", "predict",
+                 "--output", str(tmp_path / "p.json"), "--height", "32", "--width", "32", "--num-frames", "5"])
+    assert code == 0
+    assert re.search(r"planner estimator at 6 steps: 1\.5x \w+, 2x \w+, 2\.5x \w+, 3x \w+ \(predicted\)",
+                     capsys.readouterr().out)
 
 
 def _one_error_line(capsys) -> str:

@@ -31,7 +31,12 @@ from sglang.multimodal_gen.runtime.cache import (
 from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagrange_weights
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
-from sglang.multimodal_gen.runtime.cache.planner import GapCosts, best_plan, fitted_blend_alpha
+from sglang.multimodal_gen.runtime.cache.planner import (
+    GapCosts,
+    best_plan,
+    fitted_blend_alpha,
+    predicted_planner_estimator,
+)
 
 ESTIMATORS = [("reuse", 0.0), ("forecast1", 0.0), ("forecast1_sigma", 0.0), ("blend", 0.3)]
 
@@ -518,3 +523,17 @@ def test_a_speedup_and_a_threshold_together_are_refused_in_one_line():
         with pytest.raises(CacheConfigError) as exc:
             CacheParams(strategy=strategy, speedup=2, threshold=0.3)
         assert exc.value.param == "cache_speedup" and "not both" in one_line(exc)
+
+
+def test_predicted_estimator_is_the_one_the_cost_model_prefers():
+    """Residuals on a line in the step index: the first-order forecast is exact and wins every
+    speedup; residuals that swing back and forth (a changing sign of their motion, alpha < 0):
+    reuse is the only candidate left and is chosen."""
+    steps, rng = 20, np.random.default_rng(0)
+    base, slope = rng.normal(size=16), rng.normal(size=16)
+    sigmas = [1 - t / steps for t in range(steps + 1)]
+    line = np.stack([base + 0.1 * t * slope for t in range(steps)])
+    predicted = predicted_planner_estimator({COND: gram_of(line, 10)}, sigmas, steps)
+    assert predicted == {"1.5": "forecast1", "2": "forecast1", "2.5": "forecast1", "3": "forecast1"}
+    swinging = np.stack([base + (-1) ** t * 0.3 * slope for t in range(steps)])
+    assert set(predicted_planner_estimator({COND: gram_of(swinging, 10)}, sigmas, steps).values()) == {"reuse"}

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import numpy as np
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.budget import budget_passes
 from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA
 from sglang.multimodal_gen.runtime.cache.registry import register_cache
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
@@ -248,6 +249,24 @@ def best_plan(
         if candidate < result[0]:
             result = (candidate, steps)
     return result
+
+
+def predicted_planner_estimator(gram: dict[str, list[list[float]]], sigmas: Sequence[float], steps: int,
+                                max_skip_steps: int = 6) -> dict[str, str]:
+    """Per speedup of ``PLANNER_CHECK_SPEEDUPS``, the candidate whose best plan has the smallest
+    predicted error, from the recorded inner products alone (no generation). The cost model
+    predicts each estimator's error along the uncached trajectory, not how the solver carries it
+    on, so it favours forecasts where measuring picks reuse at 20-30 steps on the Wan models
+    (docs/calibration.md); at 50 steps the two agree on most speedups."""
+    costs = [GapCosts(rows, sigmas, steps) for rows in gram.values()]
+    alpha = fitted_blend_alpha(costs)
+    candidates = [name for name in PLANNER_CANDIDATES if name != "blend" or alpha > 0]
+    chosen: dict[str, str] = {}
+    for speedup in PLANNER_CHECK_SPEEDUPS:
+        passes = budget_passes(steps, speedup)
+        predicted = {name: best_plan(costs, passes, max_skip_steps, name, alpha)[0] for name in candidates}
+        chosen[f"{speedup:g}"] = min(predicted, key=predicted.get)
+    return chosen
 
 
 # --------------------------------------------------------------------------- strategy

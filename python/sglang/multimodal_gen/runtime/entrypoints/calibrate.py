@@ -20,12 +20,16 @@ from sglang.multimodal_gen.runtime.cache.planner import (
     PLANNER_CHECK_SPEEDUPS,
     GapCosts,
     fitted_blend_alpha,
+    predicted_planner_estimator,
 )
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
 from sglang.multimodal_gen.runtime.utils.video_io import check_writable_file
 
 logger = logging.getLogger(__name__)
+
+#: How ``sglang calibrate`` chooses the planner's estimator per speedup (``--planner-estimator``).
+PLANNER_ESTIMATOR_CHOICES = ("measure", "predict")
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -76,16 +80,23 @@ def calibrate(
     output: str | Path,
     show_progress: bool = False,
     planner_steps: Sequence[int] = (),
+    planner_estimator: str = "measure",
 ) -> CalibrationResult:
     """Run each prompt uncached (seed ``template.seed + index``), save the averaged result and its plot.
 
     ``planner_steps``: further step counts to record the budget planner's data at (the same
-    prompts and seeds, uncached), for requests at those step counts.
+    prompts and seeds, uncached), for requests at those step counts. ``planner_estimator``: how
+    each table's estimator per speedup is chosen: ``measure`` runs every candidate on the prompts
+    (about 12 planned generations per prompt and table); ``predict`` takes the one the cost model
+    predicts best from the recorded runs, with no further generation.
     """
     output = check_calibration_output(output)
     for prompt in prompts:
         check_prompt(prompt)
     planner_steps = check_planner_steps(planner_steps)
+    if planner_estimator not in PLANNER_ESTIMATOR_CHOICES:
+        raise InvalidRequestError(f"planner estimator choice must be one of {', '.join(PLANNER_ESTIMATOR_CHOICES)}, "
+                                  f"got {planner_estimator!r}", param="planner_estimator")
 
     def run_all(steps: int | None, label: str):
         runs, frames, resolved = [], [], None
@@ -120,8 +131,12 @@ def calibrate(
             calibration.add_planner_table(extra_runs, steps)
             tables.append((steps, extra_frames))
     for steps, references in tables:
-        calibration.set_planner_estimator(steps, choose_planner_estimator(
-            generator, prompts, template, calibration, steps, references, show_progress))
+        if planner_estimator == "predict":
+            gram, sigmas = calibration.planner_table(steps)
+            chosen = predicted_planner_estimator(gram, sigmas, steps)
+        else:
+            chosen = choose_planner_estimator(generator, prompts, template, calibration, steps, references, show_progress)
+        calibration.set_planner_estimator(steps, chosen)
     calibration.save(output)
     plot_magnitude_ratios(calibration, output.with_suffix(".png"))
     return calibration
