@@ -31,7 +31,7 @@ from sglang.multimodal_gen.runtime.entrypoints.access import ResponseHygiene
 from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore, Retention, VideoJob
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import APIError, VideoError, VideoObject
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
-from sglang.multimodal_gen.runtime.entrypoints.video_api import format_seconds
+from sglang.multimodal_gen.runtime.entrypoints.video_api import brief, format_seconds
 from sglang.multimodal_gen.runtime.utils.video_io import encode_mp4
 
 logger = logging.getLogger(__name__)
@@ -233,14 +233,14 @@ class VideoService:
     def get(self, video_id: str) -> VideoJob:
         job = self._store().get(video_id)
         if job is None:
-            raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+            raise APIError(404, f"no video with id {brief(video_id)}", param="video_id", code="not_found")
         return job
 
     def list(self, after: str | None, limit: int, order: str) -> tuple[list[VideoJob], bool]:
         """One page in creation order (``asc``) or newest first (``desc``), after the id ``after``."""
         page = self._store().page(after, limit, order)
         if page is None:
-            raise APIError(400, f"after: no video with id {after!r} (deleted?)", param="after")
+            raise APIError(400, f"after: no video with id {brief(after)} (deleted?)", param="after")
         return page
 
     def delete(self, video_id: str) -> VideoJob:
@@ -267,7 +267,7 @@ class VideoService:
             try:
                 return self._store().video_path(job).read_bytes()
             except FileNotFoundError:  # deleted or expired since it was read
-                raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found") from None
+                raise APIError(404, f"no video with id {brief(video_id)}", param="video_id", code="not_found") from None
         if job.status == "failed":
             reason = job.error.message if job.error is not None else "unknown error"
             raise APIError(409, f"video {video_id} failed and has no content: {reason}", code="video_failed")
