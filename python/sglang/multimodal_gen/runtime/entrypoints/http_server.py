@@ -221,7 +221,7 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     async def list_videos(request: Request) -> VideoListResponse:
         after, limit, order = _list_query(request)
         jobs, has_more = service.list(after, limit, order)
-        data = [service.to_object(job) for job in jobs]
+        data = [video for video in map(service.to_listed_object, jobs) if video is not None]
         return VideoListResponse(
             data=data,
             first_id=data[0].id if data else None,

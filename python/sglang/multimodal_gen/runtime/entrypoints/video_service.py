@@ -165,12 +165,17 @@ class VideoService:
                            message="the server was stopped before this video was finished; create it again")
         with self._lock:
             self._stopping = True
-            queued = self.store.fail_queued(error)
             running = self._current if self._cancel_reason is None else None
             if running is not None:
-                self.store.fail(running, error)
                 self._cancel_reason = "stopping"
                 self._cancel.set()
+            try:
+                queued = self.store.fail_queued(error)
+                if running is not None:
+                    self.store.fail(running, error)
+            except sqlite3.OperationalError as exc:  # a full disk: the next start fails them (server_restarted)
+                logger.error("could not mark the unfinished videos failed: %s; the next start will", exc)
+                queued = []
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -218,7 +223,11 @@ class VideoService:
                        created_at=int(time.time()))
         with self._lock:
             self._refuse_if_stopping()
-            if not self._store().add(job, max_queued=self.config.max_queued_videos):
+            try:
+                added = self._store().add(job, max_queued=self.config.max_queued_videos)
+            except sqlite3.OperationalError as exc:
+                raise _storage_error(exc) from None
+            if not added:
                 raise self._queue_full()
         self._queue.put(job.id)
         logger.info("queued %s", job.id)
@@ -291,6 +300,16 @@ class VideoService:
             return max(job.progress, self._progress)
         return job.progress
 
+    def to_listed_object(self, job: VideoJob) -> VideoObject | None:
+        """:meth:`to_object` for a listing: a stored job whose values no longer make a Video object
+        (a damaged row) is logged and left out, rather than failing the whole page."""
+        try:
+            return self.to_object(job)
+        except (ValueError, TypeError, ArithmeticError) as exc:  # pydantic's ValidationError is a ValueError
+            logger.warning("leaving %s out of the listing: its stored values do not make a video object (%s)",
+                           brief(job.id), type(exc).__name__)
+            return None
+
     def to_object(self, job: VideoJob) -> VideoObject:
         p = job.params
         return VideoObject(
@@ -333,6 +352,8 @@ class VideoService:
                 if job is not None:
                     self._run(job)
                     self._purge()
+            except sqlite3.OperationalError as exc:  # a full or failing disk: one line, the worker goes on
+                logger.error("the worker could not record %s in the job database: %s", job_id, exc)
             except Exception:  # the store failing (disk gone, closed at shutdown) must not end the worker silently
                 logger.exception("the worker failed on %s", job_id)
 
@@ -370,7 +391,7 @@ class VideoService:
             result = self.generator.generate(job.params, progress=progress)
             if cancel.is_set():
                 raise _Cancelled
-            content = encode_mp4(result.frames, result.params.fps)
+            content = encode_mp4(result.frames, result.params.fps, tmp_dir=store.videos_dir)
         except _Cancelled:
             logger.info("%s cancelled (%s)", job.id, self._cancel_reason)
             self._finish(job)
@@ -410,6 +431,17 @@ class VideoService:
         removed = self._store().purge()
         if removed:
             logger.info("retention removed %d video(s): %s", len(removed), ", ".join(removed))
+
+
+def _storage_error(exc: sqlite3.OperationalError) -> Exception:
+    """A full disk (or one failing to write) under the job database is a 507 ``storage_failed``,
+    the code a job gets when its mp4 cannot be written; other database errors stay what they are."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
+        logger.error("cannot store a new video job: %s (%s)", exc, name)
+        return APIError(507, f"the server cannot store new videos now ({exc}); retry later",
+                        code="storage_failed", type="server_error")
+    return exc
 
 
 def _sweep_interval_s(retention: Retention) -> float:
