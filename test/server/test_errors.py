@@ -45,6 +45,8 @@ CASES = [
     ({"cache": "fastcache"}, "cache",
      "unknown cache strategy 'fastcache'; choose one of: none, easycache, even, magcache, planner, teacache"),
     ({"cache": "easycache", "cache_preset": "fast"}, "cache_preset", "easycache has no presets"),
+    ({"cache": "easycache", "cache_speedup": 2}, "cache_speedup",
+     "easycache cannot be tuned to a speedup; use cache_speedup without cache (the planner), or with cache even"),
     ({"cache": "magcache", "cache_threshold": -0.5}, "cache_threshold", "threshold must be a number >= 0"),
     ({"cache": "magcache", "cache_threshold": "abc"}, "cache_threshold", "cache_threshold must be a finite number"),
     ({"cache": "magcache", "cache_retention_ratio": 1.5}, "cache_retention_ratio", "retention_ratio must be in [0, 1]"),

@@ -34,6 +34,7 @@ from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
     check_form_depth,
     check_json_depth,
 )
+from sglang.multimodal_gen.runtime.stages.input_validation import check_speedup_strategy
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -404,6 +405,10 @@ def build_cache_params(request: VideoCreateRequest) -> CacheParams:
         except CacheConfigError as exc:
             message = _cut_quoted(str(exc), extra.values())
             raise InvalidRequestError(message, param=getattr(exc, "param", None) or param) from None
+    try:
+        check_speedup_strategy(params, as_flags=False)
+    except CacheConfigError as exc:
+        raise InvalidRequestError(str(exc), param="cache_speedup") from None
     return params
 
 

@@ -19,7 +19,7 @@ def check_output_path(path: str) -> Path:
     out = Path(path)
     if out.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise InvalidRequestError(
-            f"cannot write {out.name}: the output path must end in .mp4 or .npy", param="output_path"
+            f"cannot write {out}: the output path must end in .mp4 or .npy", param="output_path"
         )
     check_writable_file(out, "output_path", "output path")
     return out
