@@ -208,6 +208,21 @@ def test_model_index_with_a_malformed_entry(tiny_wan_dir, tmp_path, capsys):
     assert "tokenizer must be [library, class name]" in one_error_line(capsys)
 
 
+def test_ulysses_degree_the_heads_refuse_starts_no_process(tiny_wan_dir, tmp_path, monkeypatch, capsys):
+    """The degree is checked against transformer/config.json's heads (3 in the test's tiny Wan)
+    before any worker process starts, as the other process-flag mistakes are."""
+    from sglang.multimodal_gen.runtime.entrypoints import generator as generator_module
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("worker processes were started for a degree the heads refuse")
+
+    monkeypatch.setattr(generator_module, "WorkerGroup", no_workers)
+    assert main(["generate", "--model-path", str(tiny_wan_dir), "--prompt", "a cat", "--device", "cpu",
+                 "--output-path", str(tmp_path / "x.mp4"), "--num-gpus", "2", "--ulysses-degree", "2", *SMALL]) == 2
+    assert one_error_line(capsys) == ("error: --ulysses-degree 2 does not divide the 3 attention heads of this Wan "
+                                      "transformer; use a degree that divides 3")
+
+
 # ------------------------------------------------------------------------------ --log-level
 def test_unknown_log_level_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:

@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.distributed import parallel_state as ps
+from sglang.multimodal_gen.runtime.distributed.sequence_parallel import check_heads
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ class ParallelConfig:
     def sp_degree(self) -> int:
         return self.ulysses_degree * self.ring_degree
 
-    def check(self, model_family: Any) -> None:
-        """Refuse, before any model loads, what this model and these processes cannot do."""
+    def check(self, model_family: Any, num_attention_heads: int | None = None) -> None:
+        """Refuse, before any model loads or process starts, what this model and these processes
+        cannot do (``num_attention_heads``: the transformer's, which the Ulysses degree must divide)."""
         if self.enable_cfg_parallel and model_family.cfg_branches != 2:
             raise InvalidRequestError(
                 f"--enable-cfg-parallel needs a model with two CFG branches; {model_family.name} runs "
@@ -110,6 +112,8 @@ class ParallelConfig:
                 f"--num-gpus {self.num_gpus} must equal {cfg}sp degree {self.sp_degree} = "
                 f"{self.cfg_degree * self.sp_degree}; change --num-gpus, --ulysses-degree or --enable-cfg-parallel",
                 param="num_gpus")
+        if num_attention_heads is not None and self.ulysses_degree > 1:
+            check_heads(num_attention_heads, self.ulysses_degree, f"this {model_family.title} transformer")
 
 
 def free_port() -> int:
