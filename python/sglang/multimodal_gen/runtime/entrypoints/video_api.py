@@ -72,6 +72,23 @@ class VideoCreateRequest:
     cache_params: dict[str, Any] = field(default_factory=dict)
 
 
+#: The request's fields, each also a ``sglang generate`` flag (``cache_speedup`` is ``--cache-speedup``).
+REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(VideoCreateRequest))
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")
+
+
+def as_request_fields(message: str) -> str:
+    """``message`` with each ``sglang generate`` flag that is a request field written as that
+    field (``use --cache-speedup`` -> ``use cache_speedup``): the runtime words its refusals once,
+    for the CLI, and a client of this API sets fields. Flags of the operator (``--max-steps``,
+    ``--cache-calibration``) stay as they are: they are the server's to set, not the client's."""
+    def field_name(match: re.Match[str]) -> str:
+        name = match.group(1).replace("-", "_")
+        return name if name in REQUEST_FIELDS else match.group(0)
+
+    return _FLAG.sub(field_name, message)
+
+
 _UNSUPPORTED = {
     "input_reference": "input_reference is not supported: this server does text-to-video only",
 }
@@ -406,7 +423,7 @@ def build_cache_params(request: VideoCreateRequest) -> CacheParams:
             message = _cut_quoted(str(exc), extra.values())
             raise InvalidRequestError(message, param=getattr(exc, "param", None) or param) from None
     try:
-        check_speedup_strategy(params, as_flags=False)
+        check_speedup_strategy(params)
     except CacheConfigError as exc:
         raise InvalidRequestError(str(exc), param="cache_speedup") from None
     return params

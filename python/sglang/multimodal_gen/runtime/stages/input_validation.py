@@ -11,8 +11,7 @@ from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache import build_cache
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, registered_caches
-from sglang.multimodal_gen.runtime.cache.strategy import TimestepCache
-from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
+from sglang.multimodal_gen.runtime.cache.strategy import TimestepCache, speedup_refusal
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req, VideoGeometry
 
 
@@ -122,21 +121,13 @@ def check_model_free(params: SamplingParams) -> None:
         _require_guidance_scale(params.guidance_scale)
 
 
-def check_speedup_strategy(cache: CacheParams, as_flags: bool = True) -> None:
+def check_speedup_strategy(cache: CacheParams) -> None:
     """A speedup asked of a strategy that cannot be tuned to one (EasyCache) is refused from the
-    registry alone, before a model loads; ``as_flags`` names the CLI flags, else the API's fields."""
+    registry alone, before a model loads (``strategy.speedup_refusal``)."""
     if cache.speedup is None or cache.strategy in (None, "none") or cache.strategy not in registered_caches():
         return  # no speedup, the planner, or an unknown name CacheParams refuses
-    if get_cache_class(cache.strategy).meet_budget is not TimestepCache.meet_budget:
-        return
-    tunable = [name for name in registered_caches()
-               if get_cache_class(name).meet_budget is not TimestepCache.meet_budget
-               and get_cache_class(name).default_speedup is None]
-    speedup, strategy = ("--cache-speedup", "--cache") if as_flags else ("cache_speedup", "cache")
-    raise CacheConfigError(
-        f"{cache.strategy} cannot be tuned to a speedup; use {speedup} without {strategy} (the planner), "
-        f"or with {strategy} {' / '.join(tunable)}", param="cache_speedup",
-    )
+    if get_cache_class(cache.strategy).meet_budget is TimestepCache.meet_budget:
+        raise speedup_refusal(cache.strategy)
 
 
 def _require_utf8(text: str, param: str) -> None:
