@@ -25,7 +25,7 @@ from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PA
 
 PROMPT = "a red circle moving left on a blue background"
 STEPS = 10
-# The built-in tiny Wan has 3 heads; Ulysses over 2 ranks needs an even count.
+# The test's tiny Wan (tiny_wan_dir) has 3 heads; Ulysses over 2 ranks needs an even count.
 WAN_HEADS = {"num_attention_heads": 4, "attention_head_dim": 16}
 
 STRATEGIES = skipping_strategies(str(BUILTIN_MODEL_PATH / "calibration.json"))
@@ -129,9 +129,14 @@ class TestHunyuan:
         _check(*hunyuan_pair, HUNYUAN_STRATEGIES["teacache"], negative=False, height=80, num_frames=9)
 
 
-def test_heads_the_degree_does_not_divide_are_refused_at_load(tiny_wan_dir):
-    from sglang.multimodal_gen.runtime.distributed.worker_group import WorkerGroupError
+def test_heads_the_degree_does_not_divide_are_refused_at_load(tiny_wan_dir, monkeypatch):
+    from sglang.multimodal_gen.errors import InvalidRequestError
+    from sglang.multimodal_gen.runtime.entrypoints import generator as generator_module
 
-    # The built-in tiny Wan has 3 heads: the worker's adapter refuses as it loads, in one line.
-    with pytest.raises(WorkerGroupError, match="--ulysses-degree 2 does not divide the 3 attention heads of this Wan"):
+    def no_workers(*args, **kwargs):
+        raise AssertionError("worker processes were started for a degree the heads refuse")
+
+    # The test's tiny Wan has 3 heads: refused from transformer/config.json, before any process starts.
+    monkeypatch.setattr(generator_module, "WorkerGroup", no_workers)
+    with pytest.raises(InvalidRequestError, match="--ulysses-degree 2 does not divide the 3 attention heads of this Wan"):
         DiffGenerator.from_pretrained(str(tiny_wan_dir), device="cpu", num_gpus=2, ulysses_degree=2, dist_timeout_s=30)

@@ -83,13 +83,18 @@ def _generate_cases(tmp_path: Path, a_file: Path) -> list[tuple[list[str], str]]
         (["--cache", "magcache", "--cache-calibration", str(a_file)], "is not a calibration file"),
         (["--cache-calibration", str(a_file)], "cache settings ['calibration_file'] were given but the cache "
                                                "strategy is 'none'"),
+        (["--cache", "easycache", "--cache-speedup", "2"],
+         "easycache cannot be tuned to a speedup; use --cache-speedup without --cache (the planner)"),
+        (["--output-path", str(tmp_path / "renders" / "outdir" / "video")],
+         f"cannot write {tmp_path / 'renders' / 'outdir' / 'video'}: the output path must end in .mp4 or .npy"),
     ]
 
 
 CASE_IDS = ["output-under-file", "output-under-file-deeper", "output-gif", "output-is-dir", "prompt-bytes",
             "prompt-surrogate", "negative-prompt-bytes", "seed-too-large", "seed-negative", "guidance-nan",
             "steps-0", "fps-0", "dtype", "device", "cache-params-json", "cache-params-latin1",
-            "calibration-missing", "calibration-not-json", "calibration-without-cache"]
+            "calibration-missing", "calibration-not-json", "calibration-without-cache", "easycache-speedup",
+            "output-folder-kept"]
 
 
 @pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
@@ -203,6 +208,21 @@ def test_model_index_with_a_malformed_entry(tiny_wan_dir, tmp_path, capsys):
     assert "tokenizer must be [library, class name]" in one_error_line(capsys)
 
 
+def test_ulysses_degree_the_heads_refuse_starts_no_process(tiny_wan_dir, tmp_path, monkeypatch, capsys):
+    """The degree is checked against transformer/config.json's heads (3 in the test's tiny Wan)
+    before any worker process starts, as the other process-flag mistakes are."""
+    from sglang.multimodal_gen.runtime.entrypoints import generator as generator_module
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("worker processes were started for a degree the heads refuse")
+
+    monkeypatch.setattr(generator_module, "WorkerGroup", no_workers)
+    assert main(["generate", "--model-path", str(tiny_wan_dir), "--prompt", "a cat", "--device", "cpu",
+                 "--output-path", str(tmp_path / "x.mp4"), "--num-gpus", "2", "--ulysses-degree", "2", *SMALL]) == 2
+    assert one_error_line(capsys) == ("error: --ulysses-degree 2 does not divide the 3 attention heads of this Wan "
+                                      "transformer; use a degree that divides 3")
+
+
 # ------------------------------------------------------------------------------ --log-level
 def test_unknown_log_level_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
@@ -214,6 +234,56 @@ def test_unknown_log_level_is_a_usage_error(capsys):
 def test_log_level_is_case_insensitive(missing_model, capsys):
     assert main(["--log-level", "DEBUG", "generate", "--model-path", missing_model, "--prompt", "a cat"]) == 2
     assert "does not exist" in capsys.readouterr().err  # parsed, then stopped at the missing model
+
+
+def test_log_level_after_the_command(missing_model, capsys):
+    assert main(["generate", "--log-level", "info", "--model-path", missing_model, "--prompt", "a cat"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ --version, --help, hints
+def test_version_is_one_line(capsys):
+    import diffusers
+    import torch
+    import transformers
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"sglang 0.1.0 (torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__})"]
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_generate_help_lists_every_registered_strategy_and_the_defaults(capsys):
+    from sglang.multimodal_gen.runtime.cache.registry import registered_caches
+
+    text = _help("generate", capsys)
+    assert f"--cache CACHE timestep cache strategy: none (the default), {', '.join(registered_caches())}" in text
+    assert "easycache" in registered_caches()
+    assert "disables CFG (default: the model's, e.g. 5.0 for Wan2.1)" in text
+    assert "CFG branch (default: the model's; empty for Wan2.1 and HunyuanVideo)" in text
+
+
+def test_calibrate_help_does_not_promise_an_mp4(capsys):
+    text = _help("calibrate", capsys)
+    assert "--fps FPS frames per second of the requests (model default); calibrate writes no video" in text
+    assert "mp4" not in text
+
+
+def test_an_uncached_hub_id_suggests_hf_download(monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: the cache only
+    assert main(["generate", "--model-path", "someone/nothing-here", "--prompt", "a cat"]) == 2
+    assert "(e.g. `hf download someone/nothing-here --local-dir DIR`)" in one_error_line(capsys)
 
 
 # ------------------------------------------------------------------------------ calibrate

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -51,10 +51,12 @@ class ServerProcess:
         log: The file its output is appended to (shown when it fails to start).
         args: Further ``serve`` flags.
         env: Its environment (default: :func:`server_env`).
+        preexec: Run in the child before it starts (e.g. to set a resource limit).
     """
 
-    def __init__(self, data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.data_dir, self.log, self.args, self.env = data_dir, log, args, env
+    def __init__(self, data_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.data_dir, self.log, self.args, self.env, self.preexec = data_dir, log, args, env, preexec
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -67,7 +69,7 @@ class ServerProcess:
                    "--data-dir", str(self.data_dir), *self.args]
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(command, cwd=REPO, env=self.env or server_env(), stdout=out,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, preexec_fn=self.preexec)
         _wait_healthy(self.url, self.proc, self.log)
         return self.url
 

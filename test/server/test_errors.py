@@ -45,6 +45,8 @@ CASES = [
     ({"cache": "fastcache"}, "cache",
      "unknown cache strategy 'fastcache'; choose one of: none, easycache, even, magcache, planner, teacache"),
     ({"cache": "easycache", "cache_preset": "fast"}, "cache_preset", "easycache has no presets"),
+    ({"cache": "easycache", "cache_speedup": 2}, "cache_speedup",
+     "easycache cannot be tuned to a speedup; use cache_speedup without cache (the planner), or with cache even"),
     ({"cache": "magcache", "cache_threshold": -0.5}, "cache_threshold", "threshold must be a number >= 0"),
     ({"cache": "magcache", "cache_threshold": "abc"}, "cache_threshold", "cache_threshold must be a finite number"),
     ({"cache": "magcache", "cache_retention_ratio": 1.5}, "cache_retention_ratio", "retention_ratio must be in [0, 1]"),
@@ -154,3 +156,89 @@ def test_unknown_route_and_variant(http):
     _assert_error(http.get("/v1/nothing"), 404, None, "GET /v1/nothing: Not Found")
     _assert_error(http.get("/v1/videos/video_nope/content", params={"variant": "thumbnail"}), 400, "variant",
                   "variant 'thumbnail' is not available")
+
+
+# --------------------------------------------------------------------------- UTF-8 only, bodies whole
+def _json_post(http: httpx.Client, body: bytes, content_type: str = "application/json") -> httpx.Response:
+    return http.post("/v1/videos", content=body, headers={"content-type": content_type})
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_json_in_another_encoding_is_400_before_the_depth_check(http, encoding):
+    """U+0122 is 0x22 0x01 in UTF-16-LE: a byte scan takes it for a quote and misses 3000 levels."""
+    text = '{"prompt": "\u0122", "cache_params": ' + "[" * 3000 + "]" * 3000 + "}"
+    _assert_error(_json_post(http, text.encode(encoding)), 400, None, "send UTF-8")
+
+
+@pytest.mark.parametrize(
+    "body, content_type, fragment",
+    [
+        (b'{"prompt": "caf\xe9"}', "application/json", "the request body is not valid UTF-8 (byte 0xe9 at position 15)"),
+        (b'\xef\xbb\xbf{"prompt": "x"}', "application/json", "byte order mark"),
+        (b'{"prompt": "x"}', "application/json; charset=utf-16", "declares charset 'utf-16'"),
+        (b"prompt=x", "application/x-www-form-urlencoded; charset=latin-1", "declares charset 'latin-1'"),
+    ],
+    ids=["invalid-utf8", "bom", "json-charset", "urlencoded-charset"],
+)
+def test_json_and_form_bodies_are_utf8_only(http, body, content_type, fragment):
+    _assert_error(_json_post(http, body, content_type), 400, None, fragment)
+
+
+def _multipart(*parts: bytes, boundary: str = "XyZ", close: bool = True) -> bytes:
+    body = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
+    return body + (b"--" + boundary.encode() + b"--\r\n" if close else b"")
+
+
+def _part(name: str, value: bytes, headers: bytes = b"") -> bytes:
+    return b'Content-Disposition: form-data; name="' + name.encode() + b'"\r\n' + headers + b"\r\n" + value
+
+
+MULTIPART = "multipart/form-data; boundary=XyZ"
+
+
+@pytest.mark.parametrize(
+    "body, content_type, param, fragment",
+    [
+        (_multipart(_part("prompt", b"\xff\xfe")), MULTIPART, "prompt", "form field 'prompt' looks like UTF-16"),
+        (_multipart(_part("prompt", b"caf\xe9")), MULTIPART, "prompt",
+         "form field 'prompt' is not valid UTF-8 (byte 0xe9 at position 3)"),
+        (_multipart(_part("prompt", b"x"), _part("negative_prompt", b"a\x00b\x00")), MULTIPART, "negative_prompt",
+         "looks like UTF-16"),
+        (_multipart(_part("prompt", b"a+ADw-b")), "multipart/form-data; charset=utf-7; boundary=XyZ", None,
+         "the multipart body declares charset 'utf-7'"),
+        (_multipart(_part("prompt", b"a+ADw-b", b"Content-Type: text/plain; charset=utf-7\r\n")), MULTIPART, None,
+         "form field 'prompt' declares charset 'utf-7'"),
+        (b"prompt=%FF%FE", "application/x-www-form-urlencoded", "prompt", "form field 'prompt' looks like UTF-16"),
+        (b"prompt=a%E9", "application/x-www-form-urlencoded", "prompt", "form field 'prompt' is not valid UTF-8"),
+        (b"prompt=caf\xe9", "application/x-www-form-urlencoded", "prompt", "byte 0xe9 at position 3"),
+        (_multipart(_part("prompt", b"x"), _part("num_inference_steps", b"4"), close=False), MULTIPART, None,
+         "the multipart body ends before its closing boundary"),
+    ],
+    ids=["multipart-bom", "multipart-latin1", "multipart-utf16", "multipart-charset", "part-charset", "urlencoded-bom",
+         "urlencoded-escaped", "urlencoded-raw", "multipart-truncated"],
+)
+def test_form_bodies_are_utf8_only_and_whole(http, body, content_type, param, fragment):
+    _assert_error(_json_post(http, body, content_type), 400, param, fragment)
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("application/x-www-form-urlencoded", "prompt=caf\u00e9&num_inference_steps=3&size=48x32&num_frames=5".encode()),
+    (MULTIPART, _multipart(_part("prompt", "caf\u00e9".encode()), _part("num_inference_steps", b"3"),
+                           _part("size", b"48x32"), _part("num_frames", b"5"))),
+], ids=["urlencoded", "multipart"])
+def test_utf8_form_text_arrives_unchanged(http, content_type, body):
+    """Raw UTF-8 in a form is read as UTF-8 (not Latin-1: 'cafÃ©'); the last field is kept."""
+    response = _json_post(http, body, content_type)
+    assert response.status_code == 200, response.text
+    video = response.json()
+    http.delete(f"/v1/videos/{video['id']}")
+    assert (video["prompt"], video["num_inference_steps"]) == ("caf\u00e9", 3)
+
+
+def test_long_values_are_cut_in_messages(http):
+    response = http.post("/v1/videos", json={**BASE, "cache": "c" * 10_000})
+    _assert_error(response, 400, "cache", "unknown cache strategy 'cccc")
+    assert len(response.text) < 600, response.text
+    response = http.get("/v1/videos/video_" + "9" * 10_000)
+    _assert_error(response, 404, "video_id", "no video with id 'video_999")
+    assert len(response.text) < 300, response.text

@@ -278,6 +278,22 @@ def test_form_body_over_the_limit_is_413(server_url, content_type, declared):
     _assert_413(status, response, "the request body is")
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_of_exactly_the_limit_passes_and_one_byte_more_is_413(server_url, declared):
+    """The bound is inclusive: 1 MiB is read and parsed (here a 400 naming a field), 1 MiB + 1 is not."""
+    fields = json.dumps({**BASE, "num_inference_steps": 201}).encode()
+    for size, status in ((MIB, 400), (MIB + 1, 413)):
+        body = fields + b" " * (size - len(fields))  # JSON allows trailing whitespace
+        pieces = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+        if not declared:
+            pieces = [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
+        got, response, _ = _raw_request(server_url, _head("application/json", size if declared else None),
+                                         iter(pieces))
+        assert got == status, (size, response)
+        if status == 400:
+            assert response["error"]["param"] == "num_inference_steps", response
+
+
 def test_json_body_over_the_limit_is_413_with_httpx(http):
     response = http.post("/v1/videos", json={"prompt": "x" * (MIB + 1)})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"

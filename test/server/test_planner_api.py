@@ -42,3 +42,15 @@ def test_easycache_with_a_speedup_is_400_naming_cache_speedup(http):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "cache_speedup" and "easycache cannot be tuned to a speedup" in error["message"]
+
+
+def test_a_budget_magcache_cannot_meet_names_the_fields_not_the_flags(http):
+    """The runtime words the refusal with CLI flags; a client sets fields, so the server names those."""
+    response = http.post("/v1/videos", json={"prompt": "a red circle", **SMALL, "num_inference_steps": 20,
+                                              "cache": "magcache", "cache_speedup": 10})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "cache_speedup"
+    assert error["message"].endswith("use cache_speedup without cache for the planner, or set cache_threshold "
+                                     "yourself"), error["message"]
+    assert "--" not in error["message"], error["message"]

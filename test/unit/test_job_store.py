@@ -151,7 +151,7 @@ def test_unusable_folders_are_one_clear_error(tmp_path):
         JobStore.open(tmp_path / "newer")
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / DB_NAME).write_bytes(b"not a database" * 100)
-    with pytest.raises(DataDirError, match="cannot be read"):
+    with pytest.raises(DataDirError, match=r"is damaged \(file is not a database\); move it aside"):
         JobStore.open(tmp_path / "garbage")
 
 

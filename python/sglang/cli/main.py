@@ -16,6 +16,7 @@ from sglang.multimodal_gen.errors import UserError
 logger = logging.getLogger("sglang")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DISTRIBUTION = "sglang-diffusion-cache"  # pyproject's name
 
 
 def _default_output_path(prompt: str, seed: int) -> str:
@@ -23,21 +24,27 @@ def _default_output_path(prompt: str, seed: int) -> str:
     return f"outputs/{slug}_{seed}.mp4"
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--negative-prompt", default=None, help="text for the unconditional CFG branch")
+def add_sampling_args(parser: argparse.ArgumentParser, writes_video: bool = True) -> None:
+    """The request's flags; ``writes_video`` False (calibrate) describes ``--fps`` as no mp4's."""
+    parser.add_argument("--negative-prompt", default=None,
+                        help="text for the unconditional CFG branch (default: the model's; empty for Wan2.1 and "
+                             "HunyuanVideo)")
     parser.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (model default)")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG weight; <= 1 disables CFG")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG weight; <= 1 disables CFG (default: the model's, e.g. 5.0 for Wan2.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--height", type=int, default=None, help="height in pixels (model default)")
     parser.add_argument("--width", type=int, default=None, help="width in pixels (model default)")
     parser.add_argument("--num-frames", type=int, default=None, help="frames, 4k+1 for Wan (model default)")
-    parser.add_argument("--fps", type=int, default=None, help="frames per second of the mp4 (model default)")
+    fps_help = ("frames per second of the mp4 (model default)" if writes_video else
+                "frames per second of the requests (model default); calibrate writes no video")
+    parser.add_argument("--fps", type=int, default=None, help=fps_help)
 
 
 def add_cache_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("timestep cache")
-    group.add_argument("--cache", default="none",
-                       help="none, magcache, teacache, planner, even, or another registered strategy")
+    group.add_argument("--cache", default="none", action=_CacheAction,
+                       help="timestep cache strategy (listed from the registry when help is shown)")
     group.add_argument("--cache-speedup", type=float, default=None,
                        help="exactly round(steps / X) transformer passes per branch; without --cache the planner "
                             "picks the steps from the model's calibration, with one it tunes its threshold")
@@ -53,6 +60,46 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
                        help="JSON object or .json file with further strategy options (see docs/caching.md)")
     group.add_argument("--cache-calibration", default=None,
                        help="file written by `sglang calibrate`, used instead of the shipped presets")
+
+
+class _CacheAction(argparse.Action):
+    """``--cache``, whose help lists the registered strategies: read from the registry only when
+    the help is shown, since importing the strategies imports torch (seconds)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+
+    @property
+    def help(self) -> str:
+        from sglang.multimodal_gen.runtime.cache.registry import registered_caches
+
+        return f"timestep cache strategy: none (the default), {', '.join(registered_caches())}"
+
+    @help.setter
+    def help(self, value: str) -> None:
+        pass  # the property above is the help
+
+
+class _VersionAction(argparse.Action):
+    """``sglang --version``: the package's version and the versions of the libraries it runs on."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "not installed"
+
+        libraries = ", ".join(f"{name} {of(name)}" for name in ("torch", "diffusers", "transformers"))
+        print(f"sglang {of(DISTRIBUTION)} ({libraries})")
+        parser.exit()
 
 
 def sampling_params_from_args(args: argparse.Namespace):
@@ -92,10 +139,12 @@ def check_before_load(args: argparse.Namespace, requests: Sequence[Any]) -> None
     the requests' values (``SamplingParams``), the device and dtype names, a calibration file's format."""
     from sglang.multimodal_gen.runtime.cache.calibration import load_calibration
     from sglang.multimodal_gen.runtime.entrypoints.generator import resolve_device, resolve_dtype
-    from sglang.multimodal_gen.runtime.stages.input_validation import check_model_free
+    from sglang.multimodal_gen.runtime.stages.input_validation import check_model_free, check_speedup_strategy
 
     for params in requests:
         check_model_free(params)
+        if params.cache is not None:
+            check_speedup_strategy(params.cache)
     resolve_dtype(args.dtype, resolve_device(args.device))
     calibration_file = getattr(args, "cache_calibration", None)
     if calibration_file is not None:
@@ -181,11 +230,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang", description="sglang diffusion runtime with timestep caching")
-    parser.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
-                        help="debug, info, warning, error or critical (default warning)")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of sglang, torch, diffusers "
+                                                                   "and transformers, and exit")
+    add_log_level_arg(parser, default="warning")
     sub = parser.add_subparsers(dest="command", required=True)
 
     generate = sub.add_parser("generate", help="generate one video from a prompt")
+    add_log_level_arg(generate)
     add_model_args(generate)
     generate.add_argument("--prompt", required=True, help="what the video shows")
     add_sampling_args(generate)
@@ -197,10 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     calibrate = sub.add_parser("calibrate", help="measure a model's cache statistics and save them for --cache-calibration")
+    add_log_level_arg(calibrate)
     add_model_args(calibrate)
     calibrate.add_argument("--prompt", action="append", help="a calibration prompt (repeatable)")
     calibrate.add_argument("--prompts-file", default=None, help="file with one prompt per line")
-    add_sampling_args(calibrate)
+    add_sampling_args(calibrate, writes_video=False)
     calibrate.add_argument("--output", required=True, help="calibration .json to write (a .png plot goes beside it)")
     calibrate.add_argument("--planner-steps", default=None,
                            help="comma-separated further step counts to record the budget planner's data at "
@@ -214,8 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from sglang.cli.serve import add_serve_parser
 
-    add_serve_parser(sub)
+    add_log_level_arg(add_serve_parser(sub))
     return parser
+
+
+def add_log_level_arg(parser: argparse.ArgumentParser, default: str = argparse.SUPPRESS) -> None:
+    """``--log-level`` before the command and after it (``sglang generate --log-level info``); a
+    command's copy sets it only when given, so it never resets the one given before."""
+    parser.add_argument("--log-level", default=default, type=str.lower, choices=LOG_LEVELS,
+                        help="debug, info, warning, error or critical (default warning)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

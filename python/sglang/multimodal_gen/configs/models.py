@@ -27,6 +27,7 @@ class ModelFamily:
 
     Attributes:
         name: Short family name ("wan", "hunyuan").
+        title: The architecture's published name ("Wan", "HunyuanVideo"), for messages.
         diffusers_pipelines: ``_class_name`` values of model_index.json that mean this family.
         pipeline_module: Module of ``runtime/pipelines`` that builds the stages for it.
         sampling_defaults: Defaults of the published checkpoints (overridable per folder).
@@ -40,6 +41,7 @@ class ModelFamily:
     """
 
     name: str
+    title: str
     diffusers_pipelines: tuple[str, ...]
     pipeline_module: str
     text_max_length: int
@@ -50,6 +52,7 @@ class ModelFamily:
 MODEL_FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
         name="wan",
+        title="Wan",
         diffusers_pipelines=("WanPipeline",),
         pipeline_module="sglang.multimodal_gen.runtime.pipelines.wan",
         text_max_length=512,
@@ -65,6 +68,7 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
     ),
     ModelFamily(
         name="hunyuan",
+        title="HunyuanVideo",
         diffusers_pipelines=("HunyuanVideoPipeline",),
         pipeline_module="sglang.multimodal_gen.runtime.pipelines.hunyuan",
         text_max_length=256,
@@ -86,7 +90,11 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A resolved model folder: its family, defaults and folder-level overrides."""
+    """A resolved model folder: its family, defaults and folder-level overrides.
+
+    ``num_attention_heads`` is the transformer's (``transformer/config.json``; ``None`` when that
+    file does not say): the process flags are checked against it before any process starts.
+    """
 
     path: Path
     family: ModelFamily
@@ -95,6 +103,18 @@ class ModelInfo:
     cache_model_key: str | None
     calibration_file: Path | None
     pipeline_options: dict[str, Any] = field(default_factory=dict)
+    num_attention_heads: int | None = None
+
+
+def _attention_heads(path: Path) -> int | None:
+    """``num_attention_heads`` of ``path/transformer/config.json`` (Wan and HunyuanVideo name it
+    so), or ``None`` when the file is missing or does not say: loading the transformer reports a
+    broken folder in its own words."""
+    try:
+        heads = json.loads((path / "transformer" / "config.json").read_text()).get("num_attention_heads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return heads if isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1 else None
 
 
 def read_model_info(path: Path) -> ModelInfo:
@@ -134,4 +154,5 @@ def read_model_info(path: Path) -> ModelInfo:
         cache_model_key=overrides.get("cache_model_key"),
         calibration_file=(path / calibration) if calibration else None,
         pipeline_options=overrides.get("pipeline_options", {}),
+        num_attention_heads=_attention_heads(path),
     )

@@ -164,9 +164,17 @@ class TimestepCache(CacheBookkeeping):
         around it (the planner). Strategies that can be tuned to a budget override this; the
         default refuses.
         """
-        tunable = [n for n in registered_caches() if get_cache_class(n).meet_budget is not TimestepCache.meet_budget
-                   and get_cache_class(n).default_speedup is None]
-        raise CacheConfigError(
-            f"{self.name} cannot be tuned to a speedup; use --cache-speedup without --cache (the planner), "
-            f"or with {', '.join(tunable)}", param="cache_speedup",
-        )
+        raise speedup_refusal(self.name)
+
+
+def speedup_refusal(name: str) -> CacheConfigError:
+    """The one wording of "strategy ``name`` cannot be tuned to a speedup", naming those that can:
+    raised by :meth:`TimestepCache.meet_budget` and, before a model loads, by the CLI and server
+    (``input_validation.check_speedup_strategy``). Worded with the CLI's flags, which the server
+    turns into its request fields."""
+    tunable = [n for n in registered_caches() if get_cache_class(n).meet_budget is not TimestepCache.meet_budget
+               and get_cache_class(n).default_speedup is None]
+    return CacheConfigError(
+        f"{name} cannot be tuned to a speedup; use --cache-speedup without --cache (the planner), "
+        f"or with --cache {' / '.join(tunable)}", param="cache_speedup",
+    )

@@ -32,15 +32,19 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.distributed.parallel_state import GroupCoordinator, get_sp_group
 
 
 def check_heads(num_heads: int, degree: int, model: str) -> None:
-    """Refuse, in one line, a Ulysses degree that does not divide the attention heads."""
+    """Refuse, in one line, a Ulysses degree that does not divide the attention heads: each rank
+    attends over ``heads / degree`` of them. The one wording of the rule: the generator checks it
+    before any process starts, an adapter again when it runs inside an sp group."""
     if num_heads % degree:
-        raise ValueError(
+        raise InvalidRequestError(
             f"--ulysses-degree {degree} does not divide the {num_heads} attention heads of {model}; "
-            f"use a degree that divides {num_heads}"
+            f"use a degree that divides {num_heads}",
+            param="ulysses_degree",
         )
 
 
@@ -180,8 +184,6 @@ class UlyssesAttention:
         self.stock = [attention.processor for attention in self.attentions]
         self.make, self.num_heads, self.model = make, num_heads, model
         self.exchange: UlyssesExchange | None = None
-        if get_sp_group().world_size > 1:  # a worker loads inside its group: refuse before any request
-            check_heads(num_heads, get_sp_group().world_size, model)
 
     def follow_sp_group(self) -> UlyssesExchange | None:
         """Install the processors for the current sp group; its exchange, or None without one."""

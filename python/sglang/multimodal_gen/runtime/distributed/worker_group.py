@@ -14,23 +14,31 @@ collective of a request also has the group's timeout. Rank 0 then stops the work
 group down, starts a new one (processes respawned, model reloaded) and raises
 :class:`WorkerGroupError` naming the rank and its error. Idle workers wait for the next request
 on the control group, whose connection the driver's exit closes.
+
+Interruption: Ctrl-C reaches every process of the terminal's process group, the workers too.
+Workers ignore SIGINT (blocked from before they start, so not even their interpreter's start-up
+sees it); the driver alone decides. A ``KeyboardInterrupt`` (or ``SystemExit``) in the driver
+stops the workers and is re-raised: the process is leaving, so nothing is respawned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import queue
+import signal
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.multiprocessing as mp
 
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.distributed import parallel_state as ps
+from sglang.multimodal_gen.runtime.distributed.sequence_parallel import check_heads
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +106,9 @@ class ParallelConfig:
     def sp_degree(self) -> int:
         return self.ulysses_degree * self.ring_degree
 
-    def check(self, model_family: Any) -> None:
-        """Refuse, before any model loads, what this model and these processes cannot do."""
+    def check(self, model_family: Any, num_attention_heads: int | None = None) -> None:
+        """Refuse, before any model loads or process starts, what this model and these processes
+        cannot do (``num_attention_heads``: the transformer's, which the Ulysses degree must divide)."""
         if self.enable_cfg_parallel and model_family.cfg_branches != 2:
             raise InvalidRequestError(
                 f"--enable-cfg-parallel needs a model with two CFG branches; {model_family.name} runs "
@@ -110,6 +119,8 @@ class ParallelConfig:
                 f"--num-gpus {self.num_gpus} must equal {cfg}sp degree {self.sp_degree} = "
                 f"{self.cfg_degree * self.sp_degree}; change --num-gpus, --ulysses-degree or --enable-cfg-parallel",
                 param="num_gpus")
+        if num_attention_heads is not None and self.ulysses_degree > 1:
+            check_heads(num_attention_heads, self.ulysses_degree, f"this {model_family.title} transformer")
 
 
 def free_port() -> int:
@@ -142,6 +153,26 @@ def rank_report(result: Any) -> dict[str, Any]:
     return report
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while processes start: a child keeps the signal mask across
+    fork and exec, so a Ctrl-C during its start-up stays pending until :func:`_ignore_sigint`
+    discards it. This process loses none: another of its threads takes it, or it arrives when
+    the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _ignore_sigint() -> None:
+    """A worker's SIGINT: ignored (the driver stops the workers), and unblocked so that one sent
+    during start-up is dropped instead of left pending."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _worker_main(
     rank: int,
     config: ParallelConfig,
@@ -152,6 +183,7 @@ def _worker_main(
     errors: Any,
 ) -> None:
     """A worker's life: join the group, load the model, serve requests until told to stop."""
+    _ignore_sigint()
     try:
         ps.init_parallel_state(
             rank, config.num_gpus, init_method, sp_degree=config.sp_degree, cfg_degree=config.cfg_degree,
@@ -223,8 +255,9 @@ class WorkerGroup:
             )
             for rank in range(1, self.config.num_gpus)
         ]
-        for proc in self._procs:
-            proc.start()
+        with _sigint_blocked():
+            for proc in self._procs:
+                proc.start()
         try:
             ps.init_parallel_state(
                 0, self.config.num_gpus, init_method, sp_degree=self.config.sp_degree,
@@ -235,7 +268,7 @@ class WorkerGroup:
             with ps.parallel_state_active():
                 ps.get_control_group().barrier()
         except BaseException as exc:
-            failure = self._worker_failure()
+            failure = self._worker_failure() if isinstance(exc, Exception) else None  # Ctrl-C: leave now
             self._stop_workers()
             if failure is not None:
                 raise WorkerGroupError(f"the worker group did not start: {failure}") from exc
@@ -309,6 +342,9 @@ class WorkerGroup:
                 result.rank_reports = control.all_gather_object(rank_report(result))
             return result
         except BaseException as exc:
+            if not isinstance(exc, Exception):  # Ctrl-C or exit: the process is leaving, respawn nothing
+                self._stop_workers()
+                raise
             failure = self._worker_failure(wait_s=2.0)
             logger.warning("request failed (%s); restarting the worker group", failure or exc)
             self.restart()

@@ -9,10 +9,11 @@ Three parts, each wired in by ``http_server.create_app`` / ``run_server``:
   requires ``Authorization: Bearer KEY`` on every route but ``/health``.
 * :func:`exposure_warning`, the line printed at startup when the server is reachable from other
   machines.
-* :class:`ResponseHygiene`: no machine paths and no raw exception text in responses. Paths the
-  server knows (the model folder, calibration files) are shown by their base names; a failed
-  generation gets a short message with a stable code, and the detail goes to the log with the
-  job id.
+* :class:`ResponseHygiene`: no machine paths, no CLI flags and no raw exception text in
+  responses. Paths the server knows (the model folder, calibration files) are shown by their base
+  names; a refusal worded with a ``sglang generate`` flag names the request field instead; a
+  failed generation gets a short message with a stable code, and the detail goes to the log with
+  the job id.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from starlette.responses import JSONResponse
 
 from sglang.multimodal_gen.errors import UserError
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import VideoError
+from sglang.multimodal_gen.runtime.entrypoints.video_api import as_request_fields
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +248,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class ResponseHygiene:
-    """Keeps the server's own paths and raw exception text out of what clients read.
+    """Keeps the server's own paths, CLI flags and raw exception text out of what clients read.
 
     Args:
         paths: Files and folders of this server (model folder, calibration files); in a message,
@@ -277,10 +279,11 @@ class ResponseHygiene:
         ])
 
     def text(self, message: str) -> str:
-        """``message`` with every known path replaced by its base name."""
+        """``message`` with every known path replaced by its base name and every request flag by
+        its field (:func:`video_api.as_request_fields`): what a client reads of a refusal."""
         for path, name in self._replacements:
             message = message.replace(path, name)
-        return message
+        return as_request_fields(message)
 
     def failure(self, job_id: str, exc: BaseException) -> VideoError:
         """What a failed job reports: a refused request says why (paths removed); anything else is

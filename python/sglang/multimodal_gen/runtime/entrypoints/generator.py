@@ -129,7 +129,7 @@ class DiffGenerator:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         info = read_model_info(resolve_model_path(model_path))
-        parallel.check(info.family)
+        parallel.check(info.family, info.num_attention_heads)
         if cache_calibration is not None:
             load_calibration(cache_calibration).check_model(info.family.name)
         use_batched_cfg = resolve_batched_cfg(batched_cfg, parallel.enable_cfg_parallel)

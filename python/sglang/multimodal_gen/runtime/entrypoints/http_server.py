@@ -34,6 +34,11 @@ from sglang.multimodal_gen.runtime.entrypoints.access import (
     is_loopback_bind,
     public_name,
 )
+from sglang.multimodal_gen.runtime.entrypoints.form_bodies import (
+    StrictMultiPartParser,
+    check_charset,
+    parse_urlencoded,
+)
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import (
     APIError,
     ErrorInfo,
@@ -50,6 +55,7 @@ from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
     RequestTooLarge,
 )
 from sglang.multimodal_gen.runtime.entrypoints.video_api import (
+    brief,
     build_sampling_params,
     form_to_fields,
     parse_create_request,
@@ -74,13 +80,23 @@ async def _read_fields(request: Request, limits: RequestLimits) -> dict[str, Any
     The body arrives through ``BodyLimitMiddleware`` (413 past ``max_body_bytes``); JSON is
     parsed off the event loop, its nesting checked first.
     """
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    header = request.headers.get("content-type", "")
+    content_type = header.split(";")[0].strip().lower()
     if content_type == "application/json":
+        check_charset(header, "the JSON body")
         return await run_in_threadpool(parse_json_body, await request.body(), limits.max_json_depth)
-    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    if content_type == "application/x-www-form-urlencoded":
+        check_charset(header, "the form body")
+        return form_to_fields(parse_urlencoded(await request.body()), limits.max_json_depth)
+    if content_type == "multipart/form-data":
         # One file at most: an input_reference upload is then refused by name, not by count.
-        async with request.form(max_files=1, max_part_size=limits.max_body_bytes) as form:
+        parser = StrictMultiPartParser(request.headers, request.stream(), max_files=1,
+                                       max_part_size=limits.max_body_bytes)
+        form = await parser.parse()
+        try:
             return form_to_fields(form.multi_items(), limits.max_json_depth)
+        finally:
+            await form.close()
     raise APIError(
         415 if content_type else 400,
         f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data, "
@@ -93,7 +109,7 @@ def _list_query(request: Request) -> tuple[str | None, int, str]:
     query = request.query_params
     unknown = sorted(set(query) - {"after", "limit", "order"})
     if unknown:
-        raise InvalidRequestError(f"unknown query parameter {unknown[0]!r}; use after, limit, order", param=unknown[0])
+        raise InvalidRequestError(f"unknown query parameter {brief(unknown[0])}; use after, limit, order", param=brief(unknown[0], quoted=False))
     after = query.get("after") or None
     limit_text = query.get("limit")
     limit = DEFAULT_LIST_LIMIT
@@ -101,12 +117,12 @@ def _list_query(request: Request) -> tuple[str | None, int, str]:
         try:
             limit = int(limit_text)
         except ValueError:
-            raise InvalidRequestError(f"limit must be an integer, got {limit_text!r}", param="limit") from None
+            raise InvalidRequestError(f"limit must be an integer, got {brief(limit_text)}", param="limit") from None
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise InvalidRequestError(f"limit must be in [1, {MAX_LIST_LIMIT}], got {limit}", param="limit")
     order = query.get("order") or "desc"
     if order not in ("asc", "desc"):
-        raise InvalidRequestError(f"order must be 'asc' or 'desc', got {order!r}", param="order")
+        raise InvalidRequestError(f"order must be 'asc' or 'desc', got {brief(order)}", param="order")
     return after, limit, order
 
 
@@ -157,8 +173,8 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(exc.status_code, ErrorInfo(message=f"{request.method} {request.url.path}: {exc.detail}",
-                                                          code=code))
+        where = f"{request.method} {brief(request.url.path, quoted=False)}"
+        return _error_response(exc.status_code, ErrorInfo(message=f"{where}: {exc.detail}", code=code))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -190,7 +206,7 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
         create = parse_create_request(fields, limits.max_json_depth)
         if create.model is not None and create.model not in accepted_models:
             raise InvalidRequestError(
-                f"model {create.model!r} is not served here; this server serves {model_name!r}", param="model"
+                f"model {brief(create.model)} is not served here; this server serves {model_name!r}", param="model"
             )
         return build_sampling_params(create, generator, limits)
 
@@ -205,7 +221,7 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     async def list_videos(request: Request) -> VideoListResponse:
         after, limit, order = _list_query(request)
         jobs, has_more = service.list(after, limit, order)
-        data = [service.to_object(job) for job in jobs]
+        data = [video for video in map(service.to_listed_object, jobs) if video is not None]
         return VideoListResponse(
             data=data,
             first_id=data[0].id if data else None,
@@ -228,7 +244,7 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     async def video_content(video_id: str, request: Request) -> Response:
         variant = request.query_params.get("variant") or "video"
         if variant != "video":
-            raise InvalidRequestError(f"variant {variant!r} is not available; only 'video' (the mp4) is",
+            raise InvalidRequestError(f"variant {brief(variant)} is not available; only 'video' (the mp4) is",
                                       param="variant")
         content = service.content(video_id)
         return Response(content, media_type="video/mp4",

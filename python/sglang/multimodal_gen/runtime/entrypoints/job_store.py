@@ -247,6 +247,7 @@ class JobStore:
         try:
             conn = self._conn()
             conn.execute("PRAGMA journal_mode=WAL")
+            self._check_integrity(conn)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise DataDirError(f"--data-dir {str(self.folder)!r} was written by a newer sglang (schema {version}, "
@@ -257,11 +258,23 @@ class JobStore:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self.close()
-            raise DataDirError(f"--data-dir {str(self.folder)!r}: {DB_NAME} cannot be read ({exc}); "
-                               "move it away or pass another --data-dir") from None
+            raise self._damaged(str(exc)) from None
         except BaseException:
             self.close()
             raise
+
+    def _check_integrity(self, conn: sqlite3.Connection) -> None:
+        """``PRAGMA quick_check``: a database damaged past its first page opens without complaint and
+        fails later, in the middle of a request; found here, it is one error at startup."""
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(1)")]
+        if problems != ["ok"]:
+            raise self._damaged(" ".join(" ".join(problems).replace("*** in database main ***", "").split()))
+
+    def _damaged(self, detail: str) -> DataDirError:
+        path = self.folder / DB_NAME
+        return DataDirError(f"the job database {str(path)!r} is damaged ({detail}); move it aside "
+                            f"(mv {str(path)!r} {str(path) + '.damaged'!r}) to start with an empty one, "
+                            "or pass another --data-dir")
 
     def close(self) -> None:
         """Close every thread's connection and release the folder's lock."""
@@ -297,7 +310,8 @@ class JobStore:
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite rolls back by itself on a full disk or an I/O error
+                conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 
@@ -315,9 +329,10 @@ class JobStore:
         return job.completed_at + int(self.retention.max_age_s)
 
     def get(self, job_id: str) -> VideoJob | None:
+        """The job, or ``None`` when it is not stored, expired, or its row does not parse (logged)."""
         where, args = self._visible()
         row = self._conn().execute(f"SELECT * FROM jobs WHERE id = :id AND {where}", {"id": job_id, **args}).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else _readable_job(row)
 
     def page(self, after: str | None, limit: int, order: str) -> tuple[list[VideoJob], bool] | None:
         """Up to ``limit`` jobs after the id ``after`` in creation order (``asc``) or newest first;
@@ -333,7 +348,8 @@ class JobStore:
             args["after"] = row["seq"]
         rows = conn.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY seq {direction} LIMIT :n",
                             {**args, "n": limit + 1}).fetchall()
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
+        jobs = [_readable_job(r) for r in rows[:limit]]
+        return [job for job in jobs if job is not None], len(rows) > limit
 
     def counts(self) -> dict[str, int]:
         where, args = self._visible()
@@ -368,7 +384,13 @@ class JobStore:
             changed = conn.execute("UPDATE jobs SET status = 'in_progress' WHERE id = ? AND status = 'queued'",
                                    (job_id,)).rowcount
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if changed else None
-        return None if row is None else _job(row)
+            job = None if row is None else _readable_job(row)
+            if row is not None and job is None:
+                unreadable = VideoError(code="job_unreadable", type="server_error",
+                                        message="this video's stored record is damaged; create it again")
+                conn.execute("UPDATE jobs SET status = 'failed', completed_at = ?, error = ? WHERE id = ?",
+                             (int(self.clock()), unreadable.model_dump_json(), job_id))
+        return job
 
     def set_progress(self, job_id: str, progress: int) -> None:
         with self._write() as conn:
@@ -478,6 +500,23 @@ class JobStore:
         for _, name in removed:
             self._remove_file(name)
         return [i for i, _ in removed]
+
+
+def _readable_job(row: sqlite3.Row) -> VideoJob | None:
+    """The row as a job, or ``None`` (logged) when it does not parse: one damaged row must not
+    take every listing down with it."""
+    try:
+        return _job(row)
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError and pydantic's errors are ValueErrors
+        logger.warning("skipping job %s: its row in %s does not parse (%s: %s)", _brief_id(row), DB_NAME,
+                       type(exc).__name__, str(exc)[:200])
+        return None
+
+
+def _brief_id(row: sqlite3.Row) -> str:
+    """The row's id for the log, cut: the row is damaged, its id may be anything."""
+    text = repr(row["id"])
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _job(row: sqlite3.Row) -> VideoJob:

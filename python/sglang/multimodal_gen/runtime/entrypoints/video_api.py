@@ -34,6 +34,7 @@ from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
     check_form_depth,
     check_json_depth,
 )
+from sglang.multimodal_gen.runtime.stages.input_validation import check_speedup_strategy
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -71,6 +72,23 @@ class VideoCreateRequest:
     cache_params: dict[str, Any] = field(default_factory=dict)
 
 
+#: The request's fields, each also a ``sglang generate`` flag (``cache_speedup`` is ``--cache-speedup``).
+REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(VideoCreateRequest))
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")
+
+
+def as_request_fields(message: str) -> str:
+    """``message`` with each ``sglang generate`` flag that is a request field written as that
+    field (``use --cache-speedup`` -> ``use cache_speedup``): the runtime words its refusals once,
+    for the CLI, and a client of this API sets fields. Flags of the operator (``--max-steps``,
+    ``--cache-calibration``) stay as they are: they are the server's to set, not the client's."""
+    def field_name(match: re.Match[str]) -> str:
+        name = match.group(1).replace("-", "_")
+        return name if name in REQUEST_FIELDS else match.group(0)
+
+    return _FLAG.sub(field_name, message)
+
+
 _UNSUPPORTED = {
     "input_reference": "input_reference is not supported: this server does text-to-video only",
 }
@@ -78,12 +96,17 @@ _UNSUPPORTED = {
 
 # --------------------------------------------------------------------------- bodies
 def parse_json_body(raw: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
-    """A JSON body as a mapping; nesting deeper than ``max_depth`` is refused before parsing."""
+    """A JSON body as a mapping; nesting deeper than ``max_depth`` is refused before parsing.
+
+    The body is decoded as UTF-8 first, and only as UTF-8: ``json.loads`` of bytes would also take
+    UTF-16 and UTF-32, whose bytes hide the brackets and quotes from the depth check.
+    """
     if not raw.strip():
         raise InvalidRequestError("the request body is empty; send a JSON object with at least 'prompt'")
-    check_json_depth(raw, max_depth)
+    text = decode_utf8(raw, "the request body")
+    check_json_depth(text, max_depth)
     try:
-        body = json.loads(raw)
+        body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"the request body is not valid JSON ({exc})") from None
     except ValueError:  # Python refuses integers of more than 4300 digits
@@ -91,6 +114,21 @@ def parse_json_body(raw: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def decode_utf8(raw: bytes, what: str, param: str | None = None) -> str:
+    """``raw`` as UTF-8 text, else one 400 saying where it is not (the docs promise UTF-8 only)."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 1 and b"\x00" in raw[:4]):
+        raise InvalidRequestError(f"{what} looks like UTF-16 or UTF-32; send UTF-8", param=param)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise InvalidRequestError(f"{what} starts with a byte order mark; send UTF-8 without one", param=param)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at position {exc.start}); send UTF-8",
+            param=param,
+        ) from None
 
 
 def form_to_fields(items: Iterable[tuple[str, Any]], max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
@@ -104,7 +142,7 @@ def form_to_fields(items: Iterable[tuple[str, Any]], max_depth: int = DEFAULT_MA
     for key, value in items:
         match = _FORM_KEY.match(key)
         if match is None:
-            raise InvalidRequestError(f"malformed form field name {_brief(key)}", param=_brief(key, quoted=False))
+            raise InvalidRequestError(f"malformed form field name {brief(key)}", param=brief(key, quoted=False))
         root, rest = match.group(1), match.group(2)
         if not isinstance(value, str):
             raise InvalidRequestError(
@@ -210,9 +248,9 @@ def parse_size(value: str) -> tuple[int, int]:
     """``"832x480"`` -> ``(832, 480)``: width first, as OpenAI's ``size`` is written."""
     match = _SIZE.match(value)
     if match is None:
-        raise InvalidRequestError(f"size must be 'WIDTHxHEIGHT' such as '832x480', got {_brief(value)}", param="size")
+        raise InvalidRequestError(f"size must be 'WIDTHxHEIGHT' such as '832x480', got {brief(value)}", param="size")
     if max(len(match.group(1)), len(match.group(2))) > 9:
-        raise InvalidRequestError(f"size {_brief(value)} is far larger than any video this server makes", param="size")
+        raise InvalidRequestError(f"size {brief(value)} is far larger than any video this server makes", param="size")
     width, height = int(match.group(1)), int(match.group(2))
     if width <= 0 or height <= 0:
         raise InvalidRequestError(f"size must be positive, got {value!r}", param="size")
@@ -226,7 +264,7 @@ def _is_blank(value: Any) -> bool:
 def _required_str(fields: Mapping[str, Any], name: str) -> str:
     value = fields.get(name)
     if not isinstance(value, str):
-        raise InvalidRequestError(f"{name} must be a string, got {_brief(value)}", param=name)
+        raise InvalidRequestError(f"{name} must be a string, got {brief(value)}", param=name)
     return value
 
 
@@ -259,9 +297,9 @@ def _as_int(value: Any, name: str) -> int | None:
         digits = value.strip().lstrip("+-")
         number = int(value.strip()) if len(digits) <= 20 else _MAX_INT + 1  # int() refuses > 4300 digits
     if number is None:
-        raise InvalidRequestError(f"{name} must be an integer, got {_brief(value)}", param=name)
+        raise InvalidRequestError(f"{name} must be an integer, got {brief(value)}", param=name)
     if abs(number) > _MAX_INT:
-        raise InvalidRequestError(f"{name} {_brief(value, quoted=False)} does not fit in 64 bits", param=name)
+        raise InvalidRequestError(f"{name} {brief(value, quoted=False)} does not fit in 64 bits", param=name)
     return number
 
 
@@ -277,7 +315,7 @@ def _as_float(value: Any, name: str) -> float | None:
     except (ValueError, OverflowError):  # not a number, or an integer beyond a float (10^400)
         number = None
     if number is None or not math.isfinite(number):
-        raise InvalidRequestError(f"{name} must be a finite number, got {_brief(value)}", param=name)
+        raise InvalidRequestError(f"{name} must be a finite number, got {brief(value)}", param=name)
     return number
 
 
@@ -306,7 +344,7 @@ def _as_object(value: Any, name: str, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -
         except ValueError:  # Python refuses integers of more than 4300 digits
             raise InvalidRequestError(f"{name} holds a number of more than {_MAX_DIGITS} digits", param=name) from None
     if not isinstance(value, dict):
-        raise InvalidRequestError(f"{name} must be a JSON object of knob -> value, got {_brief(value)}", param=name)
+        raise InvalidRequestError(f"{name} must be a JSON object of knob -> value, got {brief(value)}", param=name)
     _check_numbers(value, name)
     return value
 
@@ -325,13 +363,13 @@ def _check_numbers(value: Any, name: str) -> None:
             continue
         elif isinstance(item, int) and abs(item) > _MAX_INT:
             raise InvalidRequestError(
-                f"{_brief(path, quoted=False)} = {_brief(item, quoted=False)} does not fit in 64 bits", param=name
+                f"{brief(path, quoted=False)} = {brief(item, quoted=False)} does not fit in 64 bits", param=name
             )
         elif isinstance(item, float) and not math.isfinite(item):
-            raise InvalidRequestError(f"{_brief(path, quoted=False)} must be a finite number, got {item}", param=name)
+            raise InvalidRequestError(f"{brief(path, quoted=False)} must be a finite number, got {item}", param=name)
 
 
-def _brief(value: Any, limit: int = 60, quoted: bool = True) -> str:
+def brief(value: Any, limit: int = 60, quoted: bool = True) -> str:
     """``value`` for an error message, cut to ``limit`` characters: a client's 1 MB string or
     400-digit number does not come back whole in the response and the log."""
     try:
@@ -382,8 +420,22 @@ def build_cache_params(request: VideoCreateRequest) -> CacheParams:
         try:
             params = CacheParams.from_dict(merged)
         except CacheConfigError as exc:
-            raise InvalidRequestError(str(exc), param=getattr(exc, "param", None) or param) from None
+            message = _cut_quoted(str(exc), extra.values())
+            raise InvalidRequestError(message, param=getattr(exc, "param", None) or param) from None
+    try:
+        check_speedup_strategy(params)
+    except CacheConfigError as exc:
+        raise InvalidRequestError(str(exc), param="cache_speedup") from None
     return params
+
+
+def _cut_quoted(message: str, values: Iterable[Any]) -> str:
+    """``message`` with each long string of ``values`` it quotes cut as :func:`brief` cuts it: an
+    unknown 10 000-character ``cache`` name does not come back whole."""
+    for value in values:
+        if isinstance(value, str) and len(repr(value)) > 60:
+            message = message.replace(repr(value), brief(value))
+    return message
 
 
 def frames_for_seconds(seconds: float, fps: int, temporal_stride: int) -> int:

@@ -31,7 +31,7 @@ from sglang.multimodal_gen.runtime.entrypoints.access import ResponseHygiene
 from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore, Retention, VideoJob
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import APIError, VideoError, VideoObject
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
-from sglang.multimodal_gen.runtime.entrypoints.video_api import format_seconds
+from sglang.multimodal_gen.runtime.entrypoints.video_api import brief, format_seconds
 from sglang.multimodal_gen.runtime.utils.video_io import encode_mp4
 
 logger = logging.getLogger(__name__)
@@ -165,12 +165,17 @@ class VideoService:
                            message="the server was stopped before this video was finished; create it again")
         with self._lock:
             self._stopping = True
-            queued = self.store.fail_queued(error)
             running = self._current if self._cancel_reason is None else None
             if running is not None:
-                self.store.fail(running, error)
                 self._cancel_reason = "stopping"
                 self._cancel.set()
+            try:
+                queued = self.store.fail_queued(error)
+                if running is not None:
+                    self.store.fail(running, error)
+            except sqlite3.OperationalError as exc:  # a full disk: the next start fails them (server_restarted)
+                logger.error("could not mark the unfinished videos failed: %s; the next start will", exc)
+                queued = []
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -218,7 +223,11 @@ class VideoService:
                        created_at=int(time.time()))
         with self._lock:
             self._refuse_if_stopping()
-            if not self._store().add(job, max_queued=self.config.max_queued_videos):
+            try:
+                added = self._store().add(job, max_queued=self.config.max_queued_videos)
+            except sqlite3.OperationalError as exc:
+                raise _storage_error(exc) from None
+            if not added:
                 raise self._queue_full()
         self._queue.put(job.id)
         logger.info("queued %s", job.id)
@@ -233,14 +242,14 @@ class VideoService:
     def get(self, video_id: str) -> VideoJob:
         job = self._store().get(video_id)
         if job is None:
-            raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+            raise APIError(404, f"no video with id {brief(video_id)}", param="video_id", code="not_found")
         return job
 
     def list(self, after: str | None, limit: int, order: str) -> tuple[list[VideoJob], bool]:
         """One page in creation order (``asc``) or newest first (``desc``), after the id ``after``."""
         page = self._store().page(after, limit, order)
         if page is None:
-            raise APIError(400, f"after: no video with id {after!r} (deleted?)", param="after")
+            raise APIError(400, f"after: no video with id {brief(after)} (deleted?)", param="after")
         return page
 
     def delete(self, video_id: str) -> VideoJob:
@@ -267,7 +276,7 @@ class VideoService:
             try:
                 return self._store().video_path(job).read_bytes()
             except FileNotFoundError:  # deleted or expired since it was read
-                raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found") from None
+                raise APIError(404, f"no video with id {brief(video_id)}", param="video_id", code="not_found") from None
         if job.status == "failed":
             reason = job.error.message if job.error is not None else "unknown error"
             raise APIError(409, f"video {video_id} failed and has no content: {reason}", code="video_failed")
@@ -290,6 +299,16 @@ class VideoService:
         if job.status == "in_progress" and job.id == self._current:
             return max(job.progress, self._progress)
         return job.progress
+
+    def to_listed_object(self, job: VideoJob) -> VideoObject | None:
+        """:meth:`to_object` for a listing: a stored job whose values no longer make a Video object
+        (a damaged row) is logged and left out, rather than failing the whole page."""
+        try:
+            return self.to_object(job)
+        except (ValueError, TypeError, ArithmeticError) as exc:  # pydantic's ValidationError is a ValueError
+            logger.warning("leaving %s out of the listing: its stored values do not make a video object (%s)",
+                           brief(job.id), type(exc).__name__)
+            return None
 
     def to_object(self, job: VideoJob) -> VideoObject:
         p = job.params
@@ -333,6 +352,8 @@ class VideoService:
                 if job is not None:
                     self._run(job)
                     self._purge()
+            except sqlite3.OperationalError as exc:  # a full or failing disk: one line, the worker goes on
+                logger.error("the worker could not record %s in the job database: %s", job_id, exc)
             except Exception:  # the store failing (disk gone, closed at shutdown) must not end the worker silently
                 logger.exception("the worker failed on %s", job_id)
 
@@ -370,7 +391,7 @@ class VideoService:
             result = self.generator.generate(job.params, progress=progress)
             if cancel.is_set():
                 raise _Cancelled
-            content = encode_mp4(result.frames, result.params.fps)
+            content = encode_mp4(result.frames, result.params.fps, tmp_dir=store.videos_dir)
         except _Cancelled:
             logger.info("%s cancelled (%s)", job.id, self._cancel_reason)
             self._finish(job)
@@ -410,6 +431,17 @@ class VideoService:
         removed = self._store().purge()
         if removed:
             logger.info("retention removed %d video(s): %s", len(removed), ", ".join(removed))
+
+
+def _storage_error(exc: sqlite3.OperationalError) -> Exception:
+    """A full disk (or one failing to write) under the job database is a 507 ``storage_failed``,
+    the code a job gets when its mp4 cannot be written; other database errors stay what they are."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
+        logger.error("cannot store a new video job: %s (%s)", exc, name)
+        return APIError(507, f"the server cannot store new videos now ({exc}); retry later",
+                        code="storage_failed", type="server_error")
+    return exc
 
 
 def _sweep_interval_s(retention: Retention) -> float:

@@ -50,7 +50,7 @@ def resolve_model_path(model_path: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - offline, gated or unknown id: one sentence for the user
         raise ModelNotFoundError(
             f"could not find {model_path!r} as a local folder, in the Hugging Face cache, or on the hub "
-            f"({type(exc).__name__}); download it elsewhere (e.g. `huggingface-cli download {model_path} "
+            f"({type(exc).__name__}); download it elsewhere (e.g. `hf download {model_path} "
             f"--local-dir DIR`) and pass --model-path DIR"
         ) from None
 

@@ -166,30 +166,34 @@ class DenoisingStage(PipelineStage):
         inputs = BranchInputs(self.adapter, self.dtype, self._branch_inputs(req, placement.local_branches, latents),
                               latents)
         batches = self._batches(placement.local_branches, inputs)
-        bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not req.show_progress_bar)
-        if req.progress is not None:
-            req.progress(0, len(timesteps))  # before the first step: a caller may stop it here
-        timer = PassTimer(latents.device)
-        timer.start()
-        for step, t in enumerate(timesteps):
-            model_input = latents.to(self.dtype)
-            timestep = t.expand(model_input.shape[0])
-            if self.timestep_in_latent_dtype:
-                timestep = timestep.to(latents.dtype)
-            current = StepInputs(step, latents, model_input, timestep, sigmas[step])
-            local = {}
-            for branches in batches:
-                local.update(self._predict(current, branches, inputs, cache, timer))
-            preds = placement.gather(local)
-            noise_pred = preds[COND]
-            if UNCOND in preds:
-                noise_pred = preds[UNCOND] + params.guidance_scale * (preds[COND] - preds[UNCOND])
-            with SolveWithoutErrorCheck() if self.sync_free_scheduler else contextlib.nullcontext():
-                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            bar.update()
+        # No hidden bar: a tqdm makes a process-shared lock (a named semaphore that a worker
+        # stopped mid-request would leak) and a monitor thread even when disabled. Closed on any
+        # exit, so an interrupted run's last line is not the bar's.
+        bar = tqdm(total=len(timesteps), desc="denoising", unit="step") if req.show_progress_bar else None
+        with bar if bar is not None else contextlib.nullcontext():
             if req.progress is not None:
-                req.progress(step + 1, len(timesteps))
-        bar.close()
+                req.progress(0, len(timesteps))  # before the first step: a caller may stop it here
+            timer = PassTimer(latents.device)
+            timer.start()
+            for step, t in enumerate(timesteps):
+                model_input = latents.to(self.dtype)
+                timestep = t.expand(model_input.shape[0])
+                if self.timestep_in_latent_dtype:
+                    timestep = timestep.to(latents.dtype)
+                current = StepInputs(step, latents, model_input, timestep, sigmas[step])
+                local = {}
+                for branches in batches:
+                    local.update(self._predict(current, branches, inputs, cache, timer))
+                preds = placement.gather(local)
+                noise_pred = preds[COND]
+                if UNCOND in preds:
+                    noise_pred = preds[UNCOND] + params.guidance_scale * (preds[COND] - preds[UNCOND])
+                with SolveWithoutErrorCheck() if self.sync_free_scheduler else contextlib.nullcontext():
+                    latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if bar is not None:
+                    bar.update()
+                if req.progress is not None:
+                    req.progress(step + 1, len(timesteps))
         timing = timer.finish()
         placement.merge_stats(cache)
         if cache is not None:

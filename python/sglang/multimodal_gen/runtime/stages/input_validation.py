@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache import build_cache
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, registered_caches
+from sglang.multimodal_gen.runtime.cache.strategy import TimestepCache, speedup_refusal
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req, VideoGeometry
 
 
@@ -116,6 +119,15 @@ def check_model_free(params: SamplingParams) -> None:
     _require_int(params.seed, "seed", minimum=0, maximum=MAX_SEED)
     if params.guidance_scale is not None:
         _require_guidance_scale(params.guidance_scale)
+
+
+def check_speedup_strategy(cache: CacheParams) -> None:
+    """A speedup asked of a strategy that cannot be tuned to one (EasyCache) is refused from the
+    registry alone, before a model loads (``strategy.speedup_refusal``)."""
+    if cache.speedup is None or cache.strategy in (None, "none") or cache.strategy not in registered_caches():
+        return  # no speedup, the planner, or an unknown name CacheParams refuses
+    if get_cache_class(cache.strategy).meet_budget is TimestepCache.meet_budget:
+        raise speedup_refusal(cache.strategy)
 
 
 def _require_utf8(text: str, param: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ def check_output_path(path: str) -> Path:
     out = Path(path)
     if out.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise InvalidRequestError(
-            f"cannot write {out.name}: the output path must end in .mp4 or .npy", param="output_path"
+            f"cannot write {out}: the output path must end in .mp4 or .npy", param="output_path"
         )
     check_writable_file(out, "output_path", "output path")
     return out
@@ -56,13 +58,26 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """H.264 mp4 bytes of frames (F, H, W, 3) in [0, 1]; sizes are kept as is (no macro-block resize)."""
+def encode_mp4(frames: np.ndarray, fps: int, tmp_dir: str | Path | None = None) -> bytes:
+    """H.264 mp4 bytes of frames (F, H, W, 3) in [0, 1]; sizes are kept as is (no macro-block resize).
+
+    ffmpeg writes to a file, not to memory: ``tmp_dir`` is where that temporary file goes (default:
+    the system's temp folder). The server passes its data folder, whose cleanup at the next start
+    removes what a killed process left there.
+    """
     import imageio.v3 as iio
 
-    return iio.imwrite(
-        "<bytes>", to_uint8(frames), extension=".mp4", fps=fps, codec="libx264", macro_block_size=1, quality=8
-    )
+    options = dict(extension=".mp4", fps=fps, codec="libx264", macro_block_size=1, quality=8)
+    if tmp_dir is None:
+        return iio.imwrite("<bytes>", to_uint8(frames), **options)
+    fd, name = tempfile.mkstemp(prefix=".encode-", suffix=".mp4", dir=tmp_dir)  # ffmpeg picks mp4 by the suffix
+    os.close(fd)
+    try:
+        iio.imwrite(name, to_uint8(frames), **options)
+        return Path(name).read_bytes()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
 
 
 def save_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
