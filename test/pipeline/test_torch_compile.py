@@ -166,18 +166,22 @@ def test_ulysses_workers_compile_and_match_one_process(tmp_path):
     assert parallel.cache_stats.total_skipped == single.cache_stats.total_skipped
 
 
-def test_generate_with_torch_compile_and_a_cache_writes_the_mp4(tmp_path, capsys, caplog):
-    """The built-in model (4 identical blocks): the flag compiles them, one graph, and the cached run
-    writes its video."""
+def test_generate_with_torch_compile_and_a_cache_writes_the_mp4(tiny_wan_dir, tmp_path, capsys, caplog):
+    """`sglang generate --enable-torch-compile` (4 identical blocks): the flag compiles them, one
+    graph, and the cached run writes its video. The folder and geometry of the inductor tests
+    above, so inductor's cache serves the graph they compiled (a C++ build of a new one takes
+    seconds on this CPU)."""
     out = tmp_path / "clip.mp4"
+    geometry = ["--height", str(TINY_REQUEST["height"]), "--width", str(TINY_REQUEST["width"]),
+                "--num-frames", str(TINY_REQUEST["num_frames"])]
     with caplog.at_level(logging.INFO, logger="sglang.multimodal_gen.runtime.models.base"):
-        code = main(["generate", "--enable-torch-compile", "--cache", "easycache", "--prompt", PROMPT,
-                     "--height", "32", "--width", "48", "--num-frames", "5", "--num-inference-steps", "4",
-                     "--output-path", str(out)])
+        code = main(["generate", "--model-path", str(tiny_wan_dir), "--enable-torch-compile", "--cache", "easycache",
+                     "--prompt", PROMPT, *geometry, "--num-inference-steps", "4", "--output-path", str(out)])
     assert code == 0 and f"saved {out}" in capsys.readouterr().out
     assert "torch.compile: 4 transformer blocks" in caplog.text
     assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == (1, 1)
-    assert iio.imread(out, index=None).shape == (5, 32, 48, 3)
+    assert iio.imread(out, index=None).shape == (TINY_REQUEST["num_frames"], TINY_REQUEST["height"],
+                                                 TINY_REQUEST["width"], 3)
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])

@@ -345,7 +345,10 @@ class WorkerGroup:
             if not isinstance(exc, Exception):  # Ctrl-C or exit: the process is leaving, respawn nothing
                 self._stop_workers()
                 raise
-            failure = self._worker_failure(wait_s=2.0)
+            # A collective that failed (a RuntimeError, as gloo's and NCCL's are) may be a worker's
+            # doing: give its report time to arrive. Rank 0's own exception (a cancellation from the
+            # progress callback, a refused input) leaves the workers waiting, with nothing to report.
+            failure = self._worker_failure(wait_s=2.0 if isinstance(exc, RuntimeError) else 0.0)
             logger.warning("request failed (%s); restarting the worker group", failure or exc)
             self.restart()
             if failure is not None:
