@@ -27,7 +27,9 @@ from sglang.multimodal_gen.runtime.cache import (
     TeaCacheConfig,
     TimestepCache,
     budget_passes,
+    build_cache,
 )
+from sglang.multimodal_gen.runtime.cache.budget import checked_budget_passes
 from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagrange_weights
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
@@ -537,3 +539,23 @@ def test_predicted_estimator_is_the_one_the_cost_model_prefers():
     assert predicted == {"1.5": "forecast1", "2": "forecast1", "2.5": "forecast1", "3": "forecast1"}
     swinging = np.stack([base + (-1) ** t * 0.3 * slope for t in range(steps)])
     assert set(predicted_planner_estimator({COND: gram_of(swinging, 10)}, sigmas, steps).values()) == {"reuse"}
+
+
+@pytest.mark.parametrize("steps, speedup, passes",
+                         [(50, 3, 17), (20, 3, 7), (25, 2, 13), (12, 3, 4), (6, 1.5, 4), (10, 3, 3), (16, 2.5, 6)])
+def test_a_budget_within_five_percent_is_met(steps, speedup, passes):
+    """20 steps at 3x: 7 passes give 2.86x, 4.8% short, and run; 10 at 3x: 3 passes, 3.33x, faster than asked."""
+    assert checked_budget_passes(steps, speedup) == passes
+
+
+@pytest.mark.parametrize("steps, speedup, offers", [
+    (3, 2, "1.50x (2 of 3) or 3.00x (1 of 3)"),
+    (4, 2.5, "2.00x (2 of 4) or 4.00x (1 of 4)"),
+    (8, 3, "2.67x (3 of 8) or 4.00x (2 of 8)"),
+])
+def test_a_budget_no_pass_count_meets_is_one_line_naming_the_nearest(steps, speedup, offers):
+    with pytest.raises(CacheConfigError) as refused:
+        build_cache(CacheParams(strategy="even", speedup=speedup), steps, None, (COND,))
+    assert refused.value.param == "cache_speedup"
+    assert one_line(refused) == (f"--cache-speedup {speedup:g} cannot be met at {steps} steps: whole passes "
+                                       f"per branch give {offers}; ask for one of those or run more steps")

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Sequence
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
-from sglang.multimodal_gen.runtime.cache.budget import budget_passes
+from sglang.multimodal_gen.runtime.cache.budget import budget_passes, checked_budget_passes
 from sglang.multimodal_gen.runtime.cache.recording import CalibrationRecord
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, register_cache, registered_caches
 from sglang.multimodal_gen.runtime.cache.stats import BranchStats, CacheStats
@@ -65,7 +65,7 @@ def build_cache(
     cache = cls.from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
     speedup = params.speedup if params.speedup is not None else cls.default_speedup
     if speedup is not None and not calibrate:
-        cache.meet_budget(budget_passes(num_inference_steps, speedup), params.estimator, params.blend_alpha)
+        cache.meet_budget(checked_budget_passes(num_inference_steps, speedup), params.estimator, params.blend_alpha)
     if params.estimator is not None or params.blend_alpha is not None:
         options = {} if params.blend_alpha is None else {"alpha": params.blend_alpha}
         cache.use_estimator(params.estimator, **options)

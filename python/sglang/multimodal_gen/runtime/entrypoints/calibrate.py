@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.runtime.cache.budget import budget_passes
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, plot_magnitude_ratios
 from sglang.multimodal_gen.runtime.cache.planner import (
     PLANNER_CANDIDATES,
@@ -135,7 +136,8 @@ def calibrate(
             gram, sigmas = calibration.planner_table(steps)
             chosen = predicted_planner_estimator(gram, sigmas, steps)
         else:
-            chosen = choose_planner_estimator(generator, prompts, template, calibration, steps, references, show_progress)
+            chosen = choose_planner_estimator(generator, prompts, template, calibration, steps, references,
+                                              show_progress)
         calibration.set_planner_estimator(steps, chosen)
     calibration.save(output)
     plot_magnitude_ratios(calibration, output.with_suffix(".png"))
@@ -171,7 +173,9 @@ def choose_planner_estimator(
         for name in candidates:
             quality = []
             for index, (prompt, reference) in enumerate(zip(prompts, references)):
-                cache = CacheParams(strategy="planner", speedup=speedup, estimator=name,
+                # The speedup its pass count gives exactly: a short step count may not meet the checked one.
+                exact = steps / budget_passes(steps, speedup)
+                cache = CacheParams(strategy="planner", speedup=exact, estimator=name,
                                     blend_alpha=alpha if name == "blend" else None,
                                     options={"gram": gram, "sigmas": list(sigmas)})
                 params = dataclasses.replace(template, prompt=prompt, seed=template.seed + index, cache=cache,
