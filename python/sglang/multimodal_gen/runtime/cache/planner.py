@@ -251,6 +251,13 @@ def best_plan(
     return result
 
 
+def planner_candidates(costs: Sequence[GapCosts]) -> tuple[float, list[str]]:
+    """The fitted blend alpha at the costs' step spacing and the estimators calibration chooses
+    among (``blend`` only where that alpha is positive: otherwise it is a damped reuse)."""
+    alpha = fitted_blend_alpha(costs)
+    return alpha, [name for name in PLANNER_CANDIDATES if name != "blend" or alpha > 0]
+
+
 def predicted_planner_estimator(gram: dict[str, list[list[float]]], sigmas: Sequence[float], steps: int,
                                 max_skip_steps: int = 6) -> dict[str, str]:
     """Per speedup of ``PLANNER_CHECK_SPEEDUPS``, the candidate whose best plan has the smallest
@@ -259,8 +266,7 @@ def predicted_planner_estimator(gram: dict[str, list[list[float]]], sigmas: Sequ
     on, so it favours forecasts where measuring picks reuse at 20-30 steps on the Wan models
     (docs/calibration.md); at 50 steps the two agree on most speedups."""
     costs = [GapCosts(rows, sigmas, steps) for rows in gram.values()]
-    alpha = fitted_blend_alpha(costs)
-    candidates = [name for name in PLANNER_CANDIDATES if name != "blend" or alpha > 0]
+    alpha, candidates = planner_candidates(costs)
     chosen: dict[str, str] = {}
     for speedup in PLANNER_CHECK_SPEEDUPS:
         passes = budget_passes(steps, speedup)

@@ -167,12 +167,17 @@ class TimestepCache(CacheBookkeeping):
         raise speedup_refusal(self.name)
 
 
+def takes_a_budget(cls: type[TimestepCache]) -> bool:
+    """Whether the strategy can be tuned to a speedup (it overrides :meth:`TimestepCache.meet_budget`)."""
+    return cls.meet_budget is not TimestepCache.meet_budget
+
+
 def speedup_refusal(name: str) -> CacheConfigError:
     """The one wording of "strategy ``name`` cannot be tuned to a speedup", naming those that can:
     raised by :meth:`TimestepCache.meet_budget` and, before a model loads, by the CLI and server
     (``input_validation.check_speedup_strategy``). Worded with the CLI's flags, which the server
     turns into its request fields."""
-    tunable = [n for n in registered_caches() if get_cache_class(n).meet_budget is not TimestepCache.meet_budget
+    tunable = [n for n in registered_caches() if takes_a_budget(get_cache_class(n))
                and get_cache_class(n).default_speedup is None]
     return CacheConfigError(
         f"{name} cannot be tuned to a speedup; use --cache-speedup without --cache (the planner), "

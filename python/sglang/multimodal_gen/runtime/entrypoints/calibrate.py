@@ -17,10 +17,9 @@ from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.budget import budget_passes
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, plot_magnitude_ratios
 from sglang.multimodal_gen.runtime.cache.planner import (
-    PLANNER_CANDIDATES,
     PLANNER_CHECK_SPEEDUPS,
     GapCosts,
-    fitted_blend_alpha,
+    planner_candidates,
     predicted_planner_estimator,
 )
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
@@ -163,8 +162,7 @@ def choose_planner_estimator(
     models, where held-out prompts showed blend far better. Frames, not latents: on the built-in
     model the forecasts' latent errors are larger than reuse's yet decode to far better frames."""
     gram, sigmas = calibration.planner_table(steps)
-    alpha = fitted_blend_alpha([GapCosts(gram[b], sigmas, steps) for b in gram])
-    candidates = [name for name in PLANNER_CANDIDATES if name != "blend" or alpha > 0]
+    alpha, candidates = planner_candidates([GapCosts(gram[b], sigmas, steps) for b in gram])
     bar = tqdm(total=len(candidates) * len(PLANNER_CHECK_SPEEDUPS) * len(prompts),
                desc=f"planner estimator, {steps} steps", unit="run", disable=not show_progress)
     chosen: dict[str, str] = {}

@@ -11,7 +11,7 @@ from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache import build_cache
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, registered_caches
-from sglang.multimodal_gen.runtime.cache.strategy import TimestepCache, speedup_refusal
+from sglang.multimodal_gen.runtime.cache.strategy import speedup_refusal, takes_a_budget
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req, VideoGeometry
 
 
@@ -126,7 +126,7 @@ def check_speedup_strategy(cache: CacheParams) -> None:
     registry alone, before a model loads (``strategy.speedup_refusal``)."""
     if cache.speedup is None or cache.strategy in (None, "none") or cache.strategy not in registered_caches():
         return  # no speedup, the planner, or an unknown name CacheParams refuses
-    if get_cache_class(cache.strategy).meet_budget is TimestepCache.meet_budget:
+    if not takes_a_budget(get_cache_class(cache.strategy)):
         raise speedup_refusal(cache.strategy)
 
 
