@@ -5,7 +5,7 @@ Graph counts come from dynamo's counters (``unique_graphs``: graphs handed to a 
 with ``backend="eager"``: dynamo traces, guards and counts exactly as with inductor, but a graph
 costs well under a second instead of ~20 s of C++ compilation on this machine's CPU. The real
 default (inductor) runs in the numerical tests and the CLI test; the Ulysses test routes its graphs
-to the eager backend through torch's own override (``TORCH_COMPILE_OVERRIDE_BACKENDS``), as each
+to the eager backend through torch's own override (``debug_backend_override``), as each
 rank's inductor build of its shard's graph would add ~30 s and inductor's numerics are checked above.
 """
 
@@ -147,13 +147,23 @@ def test_inductor_in_bfloat16_is_as_close_to_float32_as_eager(tiny_wan_dir, wan_
     assert compiled_error <= 2 * eager_error, (compiled_error, eager_error)
 
 
-def test_ulysses_workers_compile_and_match_one_process(tmp_path, monkeypatch):
+EAGER_EVERYWHERE = ">=0:eager"  # torch's TORCH_COMPILE_OVERRIDE_BACKENDS syntax: every graph on eager
+
+
+def route_graphs_to_eager() -> None:
+    """A worker's ``worker_init``: its graphs go to dynamo's eager backend, as rank 0's below."""
+    torch._dynamo.config.debug_backend_override = EAGER_EVERYWHERE
+
+
+def test_ulysses_workers_compile_and_match_one_process(tmp_path):
     """Ulysses' all-to-alls inside the blocks trace on gloo (functional collectives, no graph
     break); every block of a rank sees its shard in one contiguous layout, so the rank compiles one
     graph on the first request and none afterwards (a strided first shard would cost a second)."""
-    eager_everywhere = ">=0:eager"
-    monkeypatch.setenv("TORCH_COMPILE_OVERRIDE_BACKENDS", eager_everywhere)  # the spawned rank reads it
-    monkeypatch.setattr(torch._dynamo.config, "debug_backend_override", eager_everywhere)  # rank 0: this process
+    with torch._dynamo.config.patch(debug_backend_override=EAGER_EVERYWHERE):  # rank 0 is this process
+        _ulysses_compiles_once_and_matches(tmp_path)
+
+
+def _ulysses_compiles_once_and_matches(tmp_path) -> None:
     from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan
 
     model = str(build_tiny_wan(tmp_path / "tiny-wan-4heads", seed=0,
@@ -161,7 +171,7 @@ def test_ulysses_workers_compile_and_match_one_process(tmp_path, monkeypatch):
     params = _params(STRATEGIES["easycache"], num_inference_steps=STEPS)
     single = DiffGenerator.from_pretrained(model, device="cpu").generate(params)
     with DiffGenerator.from_pretrained(model, device="cpu", num_gpus=2, ulysses_degree=2, dist_timeout_s=300,
-                                       enable_torch_compile=True) as group:
+                                       enable_torch_compile=True, worker_init=route_graphs_to_eager) as group:
         assert (group.workers.load["enable_torch_compile"], group.workers.load["batched_cfg"]) == (True, True)
         parallel, first = _compiled(group, params)
         _, second = _compiled(group, params)

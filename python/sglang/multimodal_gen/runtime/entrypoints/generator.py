@@ -156,7 +156,8 @@ class DiffGenerator:
         load_args = dict(model_path=model_path, device=str(torch_device), dtype=dtype,
                          cache_calibration=cache_calibration, enable_torch_compile=enable_torch_compile,
                          batched_cfg=use_batched_cfg)
-        workers = WorkerGroup(parallel, load_args, load, load_worker_pipeline, worker_init)
+        workers = WorkerGroup(parallel, load_args, load, load_worker_pipeline, worker_init,
+                              preload=(__name__, info.family.pipeline_module, *WORKER_PRELOAD))
         return cls(workers.pipeline, model_path, cache_calibration, workers)
 
     def close(self) -> None:
@@ -222,6 +223,11 @@ class DiffGenerator:
         if params.output_path is not None:
             result.output_path = str(save_video(result.frames, params.output_path, result.params.fps))
         return result
+
+
+# What every worker imports to load a model, imported once in the workers' fork server: the two
+# libraries' model bases and transformers' index of its models (seconds of a start on a CPU).
+WORKER_PRELOAD = ("transformers.models", "transformers.modeling_utils", "diffusers.models.modeling_utils")
 
 
 def load_worker_pipeline(load: dict[str, Any]) -> Pipeline:
