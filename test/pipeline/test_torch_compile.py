@@ -159,26 +159,22 @@ def test_ulysses_workers_compile_and_match_one_process(tmp_path):
     """Ulysses' all-to-alls inside the blocks trace on gloo (functional collectives, no graph
     break); every block of a rank sees its shard in one contiguous layout, so the rank compiles one
     graph on the first request and none afterwards (a strided first shard would cost a second)."""
-    with torch._dynamo.config.patch(debug_backend_override=EAGER_EVERYWHERE):  # rank 0 is this process
-        _ulysses_compiles_once_and_matches(tmp_path)
-
-
-def _ulysses_compiles_once_and_matches(tmp_path) -> None:
     from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan
 
-    model = str(build_tiny_wan(tmp_path / "tiny-wan-4heads", seed=0,
-                               transformer_config={"num_attention_heads": 4, "attention_head_dim": 16}))
-    params = _params(STRATEGIES["easycache"], num_inference_steps=STEPS)
-    single = DiffGenerator.from_pretrained(model, device="cpu").generate(params)
-    with DiffGenerator.from_pretrained(model, device="cpu", num_gpus=2, ulysses_degree=2, dist_timeout_s=300,
-                                       enable_torch_compile=True, worker_init=route_graphs_to_eager) as group:
-        assert (group.workers.load["enable_torch_compile"], group.workers.load["batched_cfg"]) == (True, True)
-        parallel, first = _compiled(group, params)
-        _, second = _compiled(group, params)
-    assert first == (1, 1) and second == (0, 0)
-    # As test_ulysses_pipeline.py: fp32 ulps per step between the shards' and one process's sums.
-    torch.testing.assert_close(parallel.latents, single.latents, atol=1e-4, rtol=0)
-    assert parallel.cache_stats.total_skipped == single.cache_stats.total_skipped
+    with torch._dynamo.config.patch(debug_backend_override=EAGER_EVERYWHERE):  # rank 0 is this process
+        model = str(build_tiny_wan(tmp_path / "tiny-wan-4heads", seed=0,
+                                   transformer_config={"num_attention_heads": 4, "attention_head_dim": 16}))
+        params = _params(STRATEGIES["easycache"], num_inference_steps=STEPS)
+        single = DiffGenerator.from_pretrained(model, device="cpu").generate(params)
+        with DiffGenerator.from_pretrained(model, device="cpu", num_gpus=2, ulysses_degree=2, dist_timeout_s=300,
+                                           enable_torch_compile=True, worker_init=route_graphs_to_eager) as group:
+            assert (group.workers.load["enable_torch_compile"], group.workers.load["batched_cfg"]) == (True, True)
+            parallel, first = _compiled(group, params)
+            _, second = _compiled(group, params)
+        assert first == (1, 1) and second == (0, 0)
+        # As test_ulysses_pipeline.py: fp32 ulps per step between the shards' and one process's sums.
+        torch.testing.assert_close(parallel.latents, single.latents, atol=1e-4, rtol=0)
+        assert parallel.cache_stats.total_skipped == single.cache_stats.total_skipped
 
 
 def test_generate_with_torch_compile_and_a_cache_writes_the_mp4(tiny_wan_dir, tmp_path, capsys, caplog):
