@@ -1,13 +1,14 @@
 """The worker processes of a multi-process generator, started and rebuilt by rank 0.
 
 ``DiffGenerator.from_pretrained(..., num_gpus=N)`` keeps its own pipeline as rank 0 and starts
-``N - 1`` worker processes (``torch.multiprocessing``, forked from a fork server that has imported
-the model libraries once, so a rebuilt group does not pay the imports again) that join torch.distributed (NCCL
-on CUDA, gloo on the CPU) over a free loopback TCP port and load the same model with the loader
-the generator hands over (this layer knows nothing of the entrypoints). A request goes
-from rank 0 to every worker with ``broadcast_object_list`` on the control group; every rank
-runs the pipeline (the denoising stage splits the work through ``parallel_state``); each rank's
-report comes back with ``all_gather_object``; rank 0 returns the result.
+``N - 1`` worker processes (``torch.multiprocessing``; on the CPU forked from a fork server that has
+imported the model libraries once, so a rebuilt group does not pay the imports again; spawned on
+CUDA) that join torch.distributed (NCCL on CUDA, gloo on the CPU) over a free loopback TCP port
+and load the same model with the loader the generator hands over (this layer knows nothing of the
+entrypoints). A request goes from rank 0 to every worker with ``broadcast_object_list`` on the
+control group; every rank runs the pipeline (the denoising stage splits the work through
+``parallel_state``); each rank's report comes back with ``all_gather_object``; rank 0 returns the
+result.
 
 Failure: a worker that raises puts one line (its rank and error) on an error queue and exits,
 which ends rank 0's pending collective at once (the peer's connection closes); every
@@ -226,7 +227,8 @@ class WorkerGroup:
             strategies with it).
         preload: Modules the workers' fork server imports once (torch, the model libraries): a
             worker forks from it with them imported, so starting or replacing a group costs the
-            model's load, not seconds of imports. Fixed when the process's first group starts.
+            model's load, not seconds of imports. Fixed when the process's first group starts;
+            CPU (gloo) groups only: CUDA workers are spawned.
     """
 
     def __init__(
@@ -242,8 +244,13 @@ class WorkerGroup:
         self.load = load
         self.load_worker = load_worker
         self.worker_init = worker_init
-        self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload([__name__, *preload])
+        if _backend(load.get("device")) == "gloo":
+            self._ctx = mp.get_context("forkserver")
+            self._ctx.set_forkserver_preload([__name__, *preload])
+        else:
+            # CUDA does not survive a fork after the driver was touched, which a library imported
+            # in the fork server may do; a CUDA rank costs seconds of model load anyway.
+            self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = []
         self._errors: Any = None
         self.restarts = 0
