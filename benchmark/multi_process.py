@@ -10,7 +10,9 @@ branch, so denoising takes about half as long when each process has a free core)
 per-step collective costs (one all_gather of the prediction per step, plus a one-bool broadcast
 per step for EasyCache); with two processes on two shared cores the ratio is bounded by the
 machine's other load (the load average goes into the output). Every rank encodes the text and only
-rank 0 decodes, so end-to-end time gains less than denoising. What only GPUs can show:
+rank 0 decodes, so end-to-end time gains less than denoising. It also times the group's start and
+a rebuild (what a failed rank costs the next request: on the CPU the workers fork from a fork
+server that has the libraries imported). What only GPUs can show:
 NCCL's collective cost against a real 1.3B/14B step (milliseconds against seconds, so the
 denoising speedup approaches N), the memory per rank under Ulysses, and the interconnect's effect.
 One process per GPU: a machine with one GPU can only run ``--num-gpus 1`` on the NCCL path.
@@ -71,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     del single
     flags = dict(ulysses_degree=args.num_gpus) if args.ulysses else dict(enable_cfg_parallel=True, ulysses_degree=1)
     label = f"{args.num_gpus} processes ({'ulysses' if args.ulysses else 'cfg parallel'})"
+    start = time.perf_counter()
     with DiffGenerator.from_pretrained(args.model_path, device=args.device, num_gpus=args.num_gpus, **flags) as multi:
+        out["group start s"] = round(time.perf_counter() - start, 2)
         out[label] = _time(multi, params, args.rounds)
+        start = time.perf_counter()
+        multi.workers.restart()  # what a failed rank costs the next request
+        out["group rebuild s"] = round(time.perf_counter() - start, 2)
     out["denoising speedup"] = round(out["1 process"]["denoising_s"] / out[label]["denoising_s"], 2)
     out["total speedup"] = round(out["1 process"]["total_s"] / out[label]["total_s"], 2)
     out["load_average_end"] = os.getloadavg()
