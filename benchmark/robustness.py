@@ -36,16 +36,21 @@ from sglang.multimodal_gen.configs.cache_params import CacheParams  # noqa: E402
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
 from sglang.multimodal_gen.runtime.cache.base import budget_passes  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
+from sglang.multimodal_gen.runtime.pipelines.base import VideoGeometry  # noqa: E402
 
 
-def cell_request(cell: Cell, defaults: SamplingParams) -> dict:
-    """The request fields of a cell: the folder's defaults moved as the cell says."""
-    fields = {"height": defaults.height, "width": defaults.width, "num_frames": defaults.num_frames,
-              "num_inference_steps": defaults.num_inference_steps, "guidance_scale": defaults.guidance_scale}
-    fields["height"] = int(round(fields["height"] * cell.scale / 16) * 16)
-    fields["width"] = int(round(fields["width"] * cell.scale / 16) * 16)
-    fields["num_frames"] = (fields["num_frames"] - 1) * cell.frame_factor + 1
-    return {**fields, **cell.overrides}
+def cell_request(cell: Cell, defaults: SamplingParams, geometry: VideoGeometry) -> dict:
+    """The request fields of a cell: the folder's defaults moved as the cell says, sizes kept on the
+    model's spatial multiple and frame counts on its temporal stride (``4k + 1`` stays ``4k + 1``)."""
+    multiple = geometry.spatial_multiple
+    return {
+        "height": round(defaults.height * cell.scale / multiple) * multiple,
+        "width": round(defaults.width * cell.scale / multiple) * multiple,
+        "num_frames": (defaults.num_frames - 1) * cell.frame_factor + 1,
+        "num_inference_steps": defaults.num_inference_steps,
+        "guidance_scale": defaults.guidance_scale,
+        **cell.overrides,
+    }
 
 
 def method_params(method: str, base: SamplingParams, speedup: float) -> SamplingParams:
@@ -78,15 +83,17 @@ def main() -> None:
     output = Path(args.output or REPO / f"benchmark/results/robustness-{Path(info.path).name}.json")
     rows: list[dict] = []
     seeds = range(args.seeds)
-    bar = tqdm(total=len(selected) * len(captions) * len(seeds) * (1 + len(SPEEDUPS) * len(METHODS)),
-               desc="robustness", unit="run")
+    cell_captions = {cell.name: OUT_OF_WORLD if cell.out_of_world else captions for cell in selected}
+    runs = sum(len(c) for c in cell_captions.values()) * len(seeds) * (1 + len(SPEEDUPS) * len(METHODS))
+    bar = tqdm(total=runs, desc="robustness", unit="run")
     for cell in selected:
         if cell.bfloat16 not in generators:
             generators[cell.bfloat16] = DiffGenerator.from_pretrained(args.model_path, device="cpu", dtype="bfloat16")
         gen = generators[cell.bfloat16]
-        for caption in (OUT_OF_WORLD if cell.out_of_world else captions):
+        request = cell_request(cell, defaults, gen.geometry)
+        for caption in cell_captions[cell.name]:
             for seed in seeds:
-                base = SamplingParams(prompt=caption, seed=seed, **cell_request(cell, defaults))
+                base = SamplingParams(prompt=caption, seed=seed, **request)
                 reference = gen.generate(base).frames
                 bar.update()
                 for speedup in SPEEDUPS:
@@ -95,7 +102,7 @@ def main() -> None:
                         scores[method] = psnr(gen.generate(method_params(method, base, speedup)).frames, reference)
                         bar.update()
                     rows.append({"cell": cell.name, "speedup": speedup, "caption": caption, "seed": seed,
-                                 "request": cell_request(cell, defaults), "psnr": scores})
+                                 "request": request, "psnr": scores})
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(rows, indent=1))
     bar.close()

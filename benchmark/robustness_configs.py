@@ -2,7 +2,7 @@
 
 A planner table is calibrated at one size, frame count, guidance, step count, caption set and dtype
 (the model folder's defaults). Every ``Cell`` moves one of them; each is scored at ``SPEEDUPS``
-with ``SAMPLES_PER_CELL`` samples (3 held-out captions x 2 seeds; the out-of-world cell takes
+on 3 held-out captions (``CAPTION_PICKS``) x ``SEEDS`` (the out-of-world cell takes
 :data:`OUT_OF_WORLD` instead of held-out captions). Add a condition by adding a ``Cell``.
 """
 

@@ -16,17 +16,20 @@ from robustness_configs import METHODS, Cell, cells  # noqa: E402
 from robustness_report import markdown_table, summarise  # noqa: E402
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
+from sglang.multimodal_gen.runtime.pipelines.base import VideoGeometry  # noqa: E402
 
 DEFAULTS = SamplingParams(prompt="p", height=64, width=64, num_frames=17, num_inference_steps=50, guidance_scale=5.0)
+WAN = VideoGeometry(spatial_multiple=16, temporal_stride=4)
 
 
 def test_cells_move_one_condition_each():
-    assert cell_request(Cell("calibrated"), DEFAULTS) == {"height": 64, "width": 64, "num_frames": 17,
-                                                          "num_inference_steps": 50, "guidance_scale": 5.0}
-    assert cell_request(Cell("half", scale=0.5), DEFAULTS)["height"] == 32
-    assert cell_request(Cell("1.5x", scale=1.5), DEFAULTS)["width"] == 96
-    assert cell_request(Cell("double", frame_factor=2), DEFAULTS)["num_frames"] == 33  # 4k + 1 frames stay 4k + 1
-    assert cell_request(Cell("g", {"guidance_scale": 9.0}), DEFAULTS)["guidance_scale"] == 9.0
+    assert cell_request(Cell("calibrated"), DEFAULTS, WAN) == {"height": 64, "width": 64, "num_frames": 17,
+                                                               "num_inference_steps": 50, "guidance_scale": 5.0}
+    assert cell_request(Cell("half", scale=0.5), DEFAULTS, WAN)["height"] == 32
+    assert cell_request(Cell("1.5x", scale=1.5), DEFAULTS, WAN)["width"] == 96
+    assert cell_request(Cell("1.5x", scale=1.5), DEFAULTS, VideoGeometry(40, 4))["width"] == 80  # 96 -> 2 x 40
+    assert cell_request(Cell("double", frame_factor=2), DEFAULTS, WAN)["num_frames"] == 33  # 4k + 1 stays 4k + 1
+    assert cell_request(Cell("g", {"guidance_scale": 9.0}), DEFAULTS, WAN)["guidance_scale"] == 9.0
     names = [c.name for c in cells("hunyuan")]
     assert "guidance 1" in names and "guidance 6" in names and len(names) == len(set(names)) == 11
 
