@@ -4,6 +4,7 @@
     python benchmark/frontier.py --model-path /work/models/wan-seed4242 --calibration C.json
     python benchmark/frontier.py --steps 20                       # at another step count
     python benchmark/frontier.py --quick                          # 1 prompt, 1 seed (a smoke run)
+    python benchmark/frontier.py --budget time                    # each speedup asked in time, as users ask
     python benchmark/frontier.py --model-path hunyuanvideo-t2v-tiny --output benchmark/results/frontier-hunyuan.json
 
 For each held-out prompt and seed: the uncached run (50 steps unless ``--steps``) is the reference;
@@ -47,7 +48,7 @@ from metrics import psnr, ssim  # noqa: E402
 from threshold_search import nearest_threshold  # noqa: E402
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
-from sglang.multimodal_gen.runtime.cache.base import budget_passes  # noqa: E402
+from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, budget_passes  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
 
 
@@ -117,10 +118,14 @@ def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: in
 
 def run_method(
     gen: DiffGenerator, peer: DiffusersTaylorSeer | None, method: FrontierMethod, speedup: float, steps: int,
-    prompt: str, seed: int, tuned: dict,
+    prompt: str, seed: int, tuned: dict, budget: str,
 ) -> tuple[np.ndarray, int, float | None]:
-    """Frames, passes per branch and (our pipeline only) denoising seconds of one method at one speedup."""
+    """Frames, passes per branch and (our pipeline only) denoising seconds of one method at one speedup.
+    ``budget``: ``passes`` counts skipped steps as free (every budgeted method runs ``round(steps /
+    x)`` passes); ``time`` plans with the model's step costs, as a user's request does."""
     request: Request = method.request(speedup, steps)
+    if budget == "passes" and request.cache is not None and request.cache.speedup is not None:
+        request = dataclasses.replace(request, cache=dataclasses.replace(request.cache, step_costs=PASSES_ONLY))
     if request.tune_threshold:
         threshold = tuned[request.cache.strategy][speedup][0]
         request = dataclasses.replace(request, cache=dataclasses.replace(request.cache, threshold=threshold))
@@ -144,6 +149,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS, help="step count of the reference and the cached runs")
     parser.add_argument("--methods", default=None,
                         help="subset of the method names, separated by ';' (names may hold commas)")
+    parser.add_argument("--budget", choices=("passes", "time"), default="passes",
+                        help="compare at equal transformer passes (skipped steps counted as free), or ask "
+                             "every budgeted method for the speedup in time, as a user's request does")
     parser.add_argument("--output", default=str(REPO / "benchmark/results/frontier.json"))
     parser.add_argument("--plot", default=str(REPO / "docs/images/frontier.png"))
     args = parser.parse_args()
@@ -176,7 +184,8 @@ def main() -> None:
         bar.update()
         for method in methods:
             for speedup in SPEEDUPS:
-                frames, passes, seconds = run_method(gen, peer, method, speedup, steps, prompt, seed, tuned)
+                frames, passes, seconds = run_method(gen, peer, method, speedup, steps, prompt, seed, tuned,
+                                                     args.budget)
                 rows.append(dict(method=method.name, speedup=speedup, prompt=prompt, seed=seed, passes=passes,
                                  psnr=psnr(frames, reference), ssim=ssim(frames, reference), seconds=seconds,
                                  uncached_seconds=uncached.timings["denoising"]))
@@ -184,7 +193,7 @@ def main() -> None:
     bar.close()
     summary = summarise(rows)
     model = gen.model_name
-    header = (f"{model}, {steps} steps, {len(samples)} samples (held-out prompts x seeds); "
+    header = (f"{model}, {steps} steps, {len(samples)} samples (held-out prompts x seeds), budget in {args.budget}; "
               f"PSNR dB / SSIM against the uncached {steps}-step run: mean (worst)")
     print(header)
     print(markdown_table(summary, [m.name for m in methods]))
@@ -192,7 +201,8 @@ def main() -> None:
     thresholds = {strategy: {str(x): {"threshold": t, "tuning_passes": p} for x, (t, p) in by_speedup.items()}
                   for strategy, by_speedup in tuned.items()}
     Path(args.output).write_text(json.dumps({"model": model, "steps": steps, "samples": samples,
-                                             "tuned_thresholds": thresholds, "summary": summary, "runs": rows},
+                                             "budget": args.budget, "tuned_thresholds": thresholds,
+                                             "summary": summary, "runs": rows},
                                             indent=1) + "\n")
     plot_frontier(summary, methods, f"{model}: {len(samples)} held-out samples, {steps} steps", args.plot)
     print(f"wrote {args.output} and {args.plot}")

@@ -34,7 +34,7 @@ from robustness_report import markdown_table, summarise  # noqa: E402
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams  # noqa: E402
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
-from sglang.multimodal_gen.runtime.cache.base import budget_passes  # noqa: E402
+from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, budget_passes  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
 from sglang.multimodal_gen.runtime.pipelines.base import VideoGeometry  # noqa: E402
 
@@ -57,7 +57,8 @@ def method_params(method: str, base: SamplingParams, speedup: float) -> Sampling
     if method == "plain steps":
         return dataclasses.replace(base, num_inference_steps=budget_passes(base.num_inference_steps, speedup))
     estimator = "reuse" if method == "planner, reuse" else None
-    return dataclasses.replace(base, cache=CacheParams(strategy="planner", speedup=speedup, estimator=estimator))
+    return dataclasses.replace(base, cache=CacheParams(strategy="planner", speedup=speedup, estimator=estimator,
+                                                       step_costs=PASSES_ONLY))
 
 
 def main() -> None:

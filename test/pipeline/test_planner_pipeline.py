@@ -1,7 +1,8 @@
-"""--cache-speedup on the trained built-in model (64x64, 17 frames): the budget is met exactly in
-real generations by every strategy that takes one, plans are deterministic and shared by the CFG
-branches, the planner beats running fewer steps, a calibration without planner data falls back to
-MagCache in one warning, and `sglang calibrate` records what the planner needs."""
+"""--cache-speedup on the trained built-in model (64x64, 17 frames): the budget, in time with the
+calibration's step costs or in passes with none, is met exactly in real generations by every
+strategy that takes one, plans are deterministic and shared by the CFG branches, the planner beats
+running fewer steps, a calibration without planner data falls back to MagCache in one warning, and
+`sglang calibrate` records what the planner needs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.cache.base import CALIBRATION_WINDOW, COND, UNCOND, budget_passes
+from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY
+from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, _warn_resampled_once
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
 
@@ -36,6 +39,14 @@ def psnr(test: np.ndarray, reference: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def _time_budget_passes(generator, steps: int, speedup: float, strategy: str = "planner",
+                        branches: int = 2) -> int:
+    """The passes a time budget gives with the built-in calibration's step costs."""
+    costs = generator.step_costs(CalibrationResult.load(generator.pipeline.model_info.calibration_file))
+    cost = costs.skipped_step_cost(branches, get_cache_class(strategy).skips_whole_model)
+    return budget_passes(steps, speedup, cost)
+
+
 def _assert_budget(result, steps: int, passes: int, strategy: str) -> None:
     stats = result.cache_stats
     assert stats.strategy == strategy, stats.summary()
@@ -45,11 +56,23 @@ def _assert_budget(result, steps: int, passes: int, strategy: str) -> None:
         assert branch.num_skipped == steps - passes > 0, (name, stats.summary())
 
 
+def test_the_shipped_calibration_holds_cpu_step_costs(builtin_generator):
+    """Measured by `sglang calibrate` on the CPU, so requests here plan without measuring."""
+    calibration = CalibrationResult.load(builtin_generator.pipeline.model_info.calibration_file)
+    costs = calibration.step_costs()
+    assert costs is not None and costs.device == "cpu"
+    assert builtin_generator.step_costs(calibration) is costs or builtin_generator.step_costs(calibration) == costs
+    assert builtin_generator._measured_step_costs is None
+
+
 @pytest.mark.parametrize("steps", [20, 30, 50])
 def test_the_planner_meets_the_speedup_exactly(builtin_generator, steps):
     for speedup in (1.5, 2, 3):
         result = _generate(builtin_generator, steps, CacheParams(speedup=speedup))
-        _assert_budget(result, steps, budget_passes(steps, speedup), "planner")
+        _assert_budget(result, steps, _time_budget_passes(builtin_generator, steps, speedup), "planner")
+        assert result.cache_stats.asked_speedup == speedup
+        passes_only = _generate(builtin_generator, steps, CacheParams(speedup=speedup, step_costs=PASSES_ONLY))
+        _assert_budget(passes_only, steps, budget_passes(steps, speedup), "planner")
         assert result.cache_stats.branches[COND].computed_steps == result.cache_stats.branches[UNCOND].computed_steps
         assert result.cache.plan()[COND] == [s in result.cache_stats.branches[COND].computed_steps
                                              for s in range(steps)]
@@ -81,8 +104,14 @@ def test_magcache_still_warns_far_from_its_50_step_ratios(builtin_generator, cap
 
 @pytest.mark.parametrize("strategy", ["magcache", "teacache", "even"])
 def test_strategies_tuned_to_the_speedup_meet_it_exactly(builtin_generator, strategy):
+    """They skip the blocks only (embed and head still run), so a time budget buys them fewer
+    passes than the planner, which skips the whole model call."""
     result = _generate(builtin_generator, 20, CacheParams(strategy=strategy, speedup=2))
-    _assert_budget(result, 20, 10, strategy)
+    passes = _time_budget_passes(builtin_generator, 20, 2, strategy)
+    assert passes <= _time_budget_passes(builtin_generator, 20, 2) <= 10
+    _assert_budget(result, 20, passes, strategy)
+    _assert_budget(_generate(builtin_generator, 20, CacheParams(strategy=strategy, speedup=2, step_costs=PASSES_ONLY)),
+                   20, 10, strategy)
 
 
 def test_plans_are_deterministic_and_shared_by_the_branches(builtin_generator):
@@ -102,7 +131,7 @@ def test_the_planner_at_2x_beats_running_half_the_steps(builtin_generator):
     45.5 dB (25 steps)."""
     prompt = HELD_OUT[0].caption
     reference = _generate(builtin_generator, 50, prompt=prompt).frames
-    planned = _generate(builtin_generator, 50, CacheParams(speedup=2), prompt=prompt)
+    planned = _generate(builtin_generator, 50, CacheParams(speedup=2, step_costs=PASSES_ONLY), prompt=prompt)
     assert planned.cache_stats.branches[COND].num_computed == 25
     fewer_steps = _generate(builtin_generator, 25, prompt=prompt).frames
     planned_db, fewer_db = psnr(planned.frames, reference), psnr(fewer_steps, reference)
@@ -120,7 +149,8 @@ def test_a_calibration_without_planner_data_falls_back_to_magcache_in_one_warnin
     old = tmp_path / "before-planner.json"
     old.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING):
-        result = _generate(builtin_generator, 50, CacheParams(speedup=2, calibration_file=str(old)))
+        result = _generate(builtin_generator, 50, CacheParams(speedup=2, calibration_file=str(old),
+                                                              step_costs=PASSES_ONLY))
     _assert_budget(result, 50, 25, "magcache")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len([w for w in warnings if "no planner calibration" in w]) == 1, warnings
@@ -143,8 +173,12 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
         assert all(row[0] > 0 for row in branch.gram)
     assert len(saved.sigmas) == steps + 1 and saved.sigmas[-1] == 0.0
     assert all(a > b for a, b in zip(saved.sigmas, saved.sigmas[1:]))
+    # With the step costs of this device.
+    costs = saved.step_costs()
+    assert costs is not None and costs.device == "cpu" and costs.step_tail > 0 and costs.embed_and_head > 0
     # The planner takes the fresh file at its own step count.
-    result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)), **SMALL)
+    result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output),
+                                                             step_costs=PASSES_ONLY), **SMALL)
     _assert_budget(result, steps, 10, "planner")
     assert result.cache.config.sigmas == saved.sigmas
 
@@ -168,7 +202,8 @@ def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_us
         assert len(table["sigmas"]) == n + 1 and table["sigmas"][-1] == 0.0
         assert {b: len(rows) for b, rows in table["gram"].items()} == {COND: n, UNCOND: n}
     for steps, table_steps in [(8, 8), (12, 8), (20, 20), (25, 30), (30, 30), (50, 30)]:
-        result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output)), **SMALL)
+        result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output),
+                                                                 step_costs=PASSES_ONLY), **SMALL)
         _assert_budget(result, steps, budget_passes(steps, 2), "planner")
         assert len(result.cache.config.sigmas) == table_steps + 1, steps
 
@@ -239,14 +274,65 @@ def test_cli_cache_speedup_runs_the_planner(tmp_path, capsys):
     args = ["generate", "--prompt", PROMPT, "--output-path", str(tmp_path / "x.mp4"), "--height", "32", "--width",
             "48", "--num-frames", "5", "--num-inference-steps", "12", "--device", "cpu", "--cache-speedup", "3"]
     assert main(args) == 0
-    assert "planner: computed 4 of 12 steps per branch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH
+
+    costs = CalibrationResult.load(BUILTIN_MODEL_PATH / "calibration.json").step_costs()
+    passes = budget_passes(12, 3, costs.skipped_step_cost(2, whole_model=True))
+    assert f"planner: computed {passes} of 12 steps per branch" in out
+    assert re.search(r"\(\d\.\d\dx measured, 3x asked\)", out), out
 
 
 def test_a_model_without_calibration_falls_back_to_magcache_presets(wan_generator, caplog):
     """The tiny random Wan ships no calibration file: the speedup still holds, through MagCache's presets."""
     params = SamplingParams(prompt=PROMPT, seed=0, height=32, width=32, num_frames=5, num_inference_steps=12,
-                            cache=CacheParams(speedup=3))
+                            cache=CacheParams(speedup=3, step_costs=PASSES_ONLY))
     with caplog.at_level(logging.WARNING):
         result = wan_generator.generate(params)
     _assert_budget(result, 12, 4, "magcache")
     assert len([r for r in caplog.records if "no planner calibration" in r.getMessage()]) == 1
+
+
+def test_without_recorded_step_costs_they_are_measured_once_and_planned_with(tmp_path):
+    """The built-in model's folder without its calibration: the first budgeted request measures
+    the step costs (5 uncached steps at the default size), later ones reuse them, and the budget
+    counts them."""
+    import shutil
+
+    from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
+
+    folder = tmp_path / "uncalibrated"
+    shutil.copytree(BUILTIN_MODEL_PATH, folder)
+    (folder / "calibration.json").unlink()
+    config = json.loads((folder / "sglang_config.json").read_text())
+    del config["cache_calibration_file"]
+    (folder / "sglang_config.json").write_text(json.dumps(config))
+    generator = DiffGenerator.from_pretrained(str(folder), device="cpu")
+    assert generator.pipeline.model_info.calibration_file is None
+    costs = generator.step_costs()
+    assert costs.device == "cpu" and 0 < costs.step_tail < 5 and 0 < costs.embed_and_head < 1
+    assert generator.step_costs() is costs
+    result = _generate(generator, 12, CacheParams(strategy="even", speedup=2), **SMALL)
+    _assert_budget(result, 12, budget_passes(12, 2, costs.skipped_step_cost(2, whole_model=False)), "even")
+
+
+def test_the_uncached_estimate_stays_within_ten_percent_of_a_real_uncached_run(builtin_generator):
+    """What `(N.NNx measured)` divides by: the cached run's denoising time plus its skipped passes
+    at the typical pass time, against the denoising time of the same request run uncached.
+    Fastest of 7 interleaved runs each, on one torch thread: this machine's wall clock varies by
+    a quarter from run to run under load, and the fastest run is the one load touched least."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        estimates, uncached = [], []
+        for _ in range(7):
+            cached = _generate(builtin_generator, 30, CacheParams(speedup=2))
+            estimates.append(cached.cache_stats.uncached_estimate_seconds)
+            plain = builtin_generator.pipeline.run(SamplingParams(prompt=PROMPT, num_inference_steps=30),
+                                                   stop_after="denoising")
+            uncached.append(plain.timings["denoising"])
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(min(estimates) / min(uncached) - 1) <= 0.10, (estimates, uncached)

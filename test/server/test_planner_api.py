@@ -3,6 +3,10 @@ budget; EasyCache runs without a calibration and refuses a speedup."""
 
 from __future__ import annotations
 
+from sglang.multimodal_gen.runtime.cache.budget import checked_budget_passes
+from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult
+from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH
+
 from .conftest import SMALL, wait_finished
 
 
@@ -20,8 +24,13 @@ def test_a_speedup_alone_runs_the_planner_to_the_budget(http):
     video = wait_finished(http, response.json()["id"])
     assert video["status"] == "completed", video
     assert video["cache"] == "planner" and video["cache_stats"]["strategy"] == "planner"
+    # A time budget: 4 of SMALL's 8 steps would give 1.87x once the skipped steps' cost (the built-in
+    # calibration's) is counted, so 3 run.
+    calibration = CalibrationResult.load(BUILTIN_MODEL_PATH / "calibration.json")
+    passes = checked_budget_passes(8, 2, calibration.step_costs().skipped_step_cost(2, whole_model=True))
+    assert passes == 3 and video["cache_stats"]["asked_speedup"] == 2
     for branch in video["cache_stats"]["branches"].values():
-        assert branch["computed"] == 4 and branch["skipped"] == 4  # round(8 / 2) of SMALL's 8 steps
+        assert branch["computed"] == passes and branch["skipped"] == 8 - passes
 
 
 def test_easycache_over_http_needs_no_calibration_and_reports_its_pairs(http):
@@ -47,7 +56,7 @@ def test_easycache_with_a_speedup_is_400_naming_cache_speedup(http):
 def test_a_budget_magcache_cannot_meet_names_the_fields_not_the_flags(http):
     """The runtime words the refusal with CLI flags; a client sets fields, so the server names those."""
     response = http.post("/v1/videos", json={"prompt": "a red circle", **SMALL, "num_inference_steps": 20,
-                                              "cache": "magcache", "cache_speedup": 10})
+                                              "cache": "magcache", "cache_speedup": 4.5})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "cache_speedup"

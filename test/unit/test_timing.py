@@ -62,3 +62,23 @@ def test_a_pass_over_a_batch_counts_once_per_branch_at_its_share_of_the_time():
     assert len(timing.pass_seconds) == 3
     assert timing.pass_seconds[0] == timing.pass_seconds[1] > 0
     assert timing.total_seconds >= sum(timing.pass_seconds)
+
+
+def test_steps_collect_their_passes_and_the_work_around_them():
+    timer = PassTimer(torch.device("cpu"))
+    x = torch.randn(64, 64)
+    timer.start()
+    for _ in range(3):
+        with timer.time_rest(count=2):
+            x = torch.tanh(x @ x)
+        with timer.time_pass(count=2):
+            x = torch.tanh(x @ x)
+        _ = x @ x  # the step's tail: timed only as part of the step
+        timer.end_step()
+    timing = timer.finish()
+    assert len(timing.step_seconds) == 3
+    assert [len(p) for p in timing.step_passes] == [2, 2, 2]
+    assert [len(r) for r in timing.step_rest] == [2, 2, 2]
+    for total, passes, rest in zip(timing.step_seconds, timing.step_passes, timing.step_rest):
+        assert total >= sum(passes) + sum(rest) > 0
+    assert timing.total_seconds >= sum(timing.step_seconds)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sglang.multimodal_gen.runtime.cache.budget import StepCosts
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, registered_caches
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 
@@ -74,11 +75,18 @@ class CacheParams:
             1 = `forecast1`). Unset: the calibration file's fitted `blend_alpha` when one is in
             use and has it, else 0.5. Only with `estimator="blend"`.
         speedup (`float`, *optional*):
-            Ask for a speedup instead of a threshold: exactly `round(steps / speedup)` transformer
-            passes per CFG branch (at 50 steps: 33, 25, 20, 17 at 1.5x, 2x, 2.5x, 3x). With
-            strategy `"none"` it selects the budget `"planner"`, which picks the steps to run from
-            the model's calibration; with a strategy it tunes that strategy's threshold to the
-            budget (or says in one line that it cannot). Higher is faster. At least 1.
+            Ask for a speedup of the denoising loop instead of a threshold: as many transformer
+            passes per CFG branch as make it that much faster, counting what a skipped step still
+            costs (`step_costs`); without step costs `round(steps / speedup)` (at 50 steps: 33, 25,
+            20, 17 at 1.5x, 2x, 2.5x, 3x). With strategy `"none"` it selects the budget
+            `"planner"`, which picks the steps to run from the model's calibration; with a
+            strategy it tunes that strategy's threshold to the budget (or says in one line that it
+            cannot). Higher is faster. At least 1.
+        step_costs (`StepCosts`, *optional*):
+            What a step costs outside the part a skip saves (`runtime/cache/budget.py`): with it a
+            speedup is a time budget, with fewer passes than `round(steps / speedup)` where skipped
+            steps still cost something. Not a knob: the generator fills it from the calibration
+            file (measured on the same kind of device) or from a short uncached run.
     """
 
     strategy: str = "none"
@@ -91,12 +99,17 @@ class CacheParams:
     estimator: str | None = None
     blend_alpha: float | None = None
     speedup: float | None = None
+    step_costs: StepCosts | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, str) or not self.strategy:
             raise CacheConfigError(f"cache strategy must be a name such as 'magcache', got {self.strategy!r}")
         self.strategy = self.strategy.strip().lower()
         self.speedup = _check_speedup(self.speedup)
+        if isinstance(self.step_costs, dict):
+            self.step_costs = StepCosts.from_dict(self.step_costs)
+        elif self.step_costs is not None and not isinstance(self.step_costs, StepCosts):
+            raise CacheConfigError(f"step_costs must be a JSON object, got {self.step_costs!r}")
         if self.speedup is not None and self.threshold is not None:
             raise CacheConfigError(  # the budget sets the threshold; both would silently drop one
                 "give either a cache speedup or a cache threshold, not both: a speedup tunes the threshold itself",

@@ -65,7 +65,11 @@ def build_cache(
     cache = cls.from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
     speedup = params.speedup if params.speedup is not None else cls.default_speedup
     if speedup is not None and not calibrate:
-        cache.meet_budget(checked_budget_passes(num_inference_steps, speedup), params.estimator, params.blend_alpha)
+        skipped_cost = 0.0 if params.step_costs is None else params.step_costs.skipped_step_cost(
+            len(branches), cls.skips_whole_model)
+        passes = checked_budget_passes(num_inference_steps, speedup, skipped_cost)
+        cache.meet_budget(passes, params.estimator, params.blend_alpha)
+        cache.asked_speedup = speedup
     if params.estimator is not None or params.blend_alpha is not None:
         options = {} if params.blend_alpha is None else {"alpha": params.blend_alpha}
         cache.use_estimator(params.estimator, **options)

@@ -65,6 +65,8 @@ class CacheBookkeeping(abc.ABC):
         self.branches: tuple[str, ...] = tuple(branches)
         self.calibrate = calibrate
         self._pass_budget: int | None = None
+        #: The ``--cache-speedup`` the request asked for (its summary shows it beside the measured one).
+        self.asked_speedup: float | None = None
         self._statistics = TokenStatistics()
         self._decision_exchange: Callable[[int, bool | None], bool | None] = local_decision
         self._estimator = self._build_estimator(None, {})
@@ -88,6 +90,7 @@ class CacheBookkeeping(abc.ABC):
             strategy=self.name,
             num_inference_steps=self.num_inference_steps,
             branches={b: BranchStats() for b in self.branches},
+            asked_speedup=self.asked_speedup,
         )
         self._recorder = CalibrationRecorder(self.branches, self._statistics)
         self._sigma: dict[str, tuple[int, float | None]] = {}

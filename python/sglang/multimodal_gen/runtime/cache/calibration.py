@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from sglang.multimodal_gen.runtime.cache.budget import StepCosts
 from sglang.multimodal_gen.runtime.cache.recording import CalibrationRecord
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
@@ -87,6 +88,11 @@ class CalibrationResult:
     #: count, measured by ``sglang calibrate`` (``choose_planner_estimator``); empty in files written
     #: before it. Tables carry their own.
     planner_estimator: dict[str, str] = field(default_factory=dict)
+    #: What a step costs outside the part a cache skips (``StepCosts.to_dict``: fractions of one
+    #: branch's model call, and the device they were measured on), from a short uncached run at
+    #: the calibration's size: what ``--cache-speedup`` counts to make its budget a time budget.
+    #: Empty in files written before it.
+    skipped_step_cost: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -151,6 +157,16 @@ class CalibrationResult:
         return x, y
 
     # ------------------------------------------------------------------ use
+    def step_costs(self) -> StepCosts | None:
+        """The recorded step costs, or ``None`` when the file has none (or unreadable ones)."""
+        if not self.skipped_step_cost:
+            return None
+        try:
+            return StepCosts.from_dict(self.skipped_step_cost)
+        except CacheConfigError:
+            logger.warning("calibration's skipped_step_cost %r is not valid; measuring instead", self.skipped_step_cost)
+            return None
+
     def check_model(self, model_family: str) -> None:
         if model_family != self.model_family:
             raise CacheConfigError(

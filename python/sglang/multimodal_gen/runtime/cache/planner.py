@@ -1,11 +1,17 @@
 """The budget planner: the steps to run for a given number of transformer passes, chosen offline.
 
-``--cache-speedup X`` asks for exactly ``round(N / X)`` passes per CFG branch. The planner picks
-which steps run by dynamic programming over costs measured at calibration, in the spirit of
-LeMiCa and DPCache: ``sglang calibrate`` keeps the inner products of the uncached run's block
-residuals within a window (``BranchCalibration.gram``), and from them the error of any linear
-estimate of a skipped step's residual is a quadratic form. The plan is deterministic, so every
-CFG branch (and every rank) agrees by construction.
+``--cache-speedup X`` asks for the passes per CFG branch that make the denoising loop X times
+faster (``budget.py``). The planner picks which steps run by dynamic programming over costs
+measured at calibration, in the spirit of LeMiCa and DPCache: ``sglang calibrate`` keeps the
+inner products of the uncached run's block residuals within a window (``BranchCalibration.gram``),
+and from them the error of any linear estimate of a skipped step's residual is a quadratic form.
+The plan is deterministic, so every CFG branch (and every rank) agrees by construction.
+
+A planned skip covers the whole model call (embed, blocks and head), so it costs only guidance
+and the scheduler step, and what it adds is the same kind of estimate of the model output itself.
+The plan is still costed on the block residuals, a proxy for the output: planning from the
+outputs' own inner products was tried and lost 2-4 dB on the built-in Wan model at 1.5x, 2.5x and
+3x while gaining on the HunyuanVideo one (docs/benchmarks.md).
 
 The cost of a gap. Steps ``i+1 .. j-1`` are skipped after computed steps ``h < i``; the estimator
 adds ``e_k = r_i + c_k (r_i - r_h)`` at step ``k`` (``c_k = 0`` for ``reuse``, ``(k-i)/(i-h)`` for
@@ -283,6 +289,10 @@ class BudgetPlanner(TimestepCache):
     name: ClassVar[str] = "planner"
     config_class: ClassVar[type] = PlannerConfig
     default_speedup: ClassVar[float | None] = DEFAULT_SPEEDUP
+    # A skipped step costs guidance and the scheduler only, and adds an estimate of the output
+    # itself: a flow model's velocity moves less between steps than the output minus the latents.
+    skips_whole_model: ClassVar[bool] = True
+    skip_relative_to_input: ClassVar[bool] = False
 
     def __init__(
         self,

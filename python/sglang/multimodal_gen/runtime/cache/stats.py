@@ -57,6 +57,8 @@ class CacheStats:
         estimator: The residual estimator that made what skipped steps added (``reuse``, ...).
         estimator_history_bytes: The most memory its history of computed residuals held at once,
             all branches together (for ``reuse`` the one cached residual per branch).
+        asked_speedup: The ``--cache-speedup`` asked for, shown beside the measured speedup;
+            ``None`` without one.
     """
 
     strategy: str
@@ -67,6 +69,7 @@ class CacheStats:
     timed_passes: int = 0
     estimator: str = "reuse"
     estimator_history_bytes: int = 0
+    asked_speedup: float | None = None
 
     @property
     def total_computed(self) -> int:
@@ -128,11 +131,13 @@ class CacheStats:
         return estimate / self.denoising_seconds
 
     def timing_line(self) -> str | None:
-        """E.g. 'denoising 3.21 s, uncached estimate 6.05 s (1.88x measured)'; None before timing."""
+        """E.g. 'denoising 3.21 s, uncached estimate 6.05 s (1.88x measured, 2x asked)'; None before timing."""
         estimate, speedup = self.uncached_estimate_seconds, self.measured_speedup
         if estimate is None or speedup is None:
             return None
-        return f"denoising {self.denoising_seconds:.2f} s, uncached estimate {estimate:.2f} s ({speedup:.2f}x measured)"
+        asked = "" if self.asked_speedup is None else f", {self.asked_speedup:g}x asked"
+        return (f"denoising {self.denoising_seconds:.2f} s, uncached estimate {estimate:.2f} s "
+                f"({speedup:.2f}x measured{asked})")
 
     def skipped_line(self) -> str:
         """E.g. 'skipped steps: cond 10,12,14-16 | uncond 10,12,14-16' ('none' for a branch without)."""
@@ -158,6 +163,7 @@ class CacheStats:
             "measured_speedup": rounded(self.measured_speedup, 4),
             "estimator": self.estimator,
             "estimator_history_bytes": self.estimator_history_bytes,
+            "asked_speedup": self.asked_speedup,
             "branches": {
                 name: {
                     "computed": s.num_computed,

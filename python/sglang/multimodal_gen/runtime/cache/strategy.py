@@ -74,6 +74,9 @@ class TimestepCache(CacheBookkeeping):
     #: A skip covers the whole model call (embed, blocks and head), not only the blocks: what is
     #: stored and reused is the model output minus its latent input.
     skips_whole_model: ClassVar[bool] = False
+    #: With ``skips_whole_model``: whether what is stored is the model output minus its latent
+    #: input (EasyCache's rule; a skip adds it to the step's latents) or the output itself.
+    skip_relative_to_input: ClassVar[bool] = True
     #: One decision per step, taken on the first branch (cond) and followed by the others.
     decides_per_pair: ClassVar[bool] = False
 

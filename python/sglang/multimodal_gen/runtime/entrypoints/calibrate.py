@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
-from sglang.multimodal_gen.runtime.cache.budget import budget_passes
+from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, budget_passes
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, plot_magnitude_ratios
 from sglang.multimodal_gen.runtime.cache.planner import (
     PLANNER_CHECK_SPEEDUPS,
@@ -124,6 +124,8 @@ def calibrate(
         guidance_scale=float(resolved.guidance_scale),
         size=[resolved.num_frames, resolved.height, resolved.width],
     )
+    calibration.skipped_step_cost = generator.measure_step_costs(
+        dataclasses.replace(template, prompt=prompts[0])).to_dict()
     tables = [(calibration.num_inference_steps, frames)]
     for steps in planner_steps:
         if steps != calibration.num_inference_steps:
@@ -173,7 +175,7 @@ def choose_planner_estimator(
             for index, (prompt, reference) in enumerate(zip(prompts, references)):
                 # The speedup its pass count gives exactly: a short step count may not meet the checked one.
                 exact = steps / budget_passes(steps, speedup)
-                cache = CacheParams(strategy="planner", speedup=exact, estimator=name,
+                cache = CacheParams(strategy="planner", speedup=exact, estimator=name, step_costs=PASSES_ONLY,
                                     blend_alpha=alpha if name == "blend" else None,
                                     options={"gram": gram, "sigmas": list(sigmas)})
                 params = dataclasses.replace(template, prompt=prompt, seed=template.seed + index, cache=cache,

@@ -11,14 +11,18 @@ from typing import Any, Callable
 import torch
 
 from sglang.multimodal_gen.configs.models import read_model_info
+from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
-from sglang.multimodal_gen.runtime.cache.calibration import apply_calibration, load_calibration
+from sglang.multimodal_gen.runtime.cache.budget import StepCosts
+from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration, load_calibration
 from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_or_fallback
+from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
 from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroup
 from sglang.multimodal_gen.runtime.models.loader import BUILTIN_MODELS_DIR, resolve_model_path
 from sglang.multimodal_gen.runtime.pipelines.base import GenerationResult, Pipeline, ProgressCallback, VideoGeometry
 from sglang.multimodal_gen.runtime.stages.denoising import DenoisingStage
+from sglang.multimodal_gen.runtime.utils.timing import device_label
 from sglang.multimodal_gen.runtime.utils.video_io import check_output_path, save_video
 
 logger = logging.getLogger(__name__)
@@ -92,6 +96,7 @@ class DiffGenerator:
         self.model_path = model_path
         self.cache_calibration = cache_calibration
         self.workers = workers
+        self._measured_step_costs: StepCosts | None = None
 
     @classmethod
     def from_pretrained(
@@ -190,19 +195,55 @@ class DiffGenerator:
         return self.pipeline.validate(self._with_calibration(params)).params
 
     def _with_calibration(self, params: SamplingParams) -> SamplingParams:
-        """Swap the shipped presets for a calibration file: the request's, the server's, the model's."""
+        """Swap the shipped presets for a calibration file: the request's, the server's, the model's;
+        with a speedup, add what a skipped step costs (:meth:`step_costs`)."""
         info = self.pipeline.model_info
         if not params.cache.enabled:
             return params
         calibration_file = params.cache.calibration_file or self.cache_calibration or info.calibration_file
+        calibration = load_calibration(calibration_file) if calibration_file else None
         cache = params.cache
         if cache.strategy == BudgetPlanner.name:
-            cache = planner_or_fallback(cache, load_calibration(calibration_file) if calibration_file else None)
-        if calibration_file is None:
-            return dataclasses.replace(params, cache=cache)
-        steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
-        cache = apply_calibration(cache, calibration_file, info.family.name, steps)
+            cache = planner_or_fallback(cache, calibration)
+        if calibration_file is not None:
+            steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
+            cache = apply_calibration(cache, calibration_file, info.family.name, steps)
+        if cache.step_costs is None and takes_a_speedup(cache):
+            cache = dataclasses.replace(cache, step_costs=self.step_costs(calibration))
         return dataclasses.replace(params, cache=cache)
+
+    def step_costs(self, calibration: CalibrationResult | None = None) -> StepCosts:
+        """What a step costs outside the part a cache skips, for a speedup to be a time budget: the
+        calibration's when it was measured on this kind of device, else measured once on this
+        generator by a short uncached run at the model's default size (every rank takes part;
+        the request carries the result to all of them, so every rank plans the same)."""
+        recorded = calibration.step_costs() if calibration is not None else None
+        if recorded is not None and recorded.device == device_label(self.pipeline.device):
+            return recorded
+        if self._measured_step_costs is None:
+            self._measured_step_costs = self.measure_step_costs(SamplingParams(prompt="step costs"))
+            logger.info("measured step costs on %s: embed and head %.3f, step tail %.3f of a model call",
+                        self._measured_step_costs.device, self._measured_step_costs.embed_and_head,
+                        self._measured_step_costs.step_tail)
+        return self._measured_step_costs
+
+    def prepare_step_costs(self) -> StepCosts:
+        """:meth:`step_costs` for the generator's own calibration, measured now if it holds none
+        for this device. A server calls it before taking requests: a measurement is a generation,
+        which must not run beside one of a request's."""
+        calibration_file = self.cache_calibration or self.pipeline.model_info.calibration_file
+        return self.step_costs(load_calibration(calibration_file) if calibration_file else None)
+
+    def measure_step_costs(self, params: SamplingParams) -> StepCosts:
+        """Time ``STEP_COST_STEPS`` uncached denoising steps of ``params`` (nothing decoded)."""
+        params = dataclasses.replace(params, num_inference_steps=STEP_COST_STEPS, cache=CacheParams(),
+                                     output_path=None)
+        if self.workers is None:
+            result = self.pipeline.run(params, stop_after="denoising")
+        else:
+            self.pipeline.validate(params)
+            result = self.workers.run(self.pipeline, params, stop_after="denoising")
+        return result.step_costs
 
     def generate(
         self,
@@ -223,6 +264,16 @@ class DiffGenerator:
         if params.output_path is not None:
             result.output_path = str(save_video(result.frames, params.output_path, result.params.fps))
         return result
+
+
+#: Steps of the uncached run that measures step costs: the median over them leaves out the first
+#: (kernel warm-up, a compile).
+STEP_COST_STEPS = 5
+
+
+def takes_a_speedup(cache: CacheParams) -> bool:
+    """Whether the request's cache works to a ``--cache-speedup`` budget."""
+    return cache.speedup is not None or get_cache_class(cache.strategy).default_speedup is not None
 
 
 # What every worker imports to load a model, imported once in the workers' fork server: the two

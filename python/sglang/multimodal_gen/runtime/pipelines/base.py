@@ -12,6 +12,7 @@ import torch
 
 from sglang.multimodal_gen.configs.models import ModelInfo
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.runtime.cache.budget import StepCosts
 from sglang.multimodal_gen.runtime.cache.stats import CacheStats
 from sglang.multimodal_gen.runtime.cache.strategy import TimestepCache
 
@@ -51,6 +52,8 @@ class Req:
     latents: torch.Tensor | None = None
     frames: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: What a step costs outside the blocks, measured by an uncached denoising loop (else None).
+    step_costs: StepCosts | None = None
 
 
 @dataclass
@@ -66,6 +69,8 @@ class GenerationResult:
     output_path: str | None = None
     #: With several processes: each rank's report (rank, cfg/sp rank, computed and skipped steps).
     rank_reports: list[dict[str, Any]] | None = None
+    #: An uncached run's step costs (``StepCosts``): what ``--cache-speedup`` plans with.
+    step_costs: StepCosts | None = None
 
 
 class PipelineStage:
@@ -119,4 +124,5 @@ class Pipeline:
             timings=req.timings,
             cache_stats=req.cache.stats if req.cache is not None else None,
             cache=req.cache,
+            step_costs=req.step_costs,
         )

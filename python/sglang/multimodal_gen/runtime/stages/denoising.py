@@ -11,12 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.budget import StepCosts
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter, take_rows
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 from sglang.multimodal_gen.runtime.utils.sync_free import SolveWithoutErrorCheck
-from sglang.multimodal_gen.runtime.utils.timing import PassTimer
+from sglang.multimodal_gen.runtime.utils.timing import PassTimer, device_label
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,10 @@ class DenoisingStage(PipelineStage):
     estimate of the model output minus them). ``req.conditioning[branch]`` holds any further
     model inputs of a branch and reaches ``adapter.embed`` as keyword arguments, with the
     adapter's ``request_constants`` (computed once per request and batch). A :class:`PassTimer`
-    times the loop and every pass the cache may skip (a pass of a batch counts once per branch
-    in it); with a cache the figures go to its stats (``CacheStats.record_timing``) for the
-    measured speedup. With CFG parallel a :class:`BranchPlacement` names the branches this rank
+    times the loop, each step, every pass the cache may skip (a pass of a batch counts once per
+    branch in it) and the model's work around the blocks (embed, head); with a cache the figures
+    go to its stats (``CacheStats.record_timing``) for the measured speedup, without one they
+    become the run's step costs (``req.step_costs``, what a time budget plans with). With CFG parallel a :class:`BranchPlacement` names the branches this rank
     runs and gathers every branch's prediction before guidance, so every rank steps the
     scheduler on the same values.
 
@@ -194,10 +196,14 @@ class DenoisingStage(PipelineStage):
                     bar.update()
                 if req.progress is not None:
                     req.progress(step + 1, len(timesteps))
+                timer.end_step()
         timing = timer.finish()
         placement.merge_stats(cache)
         if cache is not None:
             cache.stats.record_timing(timing.total_seconds, timing.pass_seconds)
+        else:
+            req.step_costs = StepCosts.from_timing(timing.step_seconds, timing.step_passes, timing.step_rest,
+                                                   device_label(latents.device))
         _warn_if_nothing_skips(cache, planned=False)
         req.latents = latents
         return req
@@ -246,8 +252,9 @@ class DenoisingStage(PipelineStage):
             features = [StepFeatures(timestep=current.timestep, sigma=current.sigma, latents=current.latents)] * n
         else:
             batch = inputs.batch(branches)
-            hidden, ctx = self.adapter.embed(_repeat(current.model_input, n), _repeat(current.timestep, n),
-                                             batch.encoder_hidden_states, **batch.kwargs)
+            with timer.time_rest(count=n):
+                hidden, ctx = self.adapter.embed(_repeat(current.model_input, n), _repeat(current.timestep, n),
+                                                 batch.encoder_hidden_states, **batch.kwargs)
             bases = _rows(hidden, n)
             features = [
                 StepFeatures(timestep=current.timestep, modulated_input=_row(ctx.modulated_input, row, n),
@@ -276,11 +283,18 @@ class DenoisingStage(PipelineStage):
         for row, branch in enumerate(branches):
             if row not in computing:
                 estimate = cache.reuse(current.step, branch)
-                outs[row] = (bases[row].float() + estimate).to(self.dtype) if whole_model else bases[row] + estimate
+                if not whole_model:
+                    outs[row] = bases[row] + estimate
+                elif cache.skip_relative_to_input:
+                    outs[row] = (bases[row].float() + estimate).to(self.dtype)
+                else:
+                    outs[row] = estimate.to(self.dtype)
         if whole_model:
             return dict(zip(branches, outs))
         blocks_out = computed if len(computing) == n else _cat(outs)
-        return dict(zip(branches, _rows(self.adapter.head(blocks_out, ctx), n)))
+        with timer.time_rest(count=n):
+            out = self.adapter.head(blocks_out, ctx)
+        return dict(zip(branches, _rows(out, n)))
 
     @staticmethod
     def _residual(cache: TimestepCache, out: torch.Tensor, base: torch.Tensor, whole_model: bool) -> torch.Tensor:
@@ -291,7 +305,7 @@ class DenoisingStage(PipelineStage):
         if out.shape != base.shape:
             raise RuntimeError(f"{cache.name} caches the model output minus its input, but this model maps "
                                f"latents {tuple(base.shape)} to {tuple(out.shape)}")
-        return out.float() - base.float()
+        return out.float() - base.float() if cache.skip_relative_to_input else out.float()
 
 
 def _repeat(tensor: torch.Tensor, n: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Union
 
 import torch
@@ -22,14 +22,22 @@ class PassTiming:
         pass_seconds: One entry per item of every :meth:`PassTimer.time_pass`, in the order
             they ran: a pass over a batch of ``count`` CFG branches gives ``count`` entries of a
             ``count``-th of its time each, so their mean is the time of one branch's pass.
+        step_seconds: Per step closed by :meth:`PassTimer.end_step`, its time.
+        step_passes: Per such step, the entries of ``pass_seconds`` timed within it.
+        step_rest: Per such step, the entries of every :meth:`PassTimer.time_rest` within it
+            (the model's work outside the passes, per branch, counted as ``pass_seconds`` are).
     """
 
     total_seconds: float
     pass_seconds: list[float]
+    step_seconds: list[float] = field(default_factory=list)
+    step_passes: list[list[float]] = field(default_factory=list)
+    step_rest: list[list[float]] = field(default_factory=list)
 
 
 class PassTimer:
-    """Times a loop and each of its repeated passes (the DiT blocks), syncing once at the end.
+    """Times a loop, its steps, each of its repeated passes (the DiT blocks) and the model's work
+    around them (embed, head), syncing once at the end.
 
     On CUDA every mark is a ``torch.cuda.Event`` recorded on the device's current stream, so the
     loop never waits for the GPU; :meth:`finish` synchronizes on the last event and only then reads
@@ -41,11 +49,13 @@ class PassTimer:
         self.device = device
         self._cuda = device.type == "cuda"
         self._start: _Mark | None = None
-        self._passes: list[tuple[_Mark, _Mark, int]] = []
+        self._passes: list[tuple[_Mark, _Mark, int, int]] = []
+        self._rest: list[tuple[_Mark, _Mark, int, int]] = []
+        self._step_ends: list[_Mark] = []
 
     def start(self) -> None:
-        """Mark the start of the loop and forget passes timed before."""
-        self._passes = []
+        """Mark the start of the loop and forget what was timed before."""
+        self._passes, self._rest, self._step_ends = [], [], []
         self._start = self._mark()
 
     @contextmanager
@@ -53,7 +63,18 @@ class PassTimer:
         """Time the body as one pass over ``count`` branches (a pass that raises is not recorded)."""
         begin = self._mark()
         yield
-        self._passes.append((begin, self._mark(), count))
+        self._passes.append((begin, self._mark(), count, len(self._step_ends)))
+
+    @contextmanager
+    def time_rest(self, count: int = 1) -> Iterator[None]:
+        """Time the body as model work outside the passes (embed or head) over ``count`` branches."""
+        begin = self._mark()
+        yield
+        self._rest.append((begin, self._mark(), count, len(self._step_ends)))
+
+    def end_step(self) -> None:
+        """Mark the end of a step of the loop."""
+        self._step_ends.append(self._mark())
 
     def finish(self) -> PassTiming:
         """Mark the end of the loop, wait for the device once, and return every measurement."""
@@ -62,12 +83,21 @@ class PassTimer:
         end = self._mark()
         if self._cuda:
             end.synchronize()
+        bounds = [self._start, *self._step_ends]
+        steps = len(self._step_ends)
+
+        def per_item(spans: list[tuple[_Mark, _Mark, int, int]]) -> list[tuple[int, float]]:
+            return [(step, self._seconds(begin, stop) / count) for begin, stop, count, step in spans for _ in range(count)]
+
+        passes, rest = per_item(self._passes), per_item(self._rest)
         timing = PassTiming(
             total_seconds=self._seconds(self._start, end),
-            pass_seconds=[self._seconds(begin, stop) / count
-                          for begin, stop, count in self._passes for _ in range(count)],
+            pass_seconds=[seconds for _, seconds in passes],
+            step_seconds=[self._seconds(bounds[k], bounds[k + 1]) for k in range(steps)],
+            step_passes=[[s for step, s in passes if step == k] for k in range(steps)],
+            step_rest=[[s for step, s in rest if step == k] for k in range(steps)],
         )
-        self._start, self._passes = None, []
+        self._start, self._passes, self._rest, self._step_ends = None, [], [], []
         return timing
 
     def _mark(self) -> _Mark:
@@ -81,3 +111,11 @@ class PassTimer:
         if self._cuda:
             return begin.elapsed_time(end) / 1000.0
         return end - begin
+
+
+def device_label(device: torch.device) -> str:
+    """What a timing was measured on: ``cpu``, or the CUDA device's name (timings of one kind of
+    GPU do not carry over to another)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
