@@ -87,5 +87,6 @@ METHODS = [
     FrontierMethod("easycache, forecast1_sigma", _tuned("easycache", estimator="forecast1_sigma"), "X:"),
     FrontierMethod("planner, forecast1", _cached("planner", estimator="forecast1"), "^:"),
     FrontierMethod("planner, forecast1_sigma", _cached("planner", estimator="forecast1_sigma"), "v-."),
+    FrontierMethod("planner, blend", _cached("planner", estimator="blend"), "d:"),
     FrontierMethod("planner", _cached("planner"), "D-"),
 ]

@@ -559,3 +559,17 @@ def test_a_budget_no_pass_count_meets_is_one_line_naming_the_nearest(steps, spee
     assert refused.value.param == "cache_speedup"
     assert one_line(refused) == (f"--cache-speedup {speedup:g} cannot be met at {steps} steps: whole passes "
                                        f"per branch give {offers}; ask for one of those or run more steps")
+
+
+def test_the_measured_estimator_is_the_best_mean_that_does_not_collapse():
+    """Calibration's choice: the best mean among candidates whose worst prompt is within 2 dB of
+    the best worst prompt (the hard-world model's 2x: forecast1 34.0 mean but 19.6 worst against
+    reuse's 28.8 / 22.1 -> reuse); exactly 2 dB below still counts."""
+    from sglang.multimodal_gen.runtime.entrypoints.calibrate import WORST_CASE_GUARD_DB, guarded_best
+
+    assert WORST_CASE_GUARD_DB == 2.0
+    assert guarded_best({"reuse": 28.8, "forecast1": 34.0, "blend": 30.4},
+                        {"reuse": 22.1, "forecast1": 19.6, "blend": 19.6}) == "reuse"
+    assert guarded_best({"reuse": 28.8, "forecast1": 34.0}, {"reuse": 22.0, "forecast1": 20.0}) == "forecast1"
+    assert guarded_best({"reuse": 28.8, "forecast1": 34.0}, {"reuse": 22.0, "forecast1": 19.99}) == "reuse"
+    assert guarded_best({"reuse": 50.0, "blend": 40.0}, {"reuse": 30.0, "blend": 45.0}) == "blend"
