@@ -164,11 +164,12 @@ def choose_planner_estimator(
     within ``WORST_CASE_GUARD_DB`` of the best worst prompt of any candidate. The guard: on the
     hard-world model the first-order forecast had the best mean at 2x but collapsed on 2 of 8
     prompts (19.6 dB against reuse's worst 22.1), and on held-out captions its worst case fell
-    below running 25 plain steps (21.8 against 22.4) where reuse's did not (23.6). The planner's cost model ranks the plans of one
-    estimator but cannot tell how an estimator's errors grow through the solver, which decides
-    between them, and differently at each speedup (a forecast that wins at 1.5x falls apart at 3x).
-    The mean, not the worst prompt: with 8 prompts the worst one picked reuse at 3x on both trained
-    models, where held-out prompts showed blend far better. Frames, not latents: on the built-in
+    below running 25 plain steps (21.8 against 22.4) where reuse's did not (23.6).
+    The planner's cost model ranks the plans of one estimator but cannot tell how an estimator's
+    errors grow through the solver, which decides between them, and differently at each speedup
+    (a forecast that wins at 1.5x falls apart at 3x). The mean first, the worst prompt only as a
+    guard: with 8 prompts the worst one alone picked reuse at 3x on both simple-world models,
+    where held-out prompts showed blend far better. Frames, not latents: on the built-in
     model the forecasts' latent errors are larger than reuse's yet decode to far better frames."""
     gram, sigmas = calibration.planner_table(steps)
     alpha, candidates = planner_candidates([GapCosts(gram[b], sigmas, steps) for b in gram])

@@ -107,15 +107,16 @@ class DenoisingStage(PipelineStage):
     embedded, the branches that compute run the blocks as one batch, the head runs on all), or
     with ``skips_whole_model`` the whole model call (asked before any embedding; the branches
     that compute run the model as one batch, a skipped one returns the latents plus its
-    estimate of the model output minus them). ``req.conditioning[branch]`` holds any further
+    estimate of the model output minus them, or with ``skip_relative_to_input`` off its
+    estimate of the output itself). ``req.conditioning[branch]`` holds any further
     model inputs of a branch and reaches ``adapter.embed`` as keyword arguments, with the
     adapter's ``request_constants`` (computed once per request and batch). A :class:`PassTimer`
     times the loop, each step, every pass the cache may skip (a pass of a batch counts once per
     branch in it) and the model's work around the blocks (embed, head); with a cache the figures
     go to its stats (``CacheStats.record_timing``) for the measured speedup, without one they
-    become the run's step costs (``req.step_costs``, what a time budget plans with). With CFG parallel a :class:`BranchPlacement` names the branches this rank
-    runs and gathers every branch's prediction before guidance, so every rank steps the
-    scheduler on the same values.
+    become the run's step costs (``req.step_costs``, what a time budget plans with). With CFG
+    parallel a :class:`BranchPlacement` names the branches this rank runs and gathers every
+    branch's prediction before guidance, so every rank steps the scheduler on the same values.
 
     Args:
         adapter: The model's embed / blocks / head split.
@@ -299,13 +300,16 @@ class DenoisingStage(PipelineStage):
     @staticmethod
     def _residual(cache: TimestepCache, out: torch.Tensor, base: torch.Tensor, whole_model: bool) -> torch.Tensor:
         """What a skip would replace: the blocks' output minus their input, or (in float32) the
-        model output minus its latent input."""
+        model output minus its latent input, or the model output itself (``skip_relative_to_input``
+        off)."""
         if not whole_model:
             return out - base
+        if not cache.skip_relative_to_input:
+            return out.float()
         if out.shape != base.shape:
             raise RuntimeError(f"{cache.name} caches the model output minus its input, but this model maps "
                                f"latents {tuple(base.shape)} to {tuple(out.shape)}")
-        return out.float() - base.float() if cache.skip_relative_to_input else out.float()
+        return out.float() - base.float()
 
 
 def _repeat(tensor: torch.Tensor, n: int) -> torch.Tensor:

@@ -87,7 +87,8 @@ class PassTimer:
         steps = len(self._step_ends)
 
         def per_item(spans: list[tuple[_Mark, _Mark, int, int]]) -> list[tuple[int, float]]:
-            return [(step, self._seconds(begin, stop) / count) for begin, stop, count, step in spans for _ in range(count)]
+            return [(step, self._seconds(begin, stop) / count)
+                    for begin, stop, count, step in spans for _ in range(count)]
 
         passes, rest = per_item(self._passes), per_item(self._rest)
         timing = PassTiming(
