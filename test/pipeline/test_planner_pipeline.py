@@ -61,7 +61,7 @@ def test_the_shipped_calibration_holds_cpu_step_costs(builtin_generator):
     calibration = CalibrationResult.load(builtin_generator.pipeline.model_info.calibration_file)
     costs = calibration.step_costs()
     assert costs is not None and costs.device == "cpu"
-    assert builtin_generator.step_costs(calibration) is costs or builtin_generator.step_costs(calibration) == costs
+    assert builtin_generator.step_costs(calibration) == costs
     assert builtin_generator._measured_step_costs is None
 
 

@@ -82,3 +82,18 @@ def test_steps_collect_their_passes_and_the_work_around_them():
     for total, passes, rest in zip(timing.step_seconds, timing.step_passes, timing.step_rest):
         assert total >= sum(passes) + sum(rest) > 0
     assert timing.total_seconds >= sum(timing.step_seconds)
+
+
+def test_without_per_step_detail_only_the_loop_and_its_passes_are_timed():
+    timer = PassTimer(torch.device("cpu"), per_step=False)
+    x = torch.randn(64, 64)
+    timer.start()
+    for _ in range(3):
+        with timer.time_rest():
+            x = torch.tanh(x @ x)
+        with timer.time_pass():
+            x = torch.tanh(x @ x)
+        timer.end_step()
+    timing = timer.finish()
+    assert len(timing.pass_seconds) == 3
+    assert timing.step_seconds == [] and timing.step_passes == [] and timing.step_rest == []

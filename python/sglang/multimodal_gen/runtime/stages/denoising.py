@@ -176,7 +176,7 @@ class DenoisingStage(PipelineStage):
         with bar if bar is not None else contextlib.nullcontext():
             if req.progress is not None:
                 req.progress(0, len(timesteps))  # before the first step: a caller may stop it here
-            timer = PassTimer(latents.device)
+            timer = PassTimer(latents.device, per_step=cache is None)  # step costs come from uncached runs
             timer.start()
             for step, t in enumerate(timesteps):
                 model_input = latents.to(self.dtype)

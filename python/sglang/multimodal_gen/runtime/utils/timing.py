@@ -45,9 +45,12 @@ class PassTimer:
     ``time.perf_counter`` around a call is its cost.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, per_step: bool = True) -> None:
+        """``per_step=False``: :meth:`time_rest` and :meth:`end_step` mark nothing (a loop that
+        needs only its total and its passes records no more events than that)."""
         self.device = device
         self._cuda = device.type == "cuda"
+        self._per_step = per_step
         self._start: _Mark | None = None
         self._passes: list[tuple[_Mark, _Mark, int, int]] = []
         self._rest: list[tuple[_Mark, _Mark, int, int]] = []
@@ -68,13 +71,17 @@ class PassTimer:
     @contextmanager
     def time_rest(self, count: int = 1) -> Iterator[None]:
         """Time the body as model work outside the passes (embed or head) over ``count`` branches."""
+        if not self._per_step:
+            yield
+            return
         begin = self._mark()
         yield
         self._rest.append((begin, self._mark(), count, len(self._step_ends)))
 
     def end_step(self) -> None:
         """Mark the end of a step of the loop."""
-        self._step_ends.append(self._mark())
+        if self._per_step:
+            self._step_ends.append(self._mark())
 
     def finish(self) -> PassTiming:
         """Mark the end of the loop, wait for the device once, and return every measurement."""
@@ -90,13 +97,20 @@ class PassTimer:
             return [(step, self._seconds(begin, stop) / count)
                     for begin, stop, count, step in spans for _ in range(count)]
 
+        def by_step(items: list[tuple[int, float]]) -> list[list[float]]:
+            grouped: list[list[float]] = [[] for _ in range(steps)]
+            for step, seconds in items:
+                if step < steps:
+                    grouped[step].append(seconds)
+            return grouped
+
         passes, rest = per_item(self._passes), per_item(self._rest)
         timing = PassTiming(
             total_seconds=self._seconds(self._start, end),
             pass_seconds=[seconds for _, seconds in passes],
             step_seconds=[self._seconds(bounds[k], bounds[k + 1]) for k in range(steps)],
-            step_passes=[[s for step, s in passes if step == k] for k in range(steps)],
-            step_rest=[[s for step, s in rest if step == k] for k in range(steps)],
+            step_passes=by_step(passes),
+            step_rest=by_step(rest),
         )
         self._start, self._passes, self._rest, self._step_ends = None, [], [], []
         return timing
