@@ -10,8 +10,8 @@ The plan is deterministic, so every CFG branch (and every rank) agrees by constr
 A planned skip covers the whole model call (embed, blocks and head), so it costs only guidance
 and the scheduler step, and what it adds is the same kind of estimate of the model output itself.
 The plan is still costed on the block residuals, a proxy for the output: planning from the
-outputs' own inner products was tried (a scratch build, not kept) and lost 2-4 dB on the built-in Wan model at 1.5x, 2.5x and
-3x while gaining on the HunyuanVideo one (docs/benchmarks.md).
+outputs' own inner products was tried (a scratch build, not kept) and lost 2-4 dB on the built-in
+Wan model at 1.5x, 2.5x and 3x while gaining on the HunyuanVideo one (docs/benchmarks.md).
 
 The cost of a gap. Steps ``i+1 .. j-1`` are skipped after computed steps ``h < i``; the estimator
 adds ``e_k = r_i + c_k (r_i - r_h)`` at step ``k`` (``c_k = 0`` for ``reuse``, ``(k-i)/(i-h)`` for
