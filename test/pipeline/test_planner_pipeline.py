@@ -293,6 +293,19 @@ def test_a_model_without_calibration_falls_back_to_magcache_presets(wan_generato
     assert len([r for r in caplog.records if "no planner calibration" in r.getMessage()]) == 1
 
 
+def test_a_calibration_made_in_another_dtype_has_its_step_costs_measured():
+    """The shipped costs were timed in fp32; a bf16 generator of the same model measures its own
+    (bf16 on a CPU shifts the shares: its matrix products are slower)."""
+    from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+
+    generator = DiffGenerator.from_pretrained(device="cpu", dtype="bfloat16")
+    calibration = CalibrationResult.load(generator.pipeline.model_info.calibration_file)
+    assert calibration.dtype == "float32" and calibration.step_costs().device == "cpu"
+    costs = generator.prepare_step_costs()
+    assert generator._measured_step_costs is costs and costs != calibration.step_costs()
+    assert costs.device == "cpu" and costs.step_tail > 0
+
+
 def test_without_recorded_step_costs_they_are_measured_once_and_planned_with(tmp_path):
     """The built-in model's folder without its calibration: the first budgeted request measures
     the step costs (5 uncached steps at the default size), later ones reuse them, and the budget

@@ -214,11 +214,13 @@ class DiffGenerator:
 
     def step_costs(self, calibration: CalibrationResult | None = None) -> StepCosts:
         """What a step costs outside the part a cache skips, for a speedup to be a time budget: the
-        calibration's when it was measured on this kind of device, else measured once on this
+        calibration's when it was measured on this kind of device in this dtype (bf16 on a CPU
+        shifts the shares: its matrix products are slower), else measured once on this
         generator by a short uncached run at the model's default size (every rank takes part;
         the request carries the result to all of them, so every rank plans the same)."""
         recorded = calibration.step_costs() if calibration is not None else None
-        if recorded is not None and recorded.device == device_label(self.pipeline.device):
+        if (recorded is not None and recorded.device == device_label(self.pipeline.device)
+                and calibration.dtype == str(self.pipeline.dtype).removeprefix("torch.")):
             return recorded
         if self._measured_step_costs is None:
             self._measured_step_costs = self.measure_step_costs(SamplingParams(prompt="step costs"))
