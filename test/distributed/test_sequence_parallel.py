@@ -128,6 +128,7 @@ def calibration_records(rank: int | None = None, reducer=None):
             r, x = shard.take(residual), shard.take(indicator)
         cache.should_compute(step, "cond", StepFeatures(timestep=torch.tensor([1.0]), modulated_input=x))
         cache.store(step, "cond", r)
+        cache.record_output(step, "cond", residual[:, :9] * 0.5)  # the model output: whole on every rank
     return cache.calibration_records()["cond"]
 
 
@@ -337,12 +338,13 @@ def test_calibration_records_of_shards_are_the_whole_sequences(ranks):
     import dataclasses
 
     whole = dataclasses.asdict(calibration_records())
+    assert [len(row) for row in whole["output_gram"]] == [1, 2, 3, 4, 5, 6]  # summed locally: no reduction
     for rank in ranks:
         records = dataclasses.asdict(rank["calibration"])
         for field, expected in whole.items():
             if field == "sigma":
                 assert records[field] == expected
-            elif field == "gram":
+            elif field == "output_gram":
                 for got_row, expected_row in zip(records[field], expected):
                     assert got_row == pytest.approx(expected_row, rel=1e-6)
             else:

@@ -200,7 +200,7 @@ def test_cli_prints_measured_time_and_skipped_steps_after_the_summary(tiny_wan_d
         (["--cache", "magcache", "--cache-params", "{not json"], "JSON"),
         (["--cache", "teacache", "--cache-params", '{"warp": 1}'], "warp"),
         (["--cache", "magcache", "--cache-estimator", "linear"],
-         "unknown cache estimator 'linear'; choose one of: blend, forecast1, forecast1_sigma, forecast2, "
+         "unknown cache estimator 'linear'; choose one of: blend, fitted, forecast1, forecast1_sigma, forecast2, "
          "forecast2_sigma, reuse, scale"),
         (["--cache-estimator", "forecast1"], "the cache strategy is 'none'"),
         (["--cache", "magcache", "--cache-estimator", "forecast1", "--cache-params", '{"scale_residual": true}'],

@@ -96,11 +96,12 @@ def test_planned_strategies_make_no_sync_in_the_wan_loop(wan_generator, strategy
 
 @pytest.mark.parametrize("estimator", registered_estimators())
 def test_every_estimator_makes_no_sync_in_the_wan_loop(wan_generator, estimator, batched_cfg, monkeypatch):
-    cache = dataclasses.replace(STRATEGIES["magcache"], estimator=estimator)
+    strategy = "planner" if estimator == "fitted" else "magcache"  # fitted is the planner's own
+    cache = dataclasses.replace(STRATEGIES[strategy], estimator=estimator)
     detector, result = _watch(wan_generator, _wan_params(cache), batched_cfg, monkeypatch)
     assert detector.events == [], detector.report()
     assert result.cache_stats.estimator == estimator
-    _assert_planned_and_skipping(result, "magcache")
+    _assert_planned_and_skipping(result, strategy)
 
 
 @pytest.mark.parametrize("strategy", ["none", "magcache"])

@@ -19,6 +19,7 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.cache.base import CALIBRATION_WINDOW, COND, UNCOND, budget_passes
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, _warn_resampled_once
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT
 
@@ -142,9 +143,9 @@ def test_a_calibration_without_planner_data_falls_back_to_magcache_in_one_warnin
                                                                                   caplog):
     info = builtin_generator.pipeline.model_info
     data = json.loads(open(info.calibration_file).read())
-    assert all("gram" in branch for branch in data["branches"].values())
+    assert all(branch["output_gram"] for branch in data["branches"].values())
     for branch in data["branches"].values():
-        del branch["gram"]
+        del branch["gram"], branch["output_gram"]
     del data["planner_tables"]  # as a file written before the planner
     old = tmp_path / "before-planner.json"
     old.write_text(json.dumps(data))
@@ -162,15 +163,15 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
 
     steps = 20  # beyond CALIBRATION_WINDOW, so the rows stop growing
     output = tmp_path / "planner.json"
-    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=steps, seed=0, **SMALL), output,
-              planner_estimator="predict")
+    calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=steps, seed=0, **SMALL), output)
     saved = CalibrationResult.load(output)
     assert CALIBRATION_WINDOW < steps
     for name, branch in saved.branches.items():
-        assert [len(row) for row in branch.gram] == [min(t, CALIBRATION_WINDOW) + 1 for t in range(steps)], name
-        # One prompt: its inner products divided by its mean |r_t|^2.
-        assert np.mean([row[0] for row in branch.gram]) == pytest.approx(1.0)
-        assert all(row[0] > 0 for row in branch.gram)
+        rows = branch.output_gram
+        assert [len(row) for row in rows] == [min(t, CALIBRATION_WINDOW) + 1 for t in range(steps)], name
+        # One prompt: its inner products divided by its mean |v_t|^2.
+        assert np.mean([row[0] for row in rows]) == pytest.approx(1.0)
+        assert all(row[0] > 0 for row in rows) and branch.gram == []
     assert len(saved.sigmas) == steps + 1 and saved.sigmas[-1] == 0.0
     assert all(a > b for a, b in zip(saved.sigmas, saved.sigmas[1:]))
     # With the step costs of this device.
@@ -181,6 +182,7 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
                                                              step_costs=PASSES_ONLY), **SMALL)
     _assert_budget(result, steps, 10, "planner")
     assert result.cache.config.sigmas == saved.sigmas
+    assert result.cache.config.gram_of == "outputs" and result.cache_stats.estimator == "fitted"
 
 
 def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_use(builtin_generator, tmp_path):
@@ -190,17 +192,13 @@ def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_us
 
     output = tmp_path / "tables.json"
     calibrate(builtin_generator, [PROMPT], SamplingParams(num_inference_steps=20, seed=0, **SMALL), output,
-              planner_steps=[8, 30, 20, 8], planner_estimator="predict")
+              planner_steps=[8, 30, 20, 8])
     saved = CalibrationResult.load(output)
     assert [t["num_inference_steps"] for t in saved.planner_tables] == [8, 30]  # 20 is the main run, 8 once
-    for table in saved.planner_tables + [{"estimator": saved.planner_estimator}]:
-        # An estimator per checked speedup for every table (measured ones: test_calibration.py).
-        assert set(table["estimator"]) == {"1.5", "2", "2.5", "3"}, table["estimator"]
-        assert set(table["estimator"].values()) <= {"reuse", "forecast1", "blend"}
     for table in saved.planner_tables:
         n = table["num_inference_steps"]
         assert len(table["sigmas"]) == n + 1 and table["sigmas"][-1] == 0.0
-        assert {b: len(rows) for b, rows in table["gram"].items()} == {COND: n, UNCOND: n}
+        assert {b: len(rows) for b, rows in table["output_gram"].items()} == {COND: n, UNCOND: n}
     for steps, table_steps in [(8, 8), (12, 8), (20, 20), (25, 30), (30, 30), (50, 30)]:
         result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output),
                                                                  step_costs=PASSES_ONLY), **SMALL)
@@ -208,37 +206,55 @@ def test_calibrate_adds_planner_tables_that_requests_nearest_their_step_count_us
         assert len(result.cache.config.sigmas) == table_steps + 1, steps
 
 
-def test_a_predicted_estimator_costs_only_the_recorded_runs(builtin_generator, tmp_path):
-    """``planner_estimator="predict"``: one uncached generation per prompt and table, nothing more,
-    and every table still names an estimator per checked speedup (the cost model's choice)."""
+def test_a_calibration_costs_only_the_recorded_runs(builtin_generator, tmp_path):
+    """One uncached generation per prompt and table, plus one short uncached run timing the step
+    costs (5 steps, stopped after denoising): no planned generation measures an estimator."""
     from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate
 
-    generations = []
-    generate = builtin_generator.generate
+    generations, measured = [], []
+    generate, measure = builtin_generator.generate, builtin_generator.measure_step_costs
 
     def counted(params, *args, **kwargs):
         generations.append((params.num_inference_steps, params.cache.strategy))
         return generate(params, *args, **kwargs)
 
-    builtin_generator.generate = counted
+    def timed(params):
+        measured.append(params.prompt)
+        return measure(params)
+
+    builtin_generator.generate, builtin_generator.measure_step_costs = counted, timed
     try:
         saved = calibrate(builtin_generator, [PROMPT, "a blue square"], SamplingParams(num_inference_steps=12, seed=0,
-                          **SMALL), tmp_path / "p.json", planner_steps=[8], planner_estimator="predict")
+                          **SMALL), tmp_path / "p.json", planner_steps=[8])
     finally:
-        del builtin_generator.generate
+        del builtin_generator.generate, builtin_generator.measure_step_costs
     assert sorted(generations) == [(8, "none"), (8, "none"), (12, "none"), (12, "none")]
-    for table in [saved.planner_estimator, saved.planner_tables[0]["estimator"]]:
-        assert set(table) == {"1.5", "2", "2.5", "3"} and set(table.values()) <= {"reuse", "forecast1", "blend"}
+    assert measured == [PROMPT]
+    assert saved.planner_estimator == {} and "estimator" not in saved.planner_tables[0]
 
 
-def test_cli_planner_estimator_predict_says_so(tmp_path, capsys):
-    from sglang.cli.main import main
-
-    code = main(["calibrate", "--prompt", PROMPT, "--num-inference-steps", "6", "--planner-estimator", "predict",
-                 "--output", str(tmp_path / "p.json"), "--height", "32", "--width", "32", "--num-frames", "5"])
-    assert code == 0
-    assert re.search(r"planner estimator at 6 steps: 1\.5x \w+, 2x \w+, 2\.5x \w+, 3x \w+ \(predicted\)",
-                     capsys.readouterr().out)
+def test_an_older_calibration_of_block_residuals_plans_with_the_estimator_it_measured(builtin_generator, tmp_path):
+    """Files written before the outputs were recorded hold ``gram`` (block residuals) and a measured
+    estimator per speedup: they still load and plan with that estimator; ``fitted`` is refused
+    for them in one line naming `sglang calibrate`."""
+    info = builtin_generator.pipeline.model_info
+    data = json.loads(open(info.calibration_file).read())
+    for branch in data["branches"].values():
+        branch["gram"] = branch.pop("output_gram")
+    for table in data["planner_tables"]:
+        table["gram"] = table.pop("output_gram")
+        table["estimator"] = {"1.5": "forecast1", "2": "reuse", "3": "blend"}
+    data["planner_estimator"] = {"1.5": "forecast1", "2": "blend", "3": "reuse"}
+    old = tmp_path / "blocks.json"
+    old.write_text(json.dumps(data))
+    for steps, speedup, expected in [(50, 2, "blend"), (50, 3, "reuse"), (20, 2, "reuse")]:
+        result = _generate(builtin_generator, steps, CacheParams(speedup=speedup, calibration_file=str(old),
+                                                                 step_costs=PASSES_ONLY), **SMALL)
+        assert result.cache.config.gram_of == "blocks" and result.cache_stats.estimator == expected, steps
+    with pytest.raises(CacheConfigError) as refused:
+        _generate(builtin_generator, 50, CacheParams(speedup=2, estimator="fitted", calibration_file=str(old),
+                                                     step_costs=PASSES_ONLY), **SMALL)
+    assert "predates them" in str(refused.value) and "sglang calibrate" in str(refused.value)
 
 
 def _one_error_line(capsys) -> str:

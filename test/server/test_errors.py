@@ -55,7 +55,7 @@ CASES = [
     ({"cache": "magcache", "cache_params": {"warp_speed": 1}}, "cache_params", "unknown magcache option(s)"),
     ({"cache": "teacache", "cache_max_skip_steps": 2}, "cache_max_skip_steps", "teacache has no 'max_skip_steps'"),
     ({"cache": "magcache", "cache_estimator": "linear"}, "cache_estimator",
-     "unknown cache estimator 'linear'; choose one of: blend, forecast1"),
+     "unknown cache estimator 'linear'; choose one of: blend, fitted, forecast1"),
     ({"cache_estimator": "forecast1"}, "cache_estimator", "the cache strategy is 'none'"),
     ({"cache": "teacache", "cache_params": {"blend_alpha": 0.3}}, "cache_params",
      "blend_alpha is a setting of the 'blend' estimator"),

@@ -16,7 +16,9 @@ from sglang.multimodal_gen.runtime.cache.estimators import (
 )
 from sglang.multimodal_gen.runtime.cache.magcache import MagCache, MagCacheConfig
 
-ALL = ["blend", "forecast1", "forecast1_sigma", "forecast2", "forecast2_sigma", "reuse", "scale"]
+ALL = ["blend", "fitted", "forecast1", "forecast1_sigma", "forecast2", "forecast2_sigma", "reuse", "scale"]
+#: Estimators that need no strategy to hand them anything (``fitted`` takes the planner's weights).
+STANDALONE = [name for name in ALL if name != "fitted"]
 
 
 def full(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -38,7 +40,7 @@ def value(tensor: torch.Tensor) -> float:
 
 def test_registry_lists_every_estimator_and_refuses_unknown_names():
     assert registered_estimators() == ALL
-    with pytest.raises(CacheConfigError, match="unknown cache estimator 'linear'; choose one of: blend, forecast1, "):
+    with pytest.raises(CacheConfigError, match="unknown cache estimator 'linear'; choose one of: blend, fitted, forecast1, "):
         get_estimator("linear")
 
 
@@ -104,7 +106,7 @@ def test_blend_moves_from_reuse_towards_the_first_order_forecast():
         build_estimator("blend", (COND,), alpha=float("nan"))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", STANDALONE)
 def test_bf16_round_trip(name):
     estimator = build_estimator(name, (COND,))
     for step, v in enumerate((1.0, 1.5, 2.0)):
@@ -113,6 +115,31 @@ def test_bf16_round_trip(name):
     assert out.dtype == torch.bfloat16
     expected = {"reuse": 2.0, "scale": 1.0, "blend": 2.25}.get(name, 2.5)
     assert value(out) == expected
+
+
+def test_fitted_adds_its_weight_per_branch_and_step_times_the_last_change():
+    """``r_i + c_k (r_i - r_h)`` with the planner's ``c_k``: computed 1 then 3 (change 2); weight
+    0.5 at step 3 gives 4, 1.25 at step 4 gives 5.5; a step without a weight, or the other branch
+    (its own weights), reuses; in bf16 the arithmetic is fp32 and the result bf16."""
+    weights = {COND: {3: 0.5, 4: 1.25}, UNCOND: {}}
+    estimator = fed("fitted", [(0, None, 1.0), (2, None, 3.0)], weights=weights)
+    assert value(estimator.estimate(COND, 3, None)) == 4.0
+    assert value(estimator.estimate(COND, 4, None)) == 5.5
+    assert value(estimator.estimate(COND, 5, None)) == 3.0
+    estimator.observe(UNCOND, 0, None, full(1.0))
+    estimator.observe(UNCOND, 2, None, full(3.0))
+    assert value(estimator.estimate(UNCOND, 3, None)) == 3.0
+    half = build_estimator("fitted", (COND,), weights={COND: {2: 0.5}})
+    half.observe(COND, 0, None, full(1.0, torch.bfloat16))
+    half.observe(COND, 1, None, full(1.5, torch.bfloat16))
+    out = half.estimate(COND, 2, None)
+    assert out.dtype == torch.bfloat16 and value(out) == 1.75
+
+
+def test_fitted_without_the_planner_is_refused_in_one_line():
+    with pytest.raises(CacheConfigError, match="fitted estimator takes its weights from the budget planner") as exc:
+        build_cache(CacheParams(strategy="teacache", estimator="fitted"), 10, "wan21_t2v_1.3b")
+    assert "\n" not in str(exc.value)
 
 
 def test_forecast_arithmetic_is_fp32():
@@ -125,7 +152,7 @@ def test_forecast_arithmetic_is_fp32():
     assert out.dtype == torch.float16 and value(out) == 40064.0
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", STANDALONE)
 def test_branches_are_isolated_and_reset_forgets(name):
     estimator = fed(name, [(0, 1.0, 1.0), (1, 0.5, 2.0)])
     with pytest.raises(RuntimeError, match="no computed residual of branch 'uncond'"):
@@ -233,7 +260,7 @@ def test_cache_params_refuse_bad_estimator_settings_in_one_line(kwargs, message)
 
 def test_build_cache_installs_the_requested_estimator_for_any_strategy():
     for strategy in ("magcache", "teacache"):
-        for name in ALL:
+        for name in STANDALONE:
             cache = build_cache(CacheParams(strategy=strategy, estimator=name), 10, "wan21_t2v_1.3b")
             assert cache.estimator.name == name and cache.stats.estimator == name
     blend = build_cache(CacheParams(strategy="teacache", estimator="blend", blend_alpha=0.8), 10, "wan21_t2v_1.3b")

@@ -37,7 +37,6 @@ from sglang.multimodal_gen.runtime.cache.planner import (
     GapCosts,
     best_plan,
     fitted_blend_alpha,
-    predicted_planner_estimator,
 )
 
 ESTIMATORS = [("reuse", 0.0), ("forecast1", 0.0), ("forecast1_sigma", 0.0), ("blend", 0.3)]
@@ -247,13 +246,56 @@ def test_planner_refuses_a_budget_its_max_skip_steps_cannot_reach():
     assert all(sum(mask) == 10 for mask in cache.plan().values())
 
 
-def test_planner_plans_for_the_estimator_it_uses_and_the_same_plan_on_every_branch():
+def test_planner_plans_for_the_fitted_estimator_and_hands_it_the_weights_of_its_plan():
+    """Unnamed on a table of model outputs, the estimator is ``fitted``: the plan minimises its
+    cost, and each skipped step's weight is the least-squares one on the plan's last two computed
+    steps (0, reuse, after the first computed step alone), per branch."""
     cache = planner(steps=25)
     cache.meet_budget(10)
     plan = cache.plan()
     assert plan[COND] == plan[UNCOND] and sum(plan[COND]) == 10 and plan[COND][0]
     costs = [GapCosts(cache.config.gram[b], cache.config.sigmas, 25) for b in (COND, UNCOND)]
-    # Unnamed, the estimator is blend at the alpha fitted at the request's own step count.
+    total, steps = best_plan(costs, 10, 6, "fitted")
+    assert cache.estimator.name == "fitted" and plan[COND] == [s in steps for s in range(25)]
+    assert cache.predicted_error == pytest.approx(total)
+    for branch, cost in zip((COND, UNCOND), costs):
+        expected, previous = {}, None
+        for last, upcoming in zip(steps, [*steps[1:], 25]):
+            expected.update({k: cost.fitted_weight(previous, last, k) for k in range(last + 1, upcoming)})
+            previous = last
+        assert cache.estimator.weights[branch] == pytest.approx(expected)
+        assert len(expected) == 15 and any(w != 0 for w in expected.values())
+    named = planner(steps=25)
+    named.meet_budget(10, estimator="fitted")  # named, as build_cache applies it afterwards: the same weights
+    named.use_estimator("fitted")
+    assert named.estimator.weights == cache.estimator.weights
+
+
+def test_fitted_weight_is_least_squares_over_the_recorded_outputs():
+    """On vectors whose inner products are the gram, ``c`` minimises ``|v_k - v_i - c (v_i - v_h)|``;
+    outputs on a line give the first-order forecast's ``(k - i) / (i - h)``."""
+    rng = np.random.default_rng(3)
+    outputs = rng.normal(size=(12, 20))
+    cost = GapCosts(gram_of(outputs, 16), [], 12)
+    for h, i, k in [(2, 4, 5), (0, 1, 7), (5, 8, 11)]:
+        change = outputs[i] - outputs[h]
+        expected = float(np.dot(outputs[k] - outputs[i], change) / np.dot(change, change))
+        assert cost.fitted_weight(h, i, k) == pytest.approx(expected, rel=1e-9)
+    line = np.stack([outputs[0] + 0.2 * t * outputs[1] for t in range(12)])
+    straight = GapCosts(gram_of(line, 16), [], 12)
+    assert straight.fitted_weight(3, 5, 8) == pytest.approx(1.5) and straight.fitted_weight(None, 5, 8) == 0.0
+    assert straight.gap(3, 5, 9, "fitted") == pytest.approx(0.0, abs=1e-6)
+    still = GapCosts([[1.0]] + [[1.0, 1.0]] * 11, [], 12)  # no change between h and i: reuse
+    assert still.fitted_weight(3, 4, 6) == 0.0
+
+
+def test_planner_plans_for_the_estimator_it_uses_and_the_same_plan_on_every_branch():
+    cache = planner(steps=25, gram_of="blocks")
+    cache.meet_budget(10)
+    plan = cache.plan()
+    assert plan[COND] == plan[UNCOND] and sum(plan[COND]) == 10 and plan[COND][0]
+    costs = [GapCosts(cache.config.gram[b], cache.config.sigmas, 25) for b in (COND, UNCOND)]
+    # Unnamed on an older block-residual table, blend at the alpha fitted at the request's own step count.
     assert cache.estimator.name == "blend" and cache.estimator.alpha == pytest.approx(fitted_blend_alpha(costs))
     total, steps = best_plan(costs, 10, 6, "blend", cache.estimator.alpha)
     assert cache.predicted_error == pytest.approx(total) and plan[COND] == [s in steps for s in range(25)]
@@ -479,11 +521,15 @@ def test_fitted_blend_alpha_is_the_least_squares_alpha_of_the_residuals_themselv
 def test_planner_falls_back_to_reuse_when_the_forecast_base_leaves_the_window():
     """6 steps from a 30-step calibration: a window of 16 calibration steps spans 3.2 request steps,
     so no 2-pass plan can cost blend's forecast from step 0, but reuse's gaps fit."""
-    cache = planner(steps=6)
+    cache = planner(steps=6, gram_of="blocks")
     cache.meet_budget(2)
     assert cache.estimator.name == "reuse" and sum(cache.plan()[COND]) == 2
     with pytest.raises(CacheConfigError):  # named, the estimator is kept and the budget refused
         planner(steps=6).meet_budget(2, estimator="blend")
+    fitted = planner(steps=6)  # fitted weighs a base outside the window 0: it reuses there
+    fitted.meet_budget(2)
+    assert fitted.estimator.name == "fitted" and sum(fitted.plan()[COND]) == 2
+    assert set(fitted.estimator.weights[COND].values()) == {0.0}
 
 
 def test_the_planner_reuses_where_the_residual_turns_back():
@@ -491,7 +537,7 @@ def test_the_planner_reuses_where_the_residual_turns_back():
     worse than reusing, so an unnamed estimator becomes reuse (the built-in model at 20 steps)."""
     zigzag = np.cumsum([(1.0 if t % 2 else -0.6) * np.ones(4) + 0.01 * t for t in range(20)], axis=0)
     grams = {b: gram_of(zigzag + n, 16) for n, b in enumerate((COND, UNCOND))}
-    cache = BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(20, 1)), 20)
+    cache = BudgetPlanner(PlannerConfig(gram=grams, gram_of="blocks", sigmas=schedule(20, 1)), 20)
     costs = [GapCosts(grams[b], schedule(20, 1), 20) for b in (COND, UNCOND)]
     assert fitted_blend_alpha(costs) < 0
     cache.meet_budget(10)
@@ -500,13 +546,14 @@ def test_the_planner_reuses_where_the_residual_turns_back():
 
 
 def test_the_planner_takes_the_estimator_calibration_measured_at_the_nearest_speedup():
+    """Older calibration files measured an estimator per speedup for their block-residual table."""
     measured = {"1.5": "forecast1", "2": "blend", "3": "reuse"}
     grams = {b: gram_of(residual_walk(30, 7 + n), 16) for n, b in enumerate((COND, UNCOND))}
     for passes, expected in [(20, "forecast1"), (17, "blend"), (15, "blend"), (13, "blend"), (12, "reuse"), (10, "reuse"), (8, "reuse")]:
-        cache = BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(30, 7), measured_estimator=measured), 30)
+        cache = BudgetPlanner(PlannerConfig(gram=grams, gram_of="blocks", sigmas=schedule(30, 7), measured_estimator=measured), 30)
         cache.meet_budget(passes)
         assert cache.estimator.name == expected, (passes, 30 / passes)
-    named = BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(30, 7), measured_estimator=measured), 30)
+    named = BudgetPlanner(PlannerConfig(gram=grams, gram_of="blocks", sigmas=schedule(30, 7), measured_estimator=measured), 30)
     named.meet_budget(10, estimator="forecast1")  # a request's own estimator wins; build_cache applies it
     assert named.predicted_error == pytest.approx(best_plan(
         [GapCosts(grams[b], schedule(30, 7), 30) for b in (COND, UNCOND)], 10, 6, "forecast1")[0])
@@ -527,20 +574,6 @@ def test_a_speedup_and_a_threshold_together_are_refused_in_one_line():
         assert exc.value.param == "cache_speedup" and "not both" in one_line(exc)
 
 
-def test_predicted_estimator_is_the_one_the_cost_model_prefers():
-    """Residuals on a line in the step index: the first-order forecast is exact and wins every
-    speedup; residuals that swing back and forth (a changing sign of their motion, alpha < 0):
-    reuse is the only candidate left and is chosen."""
-    steps, rng = 20, np.random.default_rng(0)
-    base, slope = rng.normal(size=16), rng.normal(size=16)
-    sigmas = [1 - t / steps for t in range(steps + 1)]
-    line = np.stack([base + 0.1 * t * slope for t in range(steps)])
-    predicted = predicted_planner_estimator({COND: gram_of(line, 10)}, sigmas, steps)
-    assert predicted == {"1.5": "forecast1", "2": "forecast1", "2.5": "forecast1", "3": "forecast1"}
-    swinging = np.stack([base + (-1) ** t * 0.3 * slope for t in range(steps)])
-    assert set(predicted_planner_estimator({COND: gram_of(swinging, 10)}, sigmas, steps).values()) == {"reuse"}
-
-
 @pytest.mark.parametrize("steps, speedup, passes",
                          [(50, 3, 17), (20, 3, 7), (25, 2, 13), (12, 3, 4), (6, 1.5, 4), (10, 3, 3), (16, 2.5, 6)])
 def test_a_budget_within_five_percent_is_met(steps, speedup, passes):
@@ -559,17 +592,3 @@ def test_a_budget_no_pass_count_meets_is_one_line_naming_the_nearest(steps, spee
     assert refused.value.param == "cache_speedup"
     assert one_line(refused) == (f"--cache-speedup {speedup:g} cannot be met at {steps} steps: whole passes "
                                        f"per branch give {offers}; ask for one of those or run more steps")
-
-
-def test_the_measured_estimator_is_the_best_mean_that_does_not_collapse():
-    """Calibration's choice: the best mean among candidates whose worst prompt is within 2 dB of
-    the best worst prompt (the hard-world model's 2x: forecast1 34.0 mean but 19.6 worst against
-    reuse's 28.8 / 22.1 -> reuse); exactly 2 dB below still counts."""
-    from sglang.multimodal_gen.runtime.entrypoints.calibrate import WORST_CASE_GUARD_DB, guarded_best
-
-    assert WORST_CASE_GUARD_DB == 2.0
-    assert guarded_best({"reuse": 28.8, "forecast1": 34.0, "blend": 30.4},
-                        {"reuse": 22.1, "forecast1": 19.6, "blend": 19.6}) == "reuse"
-    assert guarded_best({"reuse": 28.8, "forecast1": 34.0}, {"reuse": 22.0, "forecast1": 20.0}) == "forecast1"
-    assert guarded_best({"reuse": 28.8, "forecast1": 34.0}, {"reuse": 22.0, "forecast1": 19.99}) == "reuse"
-    assert guarded_best({"reuse": 50.0, "blend": 40.0}, {"reuse": 30.0, "blend": 45.0}) == "blend"

@@ -213,17 +213,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                              for index, prompt in enumerate(prompts)])  # seeds as calibrate() draws them
     check_calibration_output(args.output)
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
-    result = calibrate(generator, prompts, template, args.output, show_progress=True, planner_steps=planner_steps,
-                       planner_estimator=args.planner_estimator)
+    result = calibrate(generator, prompts, template, args.output, show_progress=True, planner_steps=planner_steps)
     for name, branch in result.branches.items():
         ratios = branch.mag_ratio
         print(f"  {name:<7s} magnitude ratio: min {min(ratios):.4f}, last {ratios[-1]:.4f}")
-    tables = [(result.num_inference_steps, result.planner_estimator)]
-    tables += [(t["num_inference_steps"], t.get("estimator") or {}) for t in result.planner_tables]
-    for steps, measured in tables:
-        choices = ", ".join(f"{speedup}x {name}" for speedup, name in measured.items())
-        how = " (predicted)" if args.planner_estimator == "predict" and choices else ""
-        print(f"  planner estimator at {steps} steps: {choices or 'not measured'}{how}")
+    steps = sorted([result.num_inference_steps] + [t["num_inference_steps"] for t in result.planner_tables])
+    print(f"  planner tables at {', '.join(map(str, steps))} steps (model outputs, {len(prompts)} prompts)")
     print(f"saved {args.output} and {Path(args.output).with_suffix('.png')}")
     return 0
 
@@ -257,11 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--planner-steps", default=None,
                            help="comma-separated further step counts to record the budget planner's data at "
                                 "(e.g. 20,30), for --cache-speedup requests at those step counts")
-    calibrate.add_argument("--planner-estimator", default="measure", choices=("measure", "predict"),
-                           help="how the planner's estimator per speedup is chosen: measure (default: each "
-                                "candidate planned on the prompts, about 12 more generations per prompt and "
-                                "step count) or predict (from the recorded runs by the planner's cost model, "
-                                "no further generation)")
     calibrate.set_defaults(func=cmd_calibrate)
 
     from sglang.cli.serve import add_serve_parser

@@ -158,6 +158,13 @@ class CacheBookkeeping(abc.ABC):
         if not self.calibrate:
             self._observe_computed(step, branch, residual)
 
+    def record_output(self, step: int, branch: str, output: torch.Tensor) -> None:
+        """In calibration mode, note ``branch``'s model output at ``step`` (the planner's data); the
+        stage calls it for every branch and step. Otherwise nothing."""
+        if self.calibrate:
+            self._check(step, branch)
+            self._recorder.record_output(branch, output)
+
     def reuse(self, step: int, branch: str) -> torch.Tensor:
         """The residual to add to the block input on a skipped step: the estimator's estimate."""
         self._check(step, branch)

@@ -46,9 +46,13 @@ class BranchCalibration:
         cosine_distance: Mean ``1 - cos(r_t, r_{t-1})`` over tokens.
         input_change: Relative L1 change of the modulated input (TeaCache's indicator).
         output_change: Relative L1 change of the block residual.
-        gram: The budget planner's inner products ``gram[t][d] = <r_t, r_{t-d}>`` within the
-            calibration window, each prompt's divided by its mean ``|r_t|^2`` before averaging
-            (so every prompt weighs the same). Empty in files written before the planner.
+        output_gram: The budget planner's data: the model outputs' inner products
+            ``output_gram[t][d] = <v_t, v_{t-d}>`` within the calibration window, each prompt's
+            divided by its mean ``|v_t|^2`` before averaging (so every prompt weighs the same).
+            Empty in files written before it.
+        gram: What files written before ``output_gram`` recorded for the planner instead: the same
+            products of the block residuals. Still planned from, with the estimator the file
+            measured; empty in newer files.
     """
 
     mag_ratio: list[float]
@@ -56,6 +60,7 @@ class BranchCalibration:
     cosine_distance: list[float]
     input_change: list[float]
     output_change: list[float]
+    output_gram: list[list[float]] = field(default_factory=list)
     gram: list[list[float]] = field(default_factory=list)
 
 
@@ -81,12 +86,13 @@ class CalibrationResult:
     #: 1`` values; the planner weighs each step's error by its sigma step). Empty when unknown.
     sigmas: list[float] = field(default_factory=list)
     #: The planner's data at further step counts (``sglang calibrate --planner-steps``), each
-    #: ``{"num_inference_steps": n, "sigmas": [...], "gram": {branch: rows}}``: the residuals move
-    #: differently at another spacing, so a request plans from the table nearest its step count.
+    #: ``{"num_inference_steps": n, "sigmas": [...], "output_gram": {branch: rows}}`` (older files:
+    #: ``"gram"`` and ``"estimator"``): the outputs move differently at another spacing, so a
+    #: request plans from the table nearest its step count.
     planner_tables: list[dict[str, Any]] = field(default_factory=list)
-    #: The planner's estimator per speedup (``{"1.5": "forecast1", ...}``) at this file's own step
-    #: count, measured by ``sglang calibrate`` (``choose_planner_estimator``); empty in files written
-    #: before it. Tables carry their own.
+    #: Older files only: the planner's estimator per speedup (``{"1.5": "forecast1", ...}``) that
+    #: ``sglang calibrate`` measured for their block-residual ``gram``. Newer files need none: the
+    #: planner fits its forecast weights from ``output_gram``.
     planner_estimator: dict[str, str] = field(default_factory=dict)
     #: What a step costs outside the part a cache skips (``StepCosts.to_dict``: fractions of one
     #: branch's model call, and the device they were measured on), from a short uncached run at
@@ -106,9 +112,10 @@ class CalibrationResult:
         for branch in runs[0]:
             stats = {
                 name.name: np.mean([getattr(run[branch], name.name) for run in runs], axis=0).tolist()
-                for name in dataclasses.fields(BranchCalibration) if name.name != "gram"
+                for name in dataclasses.fields(BranchCalibration) if name.name not in ("gram", "output_gram")
             }
-            branches[branch] = BranchCalibration(**stats, gram=average_gram([run[branch].gram for run in runs]))
+            branches[branch] = BranchCalibration(
+                **stats, output_gram=average_gram([run[branch].output_gram for run in runs]))
         sigmas = [s for s in next(iter(runs[0].values())).sigma]
         sigmas = [*sigmas, 0.0] if sigmas and all(s is not None for s in sigmas) else []
         result = cls(branches=branches, num_prompts=len(runs), sigmas=sigmas, **provenance)
@@ -122,25 +129,26 @@ class CalibrationResult:
         self.planner_tables.append({
             "num_inference_steps": num_inference_steps,
             "sigmas": [*sigmas, 0.0] if sigmas and all(s is not None for s in sigmas) else [],
-            "gram": {branch: average_gram([run[branch].gram for run in runs]) for branch in runs[0]},
+            "output_gram": {branch: average_gram([run[branch].output_gram for run in runs]) for branch in runs[0]},
         })
 
-    def set_planner_estimator(self, num_inference_steps: int, estimator: dict[str, str]) -> None:
-        """Record the estimators measured best (per speedup) for the table at ``num_inference_steps``."""
-        if num_inference_steps == self.num_inference_steps:
-            self.planner_estimator = estimator
-        for table in self.planner_tables:
-            if table["num_inference_steps"] == num_inference_steps:
-                table["estimator"] = estimator
-
     def nearest_planner_table(self, num_inference_steps: int) -> dict[str, Any] | None:
-        """The planner's table nearest ``num_inference_steps`` (by ratio): ``num_inference_steps``,
-        ``sigmas``, ``gram`` per branch and, when measured, ``estimator``; None without any."""
-        tables = [t for t in self.planner_tables if t["gram"]]
-        if self.branches and all(b.gram for b in self.branches.values()):
-            tables.append({"num_inference_steps": self.num_inference_steps, "sigmas": self.sigmas,
-                           "gram": {name: b.gram for name, b in self.branches.items()},
-                           "estimator": self.planner_estimator})
+        """The planner's table nearest ``num_inference_steps`` (by ratio), None without any:
+        ``num_inference_steps``, ``sigmas``, ``gram`` per branch, ``gram_of`` (``"outputs"``, or
+        ``"blocks"`` in older files, which also carry their measured ``estimator``)."""
+        tables = []
+        for table in self.planner_tables:
+            if table.get("output_gram"):
+                tables.append({**table, "gram": table["output_gram"], "gram_of": "outputs"})
+            elif table.get("gram"):
+                tables.append({**table, "gram_of": "blocks"})
+        own = {"num_inference_steps": self.num_inference_steps, "sigmas": self.sigmas}
+        if self.branches and all(b.output_gram for b in self.branches.values()):
+            tables.append({**own, "gram": {name: b.output_gram for name, b in self.branches.items()},
+                           "gram_of": "outputs"})
+        elif self.branches and all(b.gram for b in self.branches.values()):
+            tables.append({**own, "gram": {name: b.gram for name, b in self.branches.items()},
+                           "gram_of": "blocks", "estimator": self.planner_estimator})
         if not tables:
             return None
         return min(tables, key=lambda t: abs(math.log(t["num_inference_steps"] / num_inference_steps)))

@@ -18,6 +18,9 @@ Registered estimators (``--cache-estimator NAME``):
 - ``forecast1_sigma`` / ``forecast2_sigma``: the same in the scheduler's sigma of each step.
 - ``blend``: ``reuse + alpha * (forecast1 - reuse)``; ``alpha`` 0 is ``reuse``, 1 ``forecast1``
   (0.5 unless set, or fitted by ``sglang calibrate`` and taken from the calibration file in use).
+- ``fitted``: ``r_i + c_k (r_i - r_h)`` on the last two computed residuals with a weight per
+  branch and skipped step that the budget planner fits to its calibration (least squares over
+  the recorded outputs); the planner's own, without a weight it reuses.
 
 A forecast without enough history (or with two points at the same coordinate) falls back to the
 next lower order, down to ``reuse``. Forecast arithmetic is done in fp32 and the result returned
@@ -244,3 +247,29 @@ class BlendEstimator(ResidualEstimator):
             return last
         reused = last.float()
         return (reused + self.alpha * (first_order - reused)).to(last.dtype)
+
+
+@register_estimator
+class FittedEstimator(ResidualEstimator):
+    """``r_i + c_k (r_i - r_h)`` with the weight ``c_k`` per branch and skipped step that the
+    planner fitted (``weights``); a step without one reuses. Arithmetic in fp32, as forecasts."""
+
+    name, history = "fitted", 2
+
+    def __init__(self, branches: Sequence[str], weights: dict[str, dict[int, float]] | None = None) -> None:
+        if weights is None:
+            raise CacheConfigError(
+                "the fitted estimator takes its weights from the budget planner's calibration; use it with "
+                "--cache-speedup (the planner), or choose another estimator", param="cache_estimator")
+        self.weights = {b: dict(w) for b, w in weights.items()}
+        super().__init__(branches)
+
+    def estimate(self, branch: str, step: int, sigma: float | None, scale: float = 1.0) -> torch.Tensor:
+        return super().estimate(branch, step, sigma, self.weights.get(branch, {}).get(step, 0.0))
+
+    def _estimate(self, points, step, sigma, scale):
+        last = points[-1].residual
+        if scale == 0.0 or len(points) < 2:
+            return last
+        reused = last.float()
+        return (reused + scale * (reused - points[-2].residual.float())).to(last.dtype)

@@ -3,19 +3,19 @@
 ``--cache-speedup X`` asks for the passes per CFG branch that make the denoising loop X times
 faster (``budget.py``). The planner picks which steps run by dynamic programming over costs
 measured at calibration, in the spirit of LeMiCa and DPCache: ``sglang calibrate`` keeps the
-inner products of the uncached run's block residuals within a window (``BranchCalibration.gram``),
-and from them the error of any linear estimate of a skipped step's residual is a quadratic form.
+inner products of the uncached runs' model outputs within a window (``BranchCalibration.output_gram``),
+and from them the error of any linear estimate of a skipped step's output is a quadratic form.
 The plan is deterministic, so every CFG branch (and every rank) agrees by construction.
 
 A planned skip covers the whole model call (embed, blocks and head), so it costs only guidance
-and the scheduler step, and what it adds is the same kind of estimate of the model output itself.
-The plan is still costed on the block residuals, a proxy for the output: planning from the
-outputs' own inner products was tried (a scratch build, not kept) and lost 2-4 dB on the built-in
-Wan model at 1.5x, 2.5x and 3x while gaining on the HunyuanVideo one (docs/benchmarks.md).
+and the scheduler step, and what it adds is an estimate of the model output itself. (Files
+written before 2026-12-07 hold the block residuals' products instead, ``gram_of = "blocks"``: a
+proxy the planner still plans from, with the estimator such a file measured.)
 
 The cost of a gap. Steps ``i+1 .. j-1`` are skipped after computed steps ``h < i``; the estimator
 adds ``e_k = r_i + c_k (r_i - r_h)`` at step ``k`` (``c_k = 0`` for ``reuse``, ``(k-i)/(i-h)`` for
-``forecast1``, the same in sigma for ``forecast1_sigma``, ``alpha (k-i)/(i-h)`` for ``blend``).
+``forecast1``, the same in sigma for ``forecast1_sigma``, ``alpha (k-i)/(i-h)`` for ``blend``, and
+for ``fitted`` the least-squares ``c_k`` over the calibration runs, ``GapCosts.fitted_weight``).
 What the gap moves the latent by, against the uncached run, is about ``E = sum_k dt_k (e_k -
 r_k)`` with ``dt_k`` the scheduler's sigma step: errors within a gap are summed before the norm
 because they are correlated (a stale residual is wrong the same way on consecutive steps), which
@@ -26,11 +26,14 @@ norms (the triangle bound), this kept a better worst case on both trained models
 2x. The plan minimises that total for exactly the requested passes, with at most
 ``max_skip_steps`` skipped in a row.
 
-Which estimator the plan is for is measured, not predicted: the cost model ranks the plans of
-one estimator but cannot tell how an estimator's errors grow through the solver, so
-``sglang calibrate`` runs the planner with each candidate on its calibration prompts and records,
-per speedup, the one whose decoded frames came closest on average
-(``runtime/entrypoints/calibrate.py``, ``choose_planner_estimator``).
+Which estimator: ``fitted``, unless the request names one. Its weight for each skipped step is
+what the recorded outputs did at that distance from the plan's last two computed steps (about the
+first-order forecast's ``(k-i)/(i-h)`` where the outputs move steadily, damped where they turn),
+so a calibration needs no generations beyond its uncached runs. Before it, ``sglang calibrate``
+ran every candidate estimator on its prompts at each speedup to choose one (about 12 planned
+generations per prompt): the cost model ranked the plans of one estimator but a fixed estimator
+was right at some speedups and fell apart at others. The fitted weights beat those measured
+choices on both built-in Wan models (docs/benchmarks.md, "Calibration that costs what it records").
 
 Step counts other than the calibration's are planned on resampled costs: request step ``k`` of
 ``N`` sits at calibration position ``k * N_cal / N`` (the same fraction of the schedule), and a
@@ -45,13 +48,13 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.cache.budget import budget_passes
-from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA
+from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA, ResidualEstimator
 from sglang.multimodal_gen.runtime.cache.registry import register_cache
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError, is_number, is_whole
@@ -62,16 +65,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Estimators whose estimate is linear in the last two computed residuals, which the planner can cost.
-PLANNABLE_ESTIMATORS = ("reuse", "forecast1", "forecast1_sigma", "blend")
+PLANNABLE_ESTIMATORS = ("reuse", "forecast1", "forecast1_sigma", "blend", "fitted")
+#: What a calibration's inner products are of: the model outputs (what a planned skip estimates), or,
+#: in files written before those were recorded, the block residuals (a proxy).
+GRAM_KINDS = ("outputs", "blocks")
 #: The speedup of ``--cache planner`` without ``--cache-speedup``.
 DEFAULT_SPEEDUP = 2.0
-#: What skipped steps add when neither the request nor the calibration names an estimator (and the
+#: What skipped steps add when the request names no estimator and the calibration recorded the
+#: outputs' inner products: the forecast weighted per skipped step by least squares over them.
+DEFAULT_ESTIMATOR = "fitted"
+#: The same for an older calibration of block residuals that measured no estimator (and whose
 #: fitted alpha is positive): on both trained models blend never fell apart, where the pure
 #: first-order forecast did from 2.5x (docs/benchmarks.md).
-DEFAULT_ESTIMATOR = "blend"
-#: The estimators ``sglang calibrate`` tries for the planner, and the speedups it measures them at.
-PLANNER_CANDIDATES = ("reuse", "forecast1", "blend")
-PLANNER_CHECK_SPEEDUPS = (1.5, 2.0, 2.5, 3.0)
+BLOCKS_DEFAULT_ESTIMATOR = "blend"
 #: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
 #: core and grows with the square of the step count.
 MAX_PLANNED_STEPS = 250
@@ -84,23 +90,27 @@ class PlannerConfig:
 
     Args:
         gram (`dict[str, list[list[float]]]`):
-            Per CFG branch, the calibration residuals' inner products within the window
-            (`gram[t][d] = <r_t, r_{t-d}>`), from `sglang calibrate`. The model's calibration file
+            Per CFG branch, the calibration runs' inner products within the window
+            (`gram[t][d] = <v_t, v_{t-d}>`), from `sglang calibrate`. The model's calibration file
             supplies them.
+        gram_of (`str`, defaults to `"outputs"`):
+            What `gram` is of: the model outputs (`"outputs"`), which the `fitted` estimator needs,
+            or the block residuals (`"blocks"`, calibration files from before 2026-12-07).
         sigmas (`list[float]`):
             The calibration run's sigma per step and after the last; each step's error is weighed
             by its sigma step. Empty: equal weights.
         measured_estimator (`dict[str, str]`):
-            The estimator `sglang calibrate` measured best for the planner per speedup at the
-            table's step count, e.g. `{"1.5": "forecast1", "2": "blend", "3": "blend"}` (the
-            calibration file supplies it); a request that names none takes the one measured at the
-            nearest speedup. Empty: `blend` where the fitted alpha is positive, else `reuse`.
+            Block-residual tables only: the estimator an older `sglang calibrate` measured best per
+            speedup, e.g. `{"1.5": "forecast1", "2": "blend"}` (the file supplies it); a request
+            that names none takes the one measured at the nearest speedup. Empty: `blend` where the
+            fitted alpha is positive, else `reuse`. Output tables use `fitted` instead.
         max_skip_steps (`int`, defaults to `6`):
             The most consecutive steps a plan may skip. Higher lets the planner put more of the
             budget where it matters; long gaps are also costed as such, so it rarely needs a cap.
     """
 
     gram: dict[str, list[list[float]]] = field(default_factory=dict)
+    gram_of: str = "outputs"
     sigmas: list[float] = field(default_factory=list)
     max_skip_steps: int = 6
     measured_estimator: dict[str, str] = field(default_factory=dict)
@@ -111,6 +121,8 @@ class PlannerConfig:
         self.max_skip_steps = int(self.max_skip_steps)
         if not isinstance(self.gram, dict) or not all(isinstance(g, list) for g in self.gram.values()):
             raise CacheConfigError("planner gram must map each CFG branch to its calibration rows")
+        if self.gram_of not in GRAM_KINDS:
+            raise CacheConfigError(f"planner gram_of must be one of {', '.join(GRAM_KINDS)}, got {self.gram_of!r}")
         measured = self.measured_estimator
         if not isinstance(measured, dict) or not all(
                 is_number(_as_float(k)) and _as_float(k) >= 1 and v in PLANNABLE_ESTIMATORS for k, v in measured.items()):
@@ -191,9 +203,23 @@ class GapCosts:
             return math.inf
         return math.sqrt(max(float(vector @ block @ vector), 0.0))
 
+    def fitted_weight(self, h: int | None, i: int, k: int) -> float:
+        """The least-squares ``c`` of ``r_k ~ r_i + c (r_i - r_h)`` over the calibration runs: the
+        first-order forecast damped (or pushed) to what the recorded residuals did at this
+        distance; 0 (reuse) without a second point or where the window does not reach."""
+        if h is None:
+            return 0.0
+        g = self.inner
+        spread = g[i, i] - 2.0 * g[i, h] + g[h, h]
+        along = g[k, i] - g[k, h] - g[i, i] + g[i, h]
+        weight = along / spread if spread > 0 else math.nan
+        return weight if math.isfinite(weight) else 0.0
+
     def _forecast_weight(self, h: int | None, i: int, k: int, estimator: str, alpha: float) -> float:
         if h is None or estimator == "reuse":
             return 0.0
+        if estimator == "fitted":
+            return self.fitted_weight(h, i, k)
         if estimator == "forecast1_sigma":
             span = self.sigmas[i] - self.sigmas[h]
             return (self.sigmas[k] - self.sigmas[i]) / span if span else 0.0
@@ -257,30 +283,6 @@ def best_plan(
     return result
 
 
-def planner_candidates(costs: Sequence[GapCosts]) -> tuple[float, list[str]]:
-    """The fitted blend alpha at the costs' step spacing and the estimators calibration chooses
-    among (``blend`` only where that alpha is positive: otherwise it is a damped reuse)."""
-    alpha = fitted_blend_alpha(costs)
-    return alpha, [name for name in PLANNER_CANDIDATES if name != "blend" or alpha > 0]
-
-
-def predicted_planner_estimator(gram: dict[str, list[list[float]]], sigmas: Sequence[float], steps: int,
-                                max_skip_steps: int = 6) -> dict[str, str]:
-    """Per speedup of ``PLANNER_CHECK_SPEEDUPS``, the candidate whose best plan has the smallest
-    predicted error, from the recorded inner products alone (no generation). The cost model
-    predicts each estimator's error along the uncached trajectory, not how the solver carries it
-    on, so it favours forecasts where measuring picks reuse at 20-30 steps on the Wan models
-    (docs/calibration.md); at 50 steps the two agree on most speedups."""
-    costs = [GapCosts(rows, sigmas, steps) for rows in gram.values()]
-    alpha, candidates = planner_candidates(costs)
-    chosen: dict[str, str] = {}
-    for speedup in PLANNER_CHECK_SPEEDUPS:
-        passes = budget_passes(steps, speedup)
-        predicted = {name: best_plan(costs, passes, max_skip_steps, name, alpha)[0] for name in candidates}
-        chosen[f"{speedup:g}"] = min(predicted, key=predicted.get)
-    return chosen
-
-
 # --------------------------------------------------------------------------- strategy
 @register_cache
 class BudgetPlanner(TimestepCache):
@@ -316,6 +318,7 @@ class BudgetPlanner(TimestepCache):
             )
         super().__init__(config, num_inference_steps, branches, calibrate)
         self._mask = [True] * num_inference_steps  # until meet_budget plans (build_cache calls it)
+        self._weights: dict[str, dict[int, float]] = {}
         self.predicted_error: float | None = None
 
     @classmethod
@@ -325,8 +328,8 @@ class BudgetPlanner(TimestepCache):
         table = calibration.nearest_planner_table(num_inference_steps or calibration.num_inference_steps)
         if table is None:
             return {}
-        options = {"gram": table["gram"], "sigmas": list(table["sigmas"])}
-        if isinstance(table.get("estimator"), dict):
+        options = {"gram": table["gram"], "gram_of": table["gram_of"], "sigmas": list(table["sigmas"])}
+        if table["gram_of"] == "blocks" and isinstance(table.get("estimator"), dict):
             options["measured_estimator"] = dict(table["estimator"])
         return options
 
@@ -338,14 +341,19 @@ class BudgetPlanner(TimestepCache):
         return calibration.num_inference_steps if table is None else table["num_inference_steps"]
 
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
-        """Plan exactly ``passes`` computed steps for the request's estimator; with none named, for
-        the one calibration measured best at the nearest speedup (else blend or reuse by the sign of
-        the fitted alpha), and use it. ``blend`` plans at the request's alpha, else the one fitted
-        at this step count (:func:`fitted_blend_alpha`)."""
+        """Plan exactly ``passes`` computed steps for the request's estimator and use it; with none
+        named, ``fitted`` (an older block-residual table: the estimator it measured at the nearest
+        speedup, else blend or reuse by the sign of the fitted alpha). ``blend`` plans at the
+        request's alpha, else the one fitted at this step count (:func:`fitted_blend_alpha`)."""
         if estimator is not None and estimator not in PLANNABLE_ESTIMATORS:
             raise CacheConfigError(
                 f"the planner cannot cost estimator {estimator!r}; use one of {', '.join(PLANNABLE_ESTIMATORS)}",
                 param="cache_estimator",
+            )
+        if estimator == "fitted" and self.config.gram_of != "outputs":
+            raise CacheConfigError(
+                "the fitted estimator needs a calibration of the model outputs, and this file predates them; "
+                "run `sglang calibrate` again", param="cache_estimator",
             )
         costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
         if blend_alpha is not None:
@@ -354,9 +362,10 @@ class BudgetPlanner(TimestepCache):
             alpha = DEFAULT_BLEND_ALPHA  # what the request's own blend estimator (built after this) uses
         else:
             alpha = fitted_blend_alpha(costs)
-        # Unnamed: what calibration measured best; without a measurement, blend while the residual
-        # keeps moving the way it moved (alpha > 0), reuse where its changes turn back (alpha <= 0).
-        chosen = estimator or self._measured_estimator(passes) or (DEFAULT_ESTIMATOR if alpha > 0 else "reuse")
+        # Unnamed on an older table: what calibration measured best; without a measurement, blend while
+        # the residual keeps moving the way it moved (alpha > 0), reuse where its changes turn back.
+        chosen = estimator or (DEFAULT_ESTIMATOR if self.config.gram_of == "outputs" else None) \
+            or self._measured_estimator(passes) or (BLOCKS_DEFAULT_ESTIMATOR if alpha > 0 else "reuse")
         total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
         if not steps and estimator is None:
             # Few steps from a long calibration: a forecast's base falls out of the window, reuse's may not.
@@ -375,10 +384,30 @@ class BudgetPlanner(TimestepCache):
         computed = set(steps)
         self._mask = [step in computed for step in range(self.num_inference_steps)]
         self.predicted_error = total
+        self._weights = self._fitted_weights(costs, steps) if chosen == "fitted" else {}
         if estimator is None:
             self.use_estimator(chosen, **({"alpha": alpha} if chosen == "blend" else {}))
         logger.info("planner: %d of %d steps with %s (predicted error %.3g)", passes, self.num_inference_steps,
                     chosen, total)
+
+    def _build_estimator(self, requested: str | None, options: Mapping[str, Any]) -> ResidualEstimator:
+        """``fitted`` takes the plan's weights (the request's own ``use_estimator`` call included)."""
+        if requested == "fitted":
+            options = {**options, "weights": self._weights}
+        return super()._build_estimator(requested, options)
+
+    def _fitted_weights(self, costs: Sequence["GapCosts"], computed: Sequence[int]) -> dict[str, dict[int, float]]:
+        """Per branch and skipped step, the fitted forecast weight on the plan's last two computed steps."""
+        weights: dict[str, dict[int, float]] = {b: {} for b in self.branches}
+        previous: int | None = None
+        last = computed[0]
+        following = list(computed[1:]) + [self.num_inference_steps]
+        for upcoming in following:
+            for k in range(last + 1, upcoming):
+                for branch, cost in zip(self.branches, costs):
+                    weights[branch][k] = cost.fitted_weight(previous, last, k)
+            previous, last = last, upcoming
+        return weights
 
     def _measured_estimator(self, passes: int) -> str | None:
         """The calibration's measured estimator at the checked speedup nearest this budget's."""

@@ -30,9 +30,10 @@ class CalibrationRecord:
         blend_denominator: ``|r_{t-1} - r_{t-2}|^2`` (``0.0`` before step 2): summed over steps,
             branches and prompts their ratio is the least-squares ``alpha`` of the ``blend``
             estimator for a one-step skip (``sglang calibrate`` saves it as ``blend_alpha``).
-        gram: ``gram[t][d] = <r_t, r_{t-d}>`` for ``d = 0 .. min(t, CALIBRATION_WINDOW)``: the
-            residuals' inner products within the window, from which the budget planner computes
-            the error of any linear estimate of a skipped step (``runtime/cache/planner.py``).
+        output_gram: ``output_gram[t][d] = <v_t, v_{t-d}>`` for ``d = 0 .. min(t, CALIBRATION_WINDOW)``:
+            the inner products of the model's outputs (what a planned skip estimates) within the
+            window, from which the budget planner computes the error of any linear estimate of a
+            skipped step and fits its forecast weights (``runtime/cache/planner.py``).
         sigma: The scheduler's sigma at each step (``None`` when it has none).
     """
 
@@ -43,29 +44,31 @@ class CalibrationRecord:
     output_change: list[float] = field(default_factory=list)
     blend_numerator: list[float] = field(default_factory=list)
     blend_denominator: list[float] = field(default_factory=list)
-    gram: list[list[float]] = field(default_factory=list)
+    output_gram: list[list[float]] = field(default_factory=list)
     sigma: list[float | None] = field(default_factory=list)
 
 
-#: How many earlier residuals calibration keeps per branch for the planner's inner products: the
-#: longest span (from the older of two computed steps to the last step skipped after them) the
-#: planner can cost. Memory: this many residuals per branch (one Wan2.1-1.3B 480p residual is
-#: about 200 MB in fp32).
+#: How many earlier model outputs calibration keeps per branch for the planner's inner products:
+#: the longest span (from the older of two computed steps to the last step skipped after them) the
+#: planner can cost. Memory: this many outputs per branch (latent-sized: one Wan2.1-1.3B 480p
+#: output is about 8.4 MB in fp32).
 CALIBRATION_WINDOW = 16
 
 
 class CalibrationRecorder:
     """Fills one :class:`CalibrationRecord` per branch from the calls of a calibrating cache.
 
-    Every statistic over tokens goes through ``statistics`` (its reducer is read at each call, so
-    one installed after the recorder was made applies). It keeps the last
-    ``CALIBRATION_WINDOW + 1`` residuals per branch for the planner's inner products.
+    Every statistic over a sequence shard's tokens goes through ``statistics`` (its reducer is read
+    at each call, so one installed after the recorder was made applies). It keeps the last
+    ``CALIBRATION_WINDOW + 1`` model outputs per branch for the planner's inner products; those are
+    summed locally, since every rank holds the whole output.
     """
 
     def __init__(self, branches: Sequence[str], statistics: TokenStatistics) -> None:
         self.records: dict[str, CalibrationRecord] = {b: CalibrationRecord() for b in branches}
         self._statistics = statistics
-        self._window: dict[str, deque[torch.Tensor]] = {b: deque(maxlen=CALIBRATION_WINDOW + 1) for b in branches}
+        self._outputs: dict[str, deque[torch.Tensor]] = {b: deque(maxlen=CALIBRATION_WINDOW + 1) for b in branches}
+        self._previous: dict[str, deque[torch.Tensor]] = {b: deque(maxlen=2) for b in branches}
         self._last_input: dict[str, torch.Tensor | None] = {b: None for b in branches}
         self._pending_input_change: dict[str, float] = {b: 0.0 for b in branches}
 
@@ -80,20 +83,23 @@ class CalibrationRecorder:
         )
         self._last_input[branch] = indicator
 
+    def record_output(self, branch: str, output: torch.Tensor) -> None:
+        """Record the inner products of a step's model output with the earlier ones in the window."""
+        window = self._outputs[branch]
+        window.appendleft(output.float())
+        products = [torch.sum(window[0] * earlier, dtype=torch.float64) for earlier in window]
+        self.records[branch].output_gram.append(torch.stack(products).tolist())
+
     def record_residual(self, branch: str, residual: torch.Tensor, sigma: float | None) -> None:
         """Record a computed step's residual statistics against the previous ones."""
         reduce = self._statistics.reducer
         record = self.records[branch]
-        window = self._window[branch]
-        window.appendleft(residual)
-        current = residual.float()
-        products = [torch.sum(current * earlier.float(), dtype=torch.float64) for earlier in window]
-        # Sums over tokens: through the reducer (summed over a sequence shard's processes), one host sync.
-        record.gram.append(reduce(torch.stack(products)).tolist())
         record.sigma.append(sigma)
-        # Calibration computes every step, so the window holds the previous and older residuals too.
-        previous = window[1] if len(window) > 1 else None
-        older = window[2] if len(window) > 2 else None
+        # Calibration computes every step, so these are the previous and the older step's residuals.
+        earlier = self._previous[branch]
+        previous = earlier[0] if earlier else None
+        older = earlier[1] if len(earlier) > 1 else None
+        earlier.appendleft(residual)
         record.input_change.append(self._pending_input_change[branch])
         if older is None or previous is None:
             record.blend_numerator.append(0.0)

@@ -291,11 +291,16 @@ class DenoisingStage(PipelineStage):
                 else:
                     outs[row] = estimate.to(self.dtype)
         if whole_model:
-            return dict(zip(branches, outs))
-        blocks_out = computed if len(computing) == n else _cat(outs)
-        with timer.time_rest(count=n):
-            out = self.adapter.head(blocks_out, ctx)
-        return dict(zip(branches, _rows(out, n)))
+            predictions = dict(zip(branches, outs))
+        else:
+            blocks_out = computed if len(computing) == n else _cat(outs)
+            with timer.time_rest(count=n):
+                out = self.adapter.head(blocks_out, ctx)
+            predictions = dict(zip(branches, _rows(out, n)))
+        if cache is not None and cache.calibrate:
+            for branch, prediction in predictions.items():
+                cache.record_output(current.step, branch, prediction)
+        return predictions
 
     @staticmethod
     def _residual(cache: TimestepCache, out: torch.Tensor, base: torch.Tensor, whole_model: bool) -> torch.Tensor:
