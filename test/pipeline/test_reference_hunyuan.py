@@ -19,6 +19,7 @@ from conftest import half_skip_threshold, magcache_params, psnr_db
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.cache.base import COND, budget_passes
+from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 from sglang.multimodal_gen.runtime.models.loader import BUILTIN_MODELS_DIR, builtin_model_names
 from sglang.multimodal_gen.tools.adherence import SEED_OFFSET, read_video, score
@@ -125,6 +126,8 @@ def test_bf16_caching_costs_nothing_beyond_bf16_itself(uncached):
     own rounding does (measured 44.3 and 44.6 dB)."""
     bf16 = DiffGenerator.from_pretrained(NAME, device="cpu", dtype="bfloat16")
     plain = psnr_db(bf16.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET)).frames, uncached)
-    planned = bf16.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET, cache=CacheParams(speedup=2)))
+    # Equal passes: a time budget's pass count would follow the bf16 step costs this machine measures.
+    planned = bf16.generate(SamplingParams(prompt=PROMPT, seed=SEED_OFFSET,
+                                           cache=CacheParams(speedup=2, step_costs=PASSES_ONLY)))
     assert planned.cache_stats.branches[COND].num_computed == 25
     assert plain > 35 and psnr_db(planned.frames, uncached) > plain - 1.5, (plain, psnr_db(planned.frames, uncached))

@@ -32,6 +32,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, writes_video: bool = True
     parser.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (model default)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="CFG weight; <= 1 disables CFG (default: the model's, e.g. 5.0 for Wan2.1)")
+    parser.add_argument("--guidance-scale-2", type=float, default=None,
+                        help="Wan2.2 two-expert models: the low-noise expert's CFG weight (default: the model's "
+                             "pair, 4.0 and 3.0 for T2V-A14B; with --guidance-scale alone, the same value)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--height", type=int, default=None, help="height in pixels (model default)")
     parser.add_argument("--width", type=int, default=None, help="width in pixels (model default)")
@@ -110,6 +113,7 @@ def sampling_params_from_args(args: argparse.Namespace):
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
+        guidance_scale_2=args.guidance_scale_2,
         seed=args.seed,
         height=args.height,
         width=args.width,

@@ -88,12 +88,29 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
 )
 
 
+#: Wan2.2 T2V-A14B's defaults (the Wan2.2 release's ``wan_t2v_A14B`` config: 40 steps, guidance
+#: 4.0 for the high-noise expert and 3.0 for the low-noise one, 1280x720, 81 frames at 16 fps).
+WAN22_TWO_EXPERT_DEFAULTS: dict[str, Any] = dict(
+    negative_prompt="",
+    num_inference_steps=40,
+    guidance_scale=4.0,
+    guidance_scale_2=3.0,
+    height=720,
+    width=1280,
+    num_frames=81,
+    fps=16,
+)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A resolved model folder: its family, defaults and folder-level overrides.
 
     ``num_attention_heads`` is the transformer's (``transformer/config.json``; ``None`` when that
     file does not say): the process flags are checked against it before any process starts.
+    ``boundary_ratio`` is set for a Wan2.2 two-expert folder (``transformer`` runs the steps whose
+    timestep is at least ``boundary_ratio * num_train_timesteps``, ``transformer_2`` the rest, as
+    diffusers' ``WanPipeline`` chooses); ``None`` for one transformer.
     """
 
     path: Path
@@ -104,6 +121,11 @@ class ModelInfo:
     calibration_file: Path | None
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     num_attention_heads: int | None = None
+    boundary_ratio: float | None = None
+
+    @property
+    def two_experts(self) -> bool:
+        return self.boundary_ratio is not None
 
 
 def _attention_heads(path: Path) -> int | None:
@@ -125,8 +147,9 @@ def read_model_info(path: Path) -> ModelInfo:
             "that holds model_index.json, transformer/, vae/, text_encoder/, tokenizer/ and scheduler/"
         )
     try:
-        class_name = json.loads(index_file.read_text())["_class_name"]
-    except (json.JSONDecodeError, KeyError) as exc:
+        index = json.loads(index_file.read_text())
+        class_name = index["_class_name"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ModelNotFoundError(f"{index_file} is not a valid model_index.json ({exc})") from None
     family = next((f for f in MODEL_FAMILIES if class_name in f.diffusers_pipelines), None)
     if family is None:
@@ -140,6 +163,8 @@ def read_model_info(path: Path) -> ModelInfo:
             raise ModelNotFoundError(f"{path / OVERRIDES_FILE} is not valid JSON ({exc})") from None
         if not isinstance(overrides, dict):
             raise ModelNotFoundError(f"{path / OVERRIDES_FILE} must hold a JSON object")
+    boundary_ratio = _wan22_boundary_ratio(index, index_file) if family.name == "wan" else None
+    defaults = WAN22_TWO_EXPERT_DEFAULTS if boundary_ratio is not None else family.sampling_defaults
     calibration = overrides.get("cache_calibration_file")
     text_max_length = overrides.get("text_max_length", family.text_max_length)
     if isinstance(text_max_length, bool) or not isinstance(text_max_length, int) or text_max_length < 1:
@@ -149,10 +174,37 @@ def read_model_info(path: Path) -> ModelInfo:
     return ModelInfo(
         path=path,
         family=family,
-        sampling_defaults={**family.sampling_defaults, **overrides.get("sampling_defaults", {})},
+        sampling_defaults={**defaults, **overrides.get("sampling_defaults", {})},
         text_max_length=text_max_length,
         cache_model_key=overrides.get("cache_model_key"),
         calibration_file=(path / calibration) if calibration else None,
         pipeline_options=overrides.get("pipeline_options", {}),
         num_attention_heads=_attention_heads(path),
+        boundary_ratio=boundary_ratio,
     )
+
+
+def _is_component(entry: Any) -> bool:
+    """A model_index.json component entry that names a class (diffusers writes ``[null, null]``
+    for an optional component a folder does not have)."""
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
+
+
+def _wan22_boundary_ratio(index: dict[str, Any], index_file: Path) -> float | None:
+    """The expert boundary of a Wan2.2 two-expert folder (``transformer_2`` and ``boundary_ratio``),
+    ``None`` for one transformer; a folder with only one of the two, or TI2V-5B's per-token
+    timesteps (``expand_timesteps``), is refused in one line."""
+    if index.get("expand_timesteps"):
+        raise ModelNotFoundError(
+            f"{index_file} sets expand_timesteps (Wan2.2 TI2V-5B: a timestep per token), which this runtime "
+            "does not run yet; supported: Wan2.1 T2V and Wan2.2 T2V-A14B folders")
+    second, ratio = _is_component(index.get("transformer_2")), index.get("boundary_ratio")
+    if not second and ratio is None:
+        return None
+    if not second:
+        raise ModelNotFoundError(f"{index_file} sets boundary_ratio but names no transformer_2 (the low-noise "
+                                 "expert); a Wan2.2 two-expert folder has both")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ModelNotFoundError(f"{index_file} names a transformer_2 but its boundary_ratio is {ratio!r}; a Wan2.2 "
+                                 "two-expert folder gives a number between 0 and 1 (0.875 for T2V-A14B)")
+    return float(ratio)

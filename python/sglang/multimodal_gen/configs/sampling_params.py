@@ -18,6 +18,10 @@ class SamplingParams:
         negative_prompt: Text the unconditional CFG branch is conditioned on ("" if not given).
         num_inference_steps: Denoising steps; more is slower and usually sharper.
         guidance_scale: Classifier-free guidance weight; values <= 1 disable the uncond branch.
+        guidance_scale_2: Wan2.2 two-expert models only: the low-noise expert's guidance weight
+            (unset: the model's default pair when ``guidance_scale`` is unset too, else
+            ``guidance_scale``, as diffusers' WanPipeline does). Whether the uncond branch runs
+            follows ``guidance_scale`` alone, as there.
         seed: Seed of the initial noise; the same seed and settings give the same video.
         height, width: Output size in pixels; multiples of the VAE stride times the patch size.
         num_frames: Output frames; the Wan VAE takes 4k+1 frames.
@@ -30,6 +34,7 @@ class SamplingParams:
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
     seed: int = 0
     height: int | None = None
     width: int | None = None

@@ -132,6 +132,21 @@ def build_tiny_wan(
     return out
 
 
+def build_tiny_wan22_two_experts(output_dir: str | Path, seed: int = 0, boundary_ratio: float = 0.875) -> Path:
+    """A tiny Wan2.2 T2V-A14B-style folder: the tiny Wan2.1 pipeline plus a second transformer of
+    other random weights (``transformer_2``, the low-noise expert) and ``boundary_ratio`` in
+    model_index.json, as ``Wan-AI/Wan2.2-T2V-A14B-Diffusers`` lays them out."""
+    from diffusers import WanTransformer3DModel
+
+    out = build_tiny_wan(output_dir, seed=seed)
+    first = WanTransformer3DModel.from_pretrained(out / "transformer")
+    torch.manual_seed(seed + 1)
+    WanTransformer3DModel(**first.config).save_pretrained(out / "transformer_2", safe_serialization=True)
+    write_model_index(out, components={**WAN_COMPONENTS, "transformer_2": ["diffusers", "WanTransformer3DModel"]},
+                      extra={"boundary_ratio": boundary_ratio})
+    return out
+
+
 def save_wan_components(out: Path, text_encoder, transformer, vae) -> None:
     """Save the model components, the UniPC flow scheduler and model_index.json next to a tokenizer."""
     from diffusers import UniPCMultistepScheduler
@@ -162,12 +177,14 @@ HUNYUAN_COMPONENTS: dict[str, list[str]] = {
 }
 
 
-def write_model_index(out: Path, pipeline_class: str = "WanPipeline", components: dict | None = None) -> None:
-    """model_index.json as Wan-AI/Wan2.1-T2V-1.3B-Diffusers (or the given pipeline) ships it."""
+def write_model_index(out: Path, pipeline_class: str = "WanPipeline", components: dict | None = None,
+                      extra: dict | None = None) -> None:
+    """model_index.json as Wan-AI/Wan2.1-T2V-1.3B-Diffusers (or the given pipeline) ships it;
+    ``extra``: pipeline config entries besides the components (Wan2.2's ``boundary_ratio``)."""
     import diffusers
 
     index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
-             **(components or WAN_COMPONENTS)}
+             **(extra or {}), **(components or WAN_COMPONENTS)}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -147,7 +147,8 @@ class DiffGenerator:
             stage.batched_cfg = use_batched_cfg
             stage.sync_free_scheduler = torch_device.type == "cuda"
             if enable_torch_compile:
-                stage.adapter.compile_blocks()
+                for adapter in stage.adapters.values():
+                    adapter.compile_blocks()
             return pipeline
 
         if parallel.num_gpus == 1:
@@ -198,8 +199,8 @@ class DiffGenerator:
         """Swap the shipped presets for a calibration file: the request's, the server's, the model's;
         with a speedup, add what a skipped step costs (:meth:`step_costs`)."""
         info = self.pipeline.model_info
-        if not params.cache.enabled:
-            return params
+        if not params.cache.enabled or info.two_experts:
+            return params  # two experts: the validation stage refuses caching, before any measurement
         calibration_file = params.cache.calibration_file or self.cache_calibration or info.calibration_file
         calibration = load_calibration(calibration_file) if calibration_file else None
         cache = params.cache

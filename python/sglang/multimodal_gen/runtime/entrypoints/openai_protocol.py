@@ -63,6 +63,7 @@ class VideoObject(BaseModel):
     seed: int
     num_inference_steps: int
     guidance_scale: float
+    guidance_scale_2: float | None = None
     num_frames: int
     fps: int
     cache: str = "none"

@@ -73,7 +73,8 @@ class RequestLimits:
               "with. Default: 4x the model's default request")
     max_fps: int = _limit(120, "highest fps (the lowest is 1). Default: 120")
     max_guidance_scale: float = _limit(
-        100.0, "largest guidance_scale (it must also be finite and >= 0). Default: 100", float)
+        100.0, "largest guidance_scale and guidance_scale_2 (they must also be finite and >= 0). Default: 100",
+        float)
     max_prompt_chars: int = _limit(
         20_000, "longest prompt and negative_prompt, in characters (the text encoder reads only the "
                 "first few hundred tokens). Default: 20000")
@@ -166,12 +167,13 @@ class RequestLimits:
                 elif param == "seconds":
                     prefix = f"seconds {seconds:g} at {params.fps} fps is {value} frames: "
                 raise InvalidRequestError(f"{prefix}{name} must be at most {bound} ({why}), got {value}", param=param)
-        guidance = params.guidance_scale
-        if _is_number(guidance) and abs(guidance) > self.max_guidance_scale:
-            raise InvalidRequestError(
-                f"guidance_scale must be at most {self.max_guidance_scale:g} (--max-guidance-scale), got {guidance:g}",
-                param="guidance_scale",
-            )
+        for name in ("guidance_scale", "guidance_scale_2"):
+            guidance = getattr(params, name)
+            if _is_number(guidance) and abs(guidance) > self.max_guidance_scale:
+                raise InvalidRequestError(
+                    f"{name} must be at most {self.max_guidance_scale:g} (--max-guidance-scale), got {guidance:g}",
+                    param=name,
+                )
         self._check_work(params, frames_param)
 
     def _check_work(self, params: SamplingParams, frames_param: str) -> None:

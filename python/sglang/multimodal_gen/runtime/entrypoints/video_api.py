@@ -59,6 +59,7 @@ class VideoCreateRequest:
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
     seed: int | None = None
     num_frames: int | None = None
     fps: int | None = None
@@ -230,6 +231,7 @@ def parse_create_request(
         negative_prompt=_plain_str(fields, "negative_prompt"),
         num_inference_steps=_as_int(fields.get("num_inference_steps"), "num_inference_steps"),
         guidance_scale=_as_float(fields.get("guidance_scale"), "guidance_scale"),
+        guidance_scale_2=_as_float(fields.get("guidance_scale_2"), "guidance_scale_2"),
         seed=_as_int(fields.get("seed"), "seed"),
         num_frames=_as_int(fields.get("num_frames"), "num_frames"),
         fps=_as_int(fields.get("fps"), "fps"),
@@ -468,6 +470,7 @@ def build_sampling_params(
         negative_prompt=request.negative_prompt,
         num_inference_steps=request.num_inference_steps,
         guidance_scale=request.guidance_scale,
+        guidance_scale_2=request.guidance_scale_2,
         seed=request.seed if request.seed is not None else 0,
         height=height,
         width=width,

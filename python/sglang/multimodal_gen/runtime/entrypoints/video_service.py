@@ -328,6 +328,7 @@ class VideoService:
             seed=p.seed,
             num_inference_steps=p.num_inference_steps,
             guidance_scale=p.guidance_scale,
+            guidance_scale_2=p.guidance_scale_2,
             num_frames=p.num_frames,
             fps=p.fps,
             cache=p.cache.strategy,

@@ -1,10 +1,14 @@
-"""Wan2.1 text-to-video: validation -> T5 text encoding -> latents -> denoising -> VAE decoding."""
+"""Wan text-to-video: validation -> T5 text encoding -> latents -> denoising -> VAE decoding.
+
+Wan2.1 runs one transformer; a Wan2.2 T2V-A14B folder two experts (``transformer`` for high noise,
+``transformer_2`` for low noise, split at ``boundary_ratio``: ``models/experts.py``)."""
 
 from __future__ import annotations
 
 import torch
 
 from sglang.multimodal_gen.configs.models import ModelInfo
+from sglang.multimodal_gen.runtime.models.experts import ExpertSwitch
 from sglang.multimodal_gen.runtime.models.loader import load_component
 from sglang.multimodal_gen.runtime.models.wan import WanDiTAdapter
 from sglang.multimodal_gen.runtime.pipelines.base import Pipeline, VideoGeometry
@@ -35,6 +39,11 @@ class WanT2VPipeline(Pipeline):
         scheduler = load_component(path, "scheduler")
         self.transformer = transformer
         self.vae = vae
+        experts = None
+        if model_info.two_experts:  # Wan2.2 T2V-A14B: transformer_2 is the low-noise expert
+            self.transformer_2 = load_component(path, "transformer_2", dtype).to(device)
+            boundary = model_info.boundary_ratio * scheduler.config.num_train_timesteps
+            experts = ExpertSwitch(WanDiTAdapter(transformer), WanDiTAdapter(self.transformer_2), boundary)
 
         patch = transformer.config.patch_size
         spatial = vae.config.scale_factor_spatial
@@ -45,10 +54,11 @@ class WanT2VPipeline(Pipeline):
                 model_info.sampling_defaults,
                 self.geometry,
                 model_info.cache_model_key or wan_cache_model_key(transformer.config),
+                two_experts=model_info.two_experts,
             ),
             T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
             LatentPreparationStage(scheduler, transformer.config.in_channels, spatial, temporal, device),
-            DenoisingStage(WanDiTAdapter(transformer), dtype),
+            DenoisingStage(experts.high_noise if experts else WanDiTAdapter(transformer), dtype, experts=experts),
             WanDecodingStage(vae),
         ]
 

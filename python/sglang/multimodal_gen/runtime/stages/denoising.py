@@ -15,6 +15,7 @@ from sglang.multimodal_gen.runtime.cache.budget import StepCosts
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter, take_rows
+from sglang.multimodal_gen.runtime.models.experts import HIGH_NOISE, ExpertSwitch
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 from sglang.multimodal_gen.runtime.utils.sync_free import SolveWithoutErrorCheck
 from sglang.multimodal_gen.runtime.utils.timing import PassTimer, device_label
@@ -136,6 +137,8 @@ class DenoisingStage(PipelineStage):
             without the error check that reads back to the host). On CUDA that check stalls the
             host every step; on the CPU the host is the device, nothing waits, and the wrapper's
             Python dispatch would cost ~0.3 ms a step, so the generator sets this for CUDA only.
+        experts: Wan2.2's two experts (``adapter`` is then the high-noise one): the one place a
+            step's model and guidance scale are chosen; ``None`` for one transformer.
     """
 
     name = "denoising"
@@ -148,8 +151,12 @@ class DenoisingStage(PipelineStage):
         timestep_in_latent_dtype: bool = False,
         batched_cfg: bool = False,
         sync_free_scheduler: bool = False,
+        experts: ExpertSwitch | None = None,
     ) -> None:
         self.adapter = adapter
+        self.experts = experts
+        #: Every transformer the loop may run, by expert name (one: ``HIGH_NOISE``).
+        self.adapters: dict[str, DiTAdapter] = experts.adapters() if experts is not None else {HIGH_NOISE: adapter}
         self.dtype = dtype
         self.embedded_guidance_scale = embedded_guidance_scale
         self.timestep_in_latent_dtype = timestep_in_latent_dtype
@@ -166,9 +173,14 @@ class DenoisingStage(PipelineStage):
         latents = req.latents
         timesteps = req.timesteps
         sigmas = scheduler_sigmas(scheduler, len(timesteps))
-        inputs = BranchInputs(self.adapter, self.dtype, self._branch_inputs(req, placement.local_branches, latents),
-                              latents)
-        batches = self._batches(placement.local_branches, inputs)
+        branch_inputs = self._branch_inputs(req, placement.local_branches, latents)
+        inputs = {name: BranchInputs(adapter, self.dtype, branch_inputs, latents) for name, adapter in self.adapters.items()}
+        batches = self._batches(placement.local_branches, inputs[HIGH_NOISE])
+        for expert_inputs in inputs.values():
+            for batch in batches:
+                expert_inputs.batch(batch)
+        experts = (self.experts.schedule(timesteps.tolist()) if self.experts is not None
+                   else [HIGH_NOISE] * len(timesteps))
         # No hidden bar: a tqdm makes a process-shared lock (a named semaphore that a worker
         # stopped mid-request would leak) and a monitor thread even when disabled. Closed on any
         # exit, so an interrupted run's last line is not the bar's.
@@ -184,13 +196,15 @@ class DenoisingStage(PipelineStage):
                 if self.timestep_in_latent_dtype:
                     timestep = timestep.to(latents.dtype)
                 current = StepInputs(step, latents, model_input, timestep, sigmas[step])
+                expert = experts[step]
+                guidance_scale = params.guidance_scale if expert == HIGH_NOISE else params.guidance_scale_2
                 local = {}
                 for branches in batches:
-                    local.update(self._predict(current, branches, inputs, cache, timer))
+                    local.update(self._predict(current, branches, self.adapters[expert], inputs[expert], cache, timer))
                 preds = placement.gather(local)
                 noise_pred = preds[COND]
                 if UNCOND in preds:
-                    noise_pred = preds[UNCOND] + params.guidance_scale * (preds[COND] - preds[UNCOND])
+                    noise_pred = preds[UNCOND] + guidance_scale * (preds[COND] - preds[UNCOND])
                 with SolveWithoutErrorCheck() if self.sync_free_scheduler else contextlib.nullcontext():
                     latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if bar is not None:
@@ -238,6 +252,7 @@ class DenoisingStage(PipelineStage):
         self,
         current: StepInputs,
         branches: tuple[str, ...],
+        adapter: DiTAdapter,
         inputs: BranchInputs,
         cache: TimestepCache | None,
         timer: PassTimer,
@@ -254,8 +269,8 @@ class DenoisingStage(PipelineStage):
         else:
             batch = inputs.batch(branches)
             with timer.time_rest(count=n):
-                hidden, ctx = self.adapter.embed(_repeat(current.model_input, n), _repeat(current.timestep, n),
-                                                 batch.encoder_hidden_states, **batch.kwargs)
+                hidden, ctx = adapter.embed(_repeat(current.model_input, n), _repeat(current.timestep, n),
+                                            batch.encoder_hidden_states, **batch.kwargs)
             bases = _rows(hidden, n)
             features = [
                 StepFeatures(timestep=current.timestep, modulated_input=_row(ctx.modulated_input, row, n),
@@ -272,11 +287,11 @@ class DenoisingStage(PipelineStage):
             if whole_model:
                 part = inputs.batch(tuple(branches[row] for row in computing))
                 with timer.time_pass(count=k):
-                    computed = self.adapter.forward(_repeat(current.model_input, k), _repeat(current.timestep, k),
-                                                    part.encoder_hidden_states, **part.kwargs)
+                    computed = adapter.forward(_repeat(current.model_input, k), _repeat(current.timestep, k),
+                                               part.encoder_hidden_states, **part.kwargs)
             else:
                 with timer.time_pass(count=k):
-                    computed = self.adapter.blocks(take_rows(hidden, computing), ctx.select(computing))
+                    computed = adapter.blocks(take_rows(hidden, computing), ctx.select(computing))
             for row, out in zip(computing, _rows(computed, k)):
                 outs[row] = out
                 if cache is not None:
@@ -295,7 +310,7 @@ class DenoisingStage(PipelineStage):
         else:
             blocks_out = computed if len(computing) == n else _cat(outs)
             with timer.time_rest(count=n):
-                out = self.adapter.head(blocks_out, ctx)
+                out = adapter.head(blocks_out, ctx)
             predictions = dict(zip(branches, _rows(out, n)))
         if cache is not None and cache.calibrate:
             for branch, prediction in predictions.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -26,6 +27,8 @@ class InputValidationStage(PipelineStage):
         cfg: True (Wan): ``guidance_scale > 1`` adds the uncond branch, conditioned on the negative
             prompt. False for guidance-distilled models (HunyuanVideo): one branch, "cond", the
             guidance being a model input, so a negative prompt has nothing to condition.
+        two_experts: A Wan2.2 two-expert model: it takes ``guidance_scale_2`` (the low-noise
+            expert's); one-transformer models refuse it.
     """
 
     name = "input_validation"
@@ -36,14 +39,23 @@ class InputValidationStage(PipelineStage):
         geometry: VideoGeometry,
         cache_model_key: str | Callable[[SamplingParams], str],
         cfg: bool = True,
+        two_experts: bool = False,
     ) -> None:
         self.defaults = defaults
         self.geometry = geometry
         self.cache_model_key = cache_model_key
         self.cfg = cfg
+        self.two_experts = two_experts
 
     def __call__(self, req: Req) -> Req:
-        params = req.params.with_defaults(self.defaults)
+        params = req.params
+        if not self.two_experts and params.guidance_scale_2 is not None:
+            raise InvalidRequestError(
+                "guidance_scale_2 sets the low-noise expert's guidance of a Wan2.2 two-expert model; this model "
+                "has one transformer, so drop it and use guidance_scale", param="guidance_scale_2")
+        if self.two_experts and params.guidance_scale is not None and params.guidance_scale_2 is None:
+            params = dataclasses.replace(params, guidance_scale_2=params.guidance_scale)  # diffusers' rule
+        params = params.with_defaults(self.defaults)
         if params.negative_prompt is None:
             params.negative_prompt = ""
         check_model_free(params)
@@ -51,6 +63,12 @@ class InputValidationStage(PipelineStage):
         _require_int(params.num_inference_steps, "num_inference_steps", minimum=1)
         _require_int(params.fps, "fps", minimum=1)
         _require_guidance_scale(params.guidance_scale)
+        if self.two_experts:
+            _require_guidance_scale(params.guidance_scale_2, "guidance_scale_2")
+            if req.calibrate or params.cache.strategy not in (None, "none") or params.cache.speedup is not None:
+                raise InvalidRequestError(
+                    "caching or calibrating a Wan2.2 two-expert model is not supported yet (its cache state must "
+                    "be kept per expert); run it without --cache / --cache-speedup", param="cache")
         multiple = self.geometry.spatial_multiple
         for name in ("height", "width"):
             value = getattr(params, name)
@@ -119,6 +137,8 @@ def check_model_free(params: SamplingParams) -> None:
     _require_int(params.seed, "seed", minimum=0, maximum=MAX_SEED)
     if params.guidance_scale is not None:
         _require_guidance_scale(params.guidance_scale)
+    if params.guidance_scale_2 is not None:
+        _require_guidance_scale(params.guidance_scale_2, "guidance_scale_2")
 
 
 def check_speedup_strategy(cache: CacheParams) -> None:
@@ -146,9 +166,9 @@ def _require_utf8(text: str, param: str) -> None:
         ) from None
 
 
-def _require_guidance_scale(value: Any) -> None:
+def _require_guidance_scale(value: Any, name: str = "guidance_scale") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InvalidRequestError(f"guidance_scale must be a number >= 0, got {value!r}", param="guidance_scale")
+        raise InvalidRequestError(f"{name} must be a number >= 0, got {value!r}", param=name)
 
 
 def _require_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> None:
