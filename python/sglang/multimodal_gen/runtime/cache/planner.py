@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
-from sglang.multimodal_gen.runtime.cache.budget import budget_passes
 from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA, ResidualEstimator
 from sglang.multimodal_gen.runtime.cache.registry import register_cache
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache

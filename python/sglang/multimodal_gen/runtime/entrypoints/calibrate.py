@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
@@ -18,8 +15,6 @@ from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, p
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
 from sglang.multimodal_gen.runtime.utils.video_io import check_writable_file
-
-logger = logging.getLogger(__name__)
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -117,9 +112,3 @@ def calibrate(
     calibration.save(output)
     plot_magnitude_ratios(calibration, output.with_suffix(".png"))
     return calibration
-
-
-def frames_psnr(test: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB of frames in [0, 1]; capped at 100 for identical frames."""
-    mse = float(np.mean((np.asarray(test, np.float64) - np.asarray(reference, np.float64)) ** 2))
-    return 100.0 if mse <= 1e-10 else 10.0 * math.log10(1.0 / mse)
