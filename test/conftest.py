@@ -163,6 +163,14 @@ def tiny_wan_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wan22_dir(tmp_path_factory) -> Path:
+    """A tiny Wan2.2 T2V-A14B-style folder: two experts of random weights, boundary_ratio 0.875."""
+    from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan22_two_experts
+
+    return build_tiny_wan22_two_experts(tmp_path_factory.mktemp("models") / "tiny-wan22", seed=0)
+
+
+@pytest.fixture(scope="session")
 def wan_generator(tiny_wan_dir):
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 

@@ -23,10 +23,8 @@ REQUEST = {**{k: v for k, v in TINY_REQUEST.items() if k != "guidance_scale"}, "
 
 
 @pytest.fixture(scope="module")
-def wan22_dir(tmp_path_factory):
-    from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan22_two_experts
-
-    return build_tiny_wan22_two_experts(tmp_path_factory.mktemp("models") / "tiny-wan22", seed=0)
+def wan22_dir(tiny_wan22_dir):
+    return tiny_wan22_dir
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,8 @@ PROMPT = "a red circle moving left on a blue background"
 
 
 @pytest.fixture(scope="module")
-def wan22_client(tmp_path_factory):
-    from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan22_two_experts
-
-    folder = build_tiny_wan22_two_experts(tmp_path_factory.mktemp("models") / "tiny-wan22", seed=0)
-    with serve(tmp_path_factory.mktemp("wan22-server") / "server.log", "--model-path", str(folder)) as url:
+def wan22_client(tiny_wan22_dir, tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("wan22-server") / "server.log", "--model-path", str(tiny_wan22_dir)) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="sk-local", max_retries=0, timeout=30.0)
 
 
