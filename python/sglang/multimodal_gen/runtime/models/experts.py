@@ -12,18 +12,14 @@ HIGH_NOISE, LOW_NOISE = "high_noise", "low_noise"
 
 @dataclass(frozen=True)
 class ExpertSwitch:
-    """Wan2.2's experts as diffusers' ``WanPipeline`` runs them: ``high_noise`` (``transformer``)
-    on the steps whose timestep is at least ``boundary_timestep`` (``boundary_ratio`` times the
-    scheduler's ``num_train_timesteps``) with ``guidance_scale``, ``low_noise`` (``transformer_2``)
-    on the rest with ``guidance_scale_2``."""
+    """Wan2.2's second expert as diffusers' ``WanPipeline`` runs it: the denoising stage's own
+    adapter (``transformer``, the high-noise expert) runs the steps whose timestep is at least
+    ``boundary_timestep`` (``boundary_ratio`` times the scheduler's ``num_train_timesteps``) with
+    ``guidance_scale``; ``low_noise`` (``transformer_2``) runs the rest with ``guidance_scale_2``."""
 
-    high_noise: DiTAdapter
     low_noise: DiTAdapter
     boundary_timestep: float
 
     def schedule(self, timesteps: Sequence[float]) -> list[str]:
         """The expert of every step, decided before the loop (one read of the timesteps)."""
         return [HIGH_NOISE if t >= self.boundary_timestep else LOW_NOISE for t in timesteps]
-
-    def adapters(self) -> dict[str, DiTAdapter]:
-        return {HIGH_NOISE: self.high_noise, LOW_NOISE: self.low_noise}

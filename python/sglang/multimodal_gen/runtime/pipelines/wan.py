@@ -43,7 +43,7 @@ class WanT2VPipeline(Pipeline):
         if model_info.two_experts:  # Wan2.2 T2V-A14B: transformer_2 is the low-noise expert
             self.transformer_2 = load_component(path, "transformer_2", dtype).to(device)
             boundary = model_info.boundary_ratio * scheduler.config.num_train_timesteps
-            experts = ExpertSwitch(WanDiTAdapter(transformer), WanDiTAdapter(self.transformer_2), boundary)
+            experts = ExpertSwitch(WanDiTAdapter(self.transformer_2), boundary)
 
         patch = transformer.config.patch_size
         spatial = vae.config.scale_factor_spatial
@@ -58,7 +58,7 @@ class WanT2VPipeline(Pipeline):
             ),
             T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
             LatentPreparationStage(scheduler, transformer.config.in_channels, spatial, temporal, device),
-            DenoisingStage(experts.high_noise if experts else WanDiTAdapter(transformer), dtype, experts=experts),
+            DenoisingStage(WanDiTAdapter(transformer), dtype, experts=experts),
             WanDecodingStage(vae),
         ]
 

@@ -15,7 +15,7 @@ from sglang.multimodal_gen.runtime.cache.budget import StepCosts
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter, take_rows
-from sglang.multimodal_gen.runtime.models.experts import HIGH_NOISE, ExpertSwitch
+from sglang.multimodal_gen.runtime.models.experts import HIGH_NOISE, LOW_NOISE, ExpertSwitch
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 from sglang.multimodal_gen.runtime.utils.sync_free import SolveWithoutErrorCheck
 from sglang.multimodal_gen.runtime.utils.timing import PassTimer, device_label
@@ -137,8 +137,9 @@ class DenoisingStage(PipelineStage):
             without the error check that reads back to the host). On CUDA that check stalls the
             host every step; on the CPU the host is the device, nothing waits, and the wrapper's
             Python dispatch would cost ~0.3 ms a step, so the generator sets this for CUDA only.
-        experts: Wan2.2's two experts (``adapter`` is then the high-noise one): the one place a
-            step's model and guidance scale are chosen; ``None`` for one transformer.
+        experts: Wan2.2's low-noise expert and where it takes over (``adapter`` is then the
+            high-noise one): the one place a step's model and guidance scale are chosen; ``None``
+            for one transformer.
     """
 
     name = "denoising"
@@ -156,7 +157,9 @@ class DenoisingStage(PipelineStage):
         self.adapter = adapter
         self.experts = experts
         #: Every transformer the loop may run, by expert name (one: ``HIGH_NOISE``).
-        self.adapters: dict[str, DiTAdapter] = experts.adapters() if experts is not None else {HIGH_NOISE: adapter}
+        self.adapters: dict[str, DiTAdapter] = {HIGH_NOISE: adapter}
+        if experts is not None:
+            self.adapters[LOW_NOISE] = experts.low_noise
         self.dtype = dtype
         self.embedded_guidance_scale = embedded_guidance_scale
         self.timestep_in_latent_dtype = timestep_in_latent_dtype
@@ -174,11 +177,9 @@ class DenoisingStage(PipelineStage):
         timesteps = req.timesteps
         sigmas = scheduler_sigmas(scheduler, len(timesteps))
         branch_inputs = self._branch_inputs(req, placement.local_branches, latents)
-        inputs = {name: BranchInputs(adapter, self.dtype, branch_inputs, latents) for name, adapter in self.adapters.items()}
-        batches = self._batches(placement.local_branches, inputs[HIGH_NOISE])
-        for expert_inputs in inputs.values():
-            for batch in batches:
-                expert_inputs.batch(batch)
+        inputs = {name: BranchInputs(adapter, self.dtype, branch_inputs, latents)
+                  for name, adapter in self.adapters.items()}
+        batches = self._batches(placement.local_branches, list(inputs.values()))
         experts = (self.experts.schedule(timesteps.tolist()) if self.experts is not None
                    else [HIGH_NOISE] * len(timesteps))
         # No hidden bar: a tqdm makes a process-shared lock (a named semaphore that a worker
@@ -235,17 +236,18 @@ class DenoisingStage(PipelineStage):
             inputs[branch] = ModelInputs(req.prompt_embeds[branch], conditioning)
         return inputs
 
-    def _batches(self, branches: Sequence[str], inputs: BranchInputs) -> list[tuple[str, ...]]:
+    def _batches(self, branches: Sequence[str], inputs: Sequence[BranchInputs]) -> list[tuple[str, ...]]:
         """The batches every step runs: all branches as one where ``batched_cfg`` is on and their
-        inputs stack, else one per branch. Their inputs (and request constants) are made here,
-        before the loop."""
+        inputs stack, else one per branch. Their inputs (and each expert's request constants) are
+        made here, before the loop."""
         together = tuple(branches)
-        if self.batched_cfg and len(together) > 1 and inputs.batch(together) is not None:
+        if self.batched_cfg and len(together) > 1 and inputs[0].batch(together) is not None:
             batches = [together]
         else:
             batches = [(branch,) for branch in together]
-        for batch in batches:
-            inputs.batch(batch)
+        for expert_inputs in inputs:
+            for batch in batches:
+                expert_inputs.batch(batch)
         return batches
 
     def _predict(
