@@ -16,6 +16,7 @@ import pytest
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.base import CALIBRATION_WINDOW, COND, UNCOND, budget_passes
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
@@ -322,10 +323,8 @@ def test_a_calibration_made_in_another_dtype_has_its_step_costs_measured():
     assert costs.device == "cpu" and costs.step_tail > 0
 
 
-def test_without_recorded_step_costs_they_are_measured_once_and_planned_with(tmp_path):
-    """The built-in model's folder without its calibration: the first budgeted request measures
-    the step costs (5 uncached steps at the default size), later ones reuse them, and the budget
-    counts them."""
+def _uncalibrated_builtin(tmp_path):
+    """The built-in model's folder without its calibration, loaded."""
     import shutil
 
     from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
@@ -336,7 +335,28 @@ def test_without_recorded_step_costs_they_are_measured_once_and_planned_with(tmp
     config = json.loads((folder / "sglang_config.json").read_text())
     del config["cache_calibration_file"]
     (folder / "sglang_config.json").write_text(json.dumps(config))
-    generator = DiffGenerator.from_pretrained(str(folder), device="cpu")
+    return DiffGenerator.from_pretrained(str(folder), device="cpu")
+
+
+def test_a_request_the_model_refuses_is_refused_before_any_step_cost_measurement(tmp_path):
+    """A measurement is a generation: a budgeted request with a size the model cannot take is
+    refused in one line without one, and a valid one then measures."""
+    generator = _uncalibrated_builtin(tmp_path)
+    measured = []
+    measure = generator.measure_step_costs
+    generator.measure_step_costs = lambda params: measured.append(params) or measure(params)
+    with pytest.raises(InvalidRequestError) as refused:
+        generator.generate(SamplingParams(prompt=PROMPT, height=33, cache=CacheParams(speedup=2)))
+    assert refused.value.param == "height" and measured == []
+    _generate(generator, 12, CacheParams(strategy="even", speedup=2), **SMALL)
+    assert len(measured) == 1
+
+
+def test_without_recorded_step_costs_they_are_measured_once_and_planned_with(tmp_path):
+    """The built-in model's folder without its calibration: the first budgeted request measures
+    the step costs (5 uncached steps at the default size), later ones reuse them, and the budget
+    counts them."""
+    generator = _uncalibrated_builtin(tmp_path)
     assert generator.pipeline.model_info.calibration_file is None
     costs = generator.step_costs()
     assert costs.device == "cpu" and 0 < costs.step_tail < 5 and 0 < costs.embed_and_head < 1

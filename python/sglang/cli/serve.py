@@ -159,8 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     name = args.served_model_name or generator.model_name
     try:
-        if not generator.pipeline.model_info.two_experts:  # a two-expert model takes no cache (yet)
-            generator.prepare_step_costs()  # what --cache-speedup plans with, before any request runs
+        generator.prepare_step_costs()  # what --cache-speedup plans with, before any request runs
         run_server(generator, name, args.port, config)
     finally:
         generator.close()

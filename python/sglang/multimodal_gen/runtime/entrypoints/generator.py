@@ -14,7 +14,7 @@ from sglang.multimodal_gen.configs.models import read_model_info
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
-from sglang.multimodal_gen.runtime.cache.budget import StepCosts
+from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, StepCosts
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration, load_calibration
 from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_or_fallback
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
@@ -199,8 +199,8 @@ class DiffGenerator:
         """Swap the shipped presets for a calibration file: the request's, the server's, the model's;
         with a speedup, add what a skipped step costs (:meth:`step_costs`)."""
         info = self.pipeline.model_info
-        if not params.cache.enabled or info.two_experts:
-            return params  # two experts: the validation stage refuses caching, before any measurement
+        if not params.cache.enabled:
+            return params
         calibration_file = params.cache.calibration_file or self.cache_calibration or info.calibration_file
         calibration = load_calibration(calibration_file) if calibration_file else None
         cache = params.cache
@@ -210,6 +210,10 @@ class DiffGenerator:
             steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
             cache = apply_calibration(cache, calibration_file, info.family.name, steps)
         if cache.step_costs is None and takes_a_speedup(cache):
+            if self._recorded_step_costs(calibration) is None and self._measured_step_costs is None:
+                # A measurement is a generation: refuse what the request gets wrong before spending one.
+                self.pipeline.validate(dataclasses.replace(
+                    params, cache=dataclasses.replace(cache, step_costs=PASSES_ONLY)))
             cache = dataclasses.replace(cache, step_costs=self.step_costs(calibration))
         return dataclasses.replace(params, cache=cache)
 
@@ -219,9 +223,8 @@ class DiffGenerator:
         shifts the shares: its matrix products are slower), else measured once on this
         generator by a short uncached run at the model's default size (every rank takes part;
         the request carries the result to all of them, so every rank plans the same)."""
-        recorded = calibration.step_costs() if calibration is not None else None
-        if (recorded is not None and recorded.device == device_label(self.pipeline.device)
-                and calibration.dtype == str(self.pipeline.dtype).removeprefix("torch.")):
+        recorded = self._recorded_step_costs(calibration)
+        if recorded is not None:
             return recorded
         if self._measured_step_costs is None:
             self._measured_step_costs = self.measure_step_costs(SamplingParams(prompt="step costs"))
@@ -230,10 +233,21 @@ class DiffGenerator:
                         self._measured_step_costs.step_tail)
         return self._measured_step_costs
 
-    def prepare_step_costs(self) -> StepCosts:
+    def _recorded_step_costs(self, calibration: CalibrationResult | None) -> StepCosts | None:
+        """The calibration's step costs where they were timed on this kind of device in this dtype."""
+        recorded = calibration.step_costs() if calibration is not None else None
+        if (recorded is not None and recorded.device == device_label(self.pipeline.device)
+                and calibration.dtype == str(self.pipeline.dtype).removeprefix("torch.")):
+            return recorded
+        return None
+
+    def prepare_step_costs(self) -> StepCosts | None:
         """:meth:`step_costs` for the generator's own calibration, measured now if it holds none
         for this device. A server calls it before taking requests: a measurement is a generation,
-        which must not run beside one of a request's."""
+        which must not run beside one of a request's. ``None`` for a model that takes no cache
+        (a Wan2.2 two-expert model, for now), which needs none."""
+        if self.pipeline.model_info.two_experts:
+            return None
         calibration_file = self.cache_calibration or self.pipeline.model_info.calibration_file
         return self.step_costs(load_calibration(calibration_file) if calibration_file else None)
 
