@@ -3,6 +3,7 @@ the switch at the boundary timestep, each expert's guidance scale, defaults and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -74,7 +75,7 @@ def test_each_step_runs_the_expert_its_timestep_chooses(wan22_generators):
     assert calls == ["high"] * 4 + ["low"] * 8  # two CFG passes per step
     base = SamplingParams(prompt=PROMPT, negative_prompt=NEGATIVE, seed=1, guidance_scale=4.0, **REQUEST)
     a = generator.generate(base)
-    b = generator.generate(SamplingParams(**{**base.__dict__, "guidance_scale_2": 1.5}))
+    b = generator.generate(dataclasses.replace(base, guidance_scale_2=1.5))
     assert not torch.equal(a.latents, b.latents)
 
 

@@ -49,6 +49,17 @@ class ModelFamily:
     cfg_branches: int = 2
 
 
+#: diffusers' WanPipeline defaults (Wan2.1), fps 16 as the Wan release saves its videos.
+WAN_DEFAULTS: dict[str, Any] = dict(
+    negative_prompt="", num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81, fps=16,
+)
+#: Wan2.2 T2V-A14B's (the Wan2.2 release's ``wan_t2v_A14B`` config): 40 steps, guidance 4.0 for the
+#: high-noise expert and 3.0 for the low-noise one, 1280x720; frames and fps as Wan2.1's.
+WAN22_TWO_EXPERT_DEFAULTS: dict[str, Any] = {
+    **WAN_DEFAULTS, "num_inference_steps": 40, "guidance_scale": 4.0, "guidance_scale_2": 3.0, "height": 720,
+    "width": 1280,
+}
+
 MODEL_FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
         name="wan",
@@ -56,15 +67,7 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
         diffusers_pipelines=("WanPipeline",),
         pipeline_module="sglang.multimodal_gen.runtime.pipelines.wan",
         text_max_length=512,
-        sampling_defaults=dict(
-            negative_prompt="",
-            num_inference_steps=50,
-            guidance_scale=5.0,
-            height=480,
-            width=832,
-            num_frames=81,
-            fps=16,
-        ),
+        sampling_defaults=WAN_DEFAULTS,
     ),
     ModelFamily(
         name="hunyuan",
@@ -85,20 +88,6 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
             fps=24,
         ),
     ),
-)
-
-
-#: Wan2.2 T2V-A14B's defaults (the Wan2.2 release's ``wan_t2v_A14B`` config: 40 steps, guidance
-#: 4.0 for the high-noise expert and 3.0 for the low-noise one, 1280x720, 81 frames at 16 fps).
-WAN22_TWO_EXPERT_DEFAULTS: dict[str, Any] = dict(
-    negative_prompt="",
-    num_inference_steps=40,
-    guidance_scale=4.0,
-    guidance_scale_2=3.0,
-    height=720,
-    width=1280,
-    num_frames=81,
-    fps=16,
 )
 
 

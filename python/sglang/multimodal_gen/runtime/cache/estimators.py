@@ -265,11 +265,12 @@ class FittedEstimator(ResidualEstimator):
         super().__init__(branches)
 
     def estimate(self, branch: str, step: int, sigma: float | None, scale: float = 1.0) -> torch.Tensor:
+        """The planner's weight for this branch and step takes the place of a strategy's hint."""
         return super().estimate(branch, step, sigma, self.weights.get(branch, {}).get(step, 0.0))
 
-    def _estimate(self, points, step, sigma, scale):
+    def _estimate(self, points, step, sigma, weight):
         last = points[-1].residual
-        if scale == 0.0 or len(points) < 2:
+        if weight == 0.0 or len(points) < 2:
             return last
         reused = last.float()
-        return (reused + scale * (reused - points[-2].residual.float())).to(last.dtype)
+        return (reused + weight * (reused - points[-2].residual.float())).to(last.dtype)

@@ -33,7 +33,9 @@ so a calibration needs no generations beyond its uncached runs. Before it, ``sgl
 ran every candidate estimator on its prompts at each speedup to choose one (about 12 planned
 generations per prompt): the cost model ranked the plans of one estimator but a fixed estimator
 was right at some speedups and fell apart at others. The fitted weights beat those measured
-choices on both built-in Wan models (docs/benchmarks.md, "Calibration that costs what it records").
+choices on the built-in Wan model at every speedup and on the hard-world and HunyuanVideo models
+from 2x, and lose 2-3 dB to them at 1.5x there (docs/benchmarks.md, "Calibration that costs what
+it records").
 
 Step counts other than the calibration's are planned on resampled costs: request step ``k`` of
 ``N`` sits at calibration position ``k * N_cal / N`` (the same fraction of the schedule), and a
@@ -203,8 +205,8 @@ class GapCosts:
         return math.sqrt(max(float(vector @ block @ vector), 0.0))
 
     def fitted_weight(self, h: int | None, i: int, k: int) -> float:
-        """The least-squares ``c`` of ``r_k ~ r_i + c (r_i - r_h)`` over the calibration runs: the
-        first-order forecast damped (or pushed) to what the recorded residuals did at this
+        """The least-squares ``c`` of ``v_k ~ v_i + c (v_i - v_h)`` over the calibration runs: the
+        first-order forecast damped (or pushed) to what the recorded outputs did at this
         distance; 0 (reuse) without a second point or where the window does not reach."""
         if h is None:
             return 0.0
