@@ -57,6 +57,21 @@ def wan_inputs(transformer):
     return latents, torch.tensor([999.0, 421.0]), text, {}
 
 
+def wan_token_timestep_inputs(transformer):
+    """Wan2.2 TI2V's input: a timestep per token, a different one for every token (as an image's
+    first frame will have its own), so a rank that embedded another shard's timesteps shows."""
+    latents, _, text, kwargs = wan_inputs(transformer)
+    tokens = LATENT_SHAPE[2] * (LATENT_SHAPE[3] // 2) * (LATENT_SHAPE[4] // 2)
+    timestep = torch.stack([torch.linspace(999.0, 500.0, tokens), torch.linspace(0.0, 421.0, tokens)])
+    return latents, timestep, text, kwargs
+
+
+def wan_token_timestep_adapter(transformer):
+    from sglang.multimodal_gen.runtime.models.wan import WanDiTAdapter
+
+    return WanDiTAdapter(transformer, expand_timesteps=True)
+
+
 def hunyuan_inputs(transformer, scale_second_half: float = 1.0):
     gen = torch.Generator().manual_seed(2)
     latents = torch.randn(*LATENT_SHAPE, generator=gen)
@@ -180,6 +195,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         for name, build, inputs, adapter_class in (
             ("wan", build_wan, wan_inputs, WanDiTAdapter),
             ("hunyuan", build_hunyuan, hunyuan_inputs, HunyuanDiTAdapter),
+            ("wan_token_timesteps", build_wan, wan_token_timestep_inputs, wan_token_timestep_adapter),
         ):
             transformer = build()
             adapter = adapter_class(transformer)
@@ -242,7 +258,8 @@ def single_process(name: str) -> dict:
     from sglang.multimodal_gen.runtime.models.wan import WanDiTAdapter
 
     build, inputs, adapter_class = {
-        "wan": (build_wan, wan_inputs, WanDiTAdapter), "hunyuan": (build_hunyuan, hunyuan_inputs, HunyuanDiTAdapter)
+        "wan": (build_wan, wan_inputs, WanDiTAdapter), "hunyuan": (build_hunyuan, hunyuan_inputs, HunyuanDiTAdapter),
+        "wan_token_timesteps": (build_wan, wan_token_timestep_inputs, wan_token_timestep_adapter),
     }[name]
     transformer = build()
     with torch.no_grad():
@@ -253,7 +270,7 @@ def single_process(name: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- the tests
-@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+@pytest.mark.parametrize("name", ["wan", "hunyuan", "wan_token_timesteps"])
 def test_sp_forward_equals_single_process(ranks, name):
     expected = single_process(name)["prediction"]
     for rank in ranks:
@@ -261,6 +278,15 @@ def test_sp_forward_equals_single_process(ranks, name):
     # The 45 image tokens split 23 + 22: embed (and so a cache) sees real tokens only; blocks pad
     # rank 1's shard to 23 for the exchange (the all-to-all shapes below).
     assert [rank[name]["hidden_shape"][1] for rank in ranks] == [23, 22]
+
+
+def test_token_timesteps_are_embedded_per_shard(ranks):
+    """Each rank embeds its own tokens' timesteps (Wan2.2 TI2V): the shards' per-token embeddings
+    (TeaCache's indicator) put together are the single process's."""
+    whole = single_process("wan_token_timesteps")["modulated_input"]
+    shards = [rank["wan_token_timesteps"]["modulated_input"] for rank in ranks]
+    assert [shard.shape[1] for shard in shards] == [23, 22]
+    torch.testing.assert_close(torch.cat(shards, dim=1), whole, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("name", ["wan", "hunyuan"])

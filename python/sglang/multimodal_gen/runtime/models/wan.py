@@ -1,9 +1,10 @@
-"""Wan2.1 DiT adapter around diffusers' WanTransformer3DModel (T2V; no image conditioning)."""
+"""Wan DiT adapter around diffusers' WanTransformer3DModel (T2V; no image conditioning): Wan2.1,
+the experts of Wan2.2 T2V-A14B, and Wan2.2 TI2V-5B's transformer with its timestep per token."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -77,6 +78,12 @@ class WanDiTAdapter(DiTAdapter):
     TeaCache indicators (as in TeaCache4Wan2.1): ``modulated_input`` is the timestep embedding
     ``temb``; ``timestep_projection`` is its 6x projection ``e0`` used by the ret-steps mode.
 
+    With ``expand_timesteps`` (Wan2.2 TI2V-5B, as diffusers' ``WanPipeline`` runs it) the
+    transformer takes a timestep per token: ``embed`` turns the denoising stage's timestep per
+    video into one per token of the patch grid (:meth:`token_timesteps`), so ``temb``, the block
+    modulation and the head's shift and scale are per token, shape ``(batch, tokens, ...)``; so
+    are the two indicators. ``embed`` also takes such a ``(batch, tokens)`` timestep as it is.
+
     Under Ulysses sequence parallelism (the sp group of ``parallel_state`` has more than one rank)
     ``embed`` returns this rank's shard of the image tokens (and of the rotary embedding),
     ``blocks`` runs with :class:`WanUlyssesSelfAttnProcessor` in every self-attention (the
@@ -84,8 +91,9 @@ class WanDiTAdapter(DiTAdapter):
     the projected tokens, so every rank returns the whole prediction.
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, expand_timesteps: bool = False) -> None:
         super().__init__(transformer)
+        self.expand_timesteps = expand_timesteps
         self._ulysses = UlyssesAttention([block.attn1 for block in transformer.blocks], WanUlyssesSelfAttnProcessor,
                                          transformer.config.num_attention_heads, "this Wan transformer")
 
@@ -107,6 +115,17 @@ class WanDiTAdapter(DiTAdapter):
             "text_states": model.condition_embedder.text_embedder(encoder_hidden_states),
         }
 
+    def token_timesteps(self, timestep: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
+        """The timestep of every token, ``(batch, tokens)`` in float32, from one per video: as
+        diffusers' ``WanPipeline`` builds it under ``expand_timesteps``, a mask of ones over the
+        patch grid (latent frames x height / p_h x width / p_w) times the step's timestep. Without
+        an image to condition on every token takes its video's timestep."""
+        _, _, frames, height, width = latent_shape
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
+        mask = torch.ones(1, tokens, dtype=torch.float32, device=timestep.device)
+        return mask * timestep[:, None]
+
     def embed(
         self,
         latents: torch.Tensor,
@@ -116,10 +135,15 @@ class WanDiTAdapter(DiTAdapter):
         text_states: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, WanStepContext]:
-        """``rotary_emb`` and ``text_states``: :meth:`request_constants`, computed here when not given."""
+        """``rotary_emb`` and ``text_states``: :meth:`request_constants`, computed here when not given.
+        ``timestep``: one per batch item, or with ``expand_timesteps`` one per token."""
         model = self.transformer
-        if timestep.ndim != 1:
-            raise ValueError("WanDiTAdapter takes one timestep per batch item (Wan2.1 T2V)")
+        per_video = timestep
+        if timestep.ndim != 1 and not (self.expand_timesteps and timestep.ndim == 2):
+            raise ValueError("WanDiTAdapter takes one timestep per batch item (one per token only with "
+                             "expand_timesteps, Wan2.2 TI2V)")
+        if self.expand_timesteps and timestep.ndim == 1:
+            timestep = self.token_timesteps(timestep, latents.shape)
         self._ulysses.follow_sp_group()
         if rotary_emb is None:
             rotary_emb = model.rope(latents)
@@ -132,15 +156,18 @@ class WanDiTAdapter(DiTAdapter):
             # for the strided first input and another for the contiguous rest.
             hidden = shard.take(hidden, dim=1).contiguous()
             rotary_emb = tuple(shard.shard(freqs, dim=1) for freqs in rotary_emb)
+            if timestep.ndim == 2:  # the shard's tokens' timesteps: their embeddings are computed here only
+                timestep = shard.take(timestep, dim=1)
         if text_states is None:
             temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(
-                timestep, encoder_hidden_states, None, timestep_seq_len=None
+                timestep.flatten(), encoder_hidden_states, None,
+                timestep_seq_len=timestep.shape[1] if timestep.ndim == 2 else None,
             )
         else:
             temb, timestep_proj = self._time_embedding(timestep, encoder_hidden_states.dtype)
             encoder_hidden_states = text_states
         ctx = WanStepContext(
-            timestep=timestep,
+            timestep=per_video,
             modulated_input=temb,
             timestep_projection=timestep_proj,
             encoder_hidden_states=encoder_hidden_states,
@@ -153,9 +180,12 @@ class WanDiTAdapter(DiTAdapter):
 
     def _time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The time half of ``WanTimeTextImageEmbedding.forward`` (``temb``, ``timestep_proj``),
-        operation for operation, for steps whose projected prompt was computed once."""
+        operation for operation, for steps whose projected prompt was computed once. A timestep
+        per token gives them per token, ``(batch, tokens, ...)``."""
         embedder = self.transformer.condition_embedder
-        projected = embedder.timesteps_proj(timestep)
+        projected = embedder.timesteps_proj(timestep.flatten())
+        if timestep.ndim == 2:
+            projected = projected.unflatten(0, tuple(timestep.shape))
         embedder_dtype = next(iter(embedder.time_embedder.parameters())).dtype
         if projected.dtype != embedder_dtype and embedder_dtype != torch.int8:
             projected = projected.to(embedder_dtype)
@@ -163,12 +193,15 @@ class WanDiTAdapter(DiTAdapter):
         return temb, embedder.time_proj(embedder.act_fn(temb))
 
     def blocks(self, hidden_states: torch.Tensor, ctx: WanStepContext) -> torch.Tensor:
-        block_modulation = ctx.timestep_projection.unflatten(1, (6, -1))
+        # (batch, 6, dim), or per token (batch, tokens, 6, dim): the two layouts the blocks take.
+        block_modulation = ctx.timestep_projection.unflatten(-1, (6, -1))
         if ctx.shard is None:
             for block in self.transformer.blocks:
                 hidden_states = block(hidden_states, ctx.encoder_hidden_states, block_modulation, ctx.rotary_emb)
             return hidden_states
         hidden_states = ctx.shard.pad(hidden_states, dim=1)
+        if block_modulation.ndim == 4:  # per token: padded like the tokens it modulates
+            block_modulation = ctx.shard.pad(block_modulation, dim=1)
         with self._exchange.sequence(ctx.shard):
             for block in self.transformer.blocks:
                 hidden_states = block(hidden_states, ctx.encoder_hidden_states, block_modulation, ctx.rotary_emb)
@@ -178,7 +211,12 @@ class WanDiTAdapter(DiTAdapter):
         model = self.transformer
         batch, (_, _, frames, height, width) = hidden_states.shape[0], ctx.latent_shape
         p_t, p_h, p_w = model.config.patch_size
-        shift, scale = (model.scale_shift_table.to(ctx.temb.device) + ctx.temb.unsqueeze(1)).chunk(2, dim=1)
+        table = model.scale_shift_table.to(ctx.temb.device)
+        if ctx.temb.ndim == 3:  # a timestep per token: a shift and scale per token
+            shift, scale = (table.unsqueeze(0) + ctx.temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (table + ctx.temb.unsqueeze(1)).chunk(2, dim=1)
         hidden_states = (model.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         hidden_states = model.proj_out(hidden_states)
         if ctx.shard is not None:  # gathered after the projection: patch-size x channels per token, not dim
