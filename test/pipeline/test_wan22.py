@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import TINY_REQUEST
 
-from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.models import WAN22_TWO_EXPERT_DEFAULTS, read_model_info
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError, ModelNotFoundError
@@ -86,14 +85,6 @@ def test_a_two_expert_folder_takes_the_wan22_defaults(wan22_dir, wan22_generator
     resolved = wan22_generators["float32"].validate(SamplingParams(prompt=PROMPT))
     assert (resolved.num_inference_steps, resolved.guidance_scale, resolved.guidance_scale_2) == (40, 4.0, 3.0)
     assert (resolved.width, resolved.height, resolved.num_frames, resolved.fps) == (1280, 720, 81, 16)
-
-
-@pytest.mark.parametrize("cache", [CacheParams(strategy="magcache"), CacheParams(speedup=2.0)])
-def test_caching_a_two_expert_model_is_refused_in_one_line(wan22_generators, cache):
-    with pytest.raises(InvalidRequestError) as refused:
-        wan22_generators["float32"].generate(SamplingParams(prompt=PROMPT, cache=cache, **REQUEST))
-    assert refused.value.param == "cache" and "\n" not in str(refused.value)
-    assert "two-expert" in str(refused.value)
 
 
 def test_guidance_scale_2_on_one_transformer_is_refused_naming_it(wan_generator):

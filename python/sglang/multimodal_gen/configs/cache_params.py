@@ -87,6 +87,10 @@ class CacheParams:
             speedup is a time budget, with fewer passes than `round(steps / speedup)` where skipped
             steps still cost something. Not a knob: the generator fills it from the calibration
             file (measured on the same kind of device) or from a short uncached run.
+        expert_options (`dict[str, dict]`, *optional*):
+            On a model with several experts (Wan2.2 T2V-A14B), what a calibration of each expert
+            supplies (its ratios, fit or planner table), by expert name; `options` still applies
+            to every expert and wins. Not a knob: the generator fills it from the calibration file.
     """
 
     strategy: str = "none"
@@ -100,6 +104,7 @@ class CacheParams:
     blend_alpha: float | None = None
     speedup: float | None = None
     step_costs: StepCosts | None = None
+    expert_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, str) or not self.strategy:

@@ -24,6 +24,12 @@ from sglang.multimodal_gen.runtime.cache.estimators import (
     register_estimator,
     registered_estimators,
 )
+from sglang.multimodal_gen.runtime.cache.experts import (
+    ExpertCaches,
+    expert_calibration_refusal,
+    expert_segments,
+    split_budget,
+)
 from sglang.multimodal_gen.runtime.cache.easycache import EasyCache, EasyCacheConfig
 from sglang.multimodal_gen.runtime.cache.even import EvenCache, EvenCacheConfig
 from sglang.multimodal_gen.runtime.cache.magcache import MagCache, MagCacheConfig
@@ -45,7 +51,8 @@ def build_cache(
     model_key: str | None,
     branches: Sequence[str] = (COND, UNCOND),
     calibrate: bool = False,
-) -> TimestepCache | None:
+    experts: Sequence[str] | None = None,
+) -> TimestepCache | ExpertCaches | None:
     """The per-request strategy instance, or None when the request uses no cache.
 
     Args:
@@ -56,26 +63,53 @@ def build_cache(
         branches: The CFG branches the denoising stage will ask about (``("cond",)`` without CFG).
         calibrate: Never skip; record what ``sglang calibrate`` needs. With strategy ``"none"``
             this uses MagCache, whose records hold the magnitude ratios.
+        experts: On a model with several experts, the expert of every step: the request then
+            gets one instance per expert (:class:`ExpertCaches`, ``experts.py``), each with its
+            expert's calibration (``params.expert_options``) and its share of the budget.
     """
     if params.strategy == "none":
         if not calibrate:
             return None
         params = dataclasses.replace(params, strategy=CALIBRATION_STRATEGY)
     cls = get_cache_class(params.strategy)
-    cache = cls.from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
     speedup = params.speedup if params.speedup is not None else cls.default_speedup
-    if speedup is not None and not calibrate:
-        skipped_cost = 0.0 if params.step_costs is None else params.step_costs.skipped_step_cost(
-            len(branches), cls.skips_whole_model)
-        passes = checked_budget_passes(num_inference_steps, speedup, skipped_cost)
-        cache.meet_budget(passes, params.estimator, params.blend_alpha)
-        cache.asked_speedup = speedup
-    if params.estimator is not None or params.blend_alpha is not None:
-        options = {} if params.blend_alpha is None else {"alpha": params.blend_alpha}
-        cache.use_estimator(params.estimator, **options)
+    if calibrate:
+        speedup = None
+    skipped_cost = 0.0 if params.step_costs is None else params.step_costs.skipped_step_cost(
+        len(branches), cls.skips_whole_model)
+    passes = None if speedup is None else checked_budget_passes(num_inference_steps, speedup, skipped_cost)
+    if experts is None or len(set(experts)) < 2:
+        cache = cls.from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
+        if passes is not None:
+            cache.meet_budget(passes, params.estimator, params.blend_alpha)
+        _use_request_estimator(cache, params)
+    else:
+        if cls.needs_model_data and not calibrate and not params.expert_options:
+            raise expert_calibration_refusal(f"--cache {cls.name}")
+        caches = {
+            expert: cls.from_params(
+                dataclasses.replace(params, options={**params.expert_options.get(expert, {}), **params.options}),
+                len(steps), model_key, tuple(branches), calibrate)
+            for expert, steps in expert_segments(experts).items()
+        }
+        if passes is not None:
+            shares = split_budget(caches, passes, params.estimator, params.blend_alpha)
+            for expert, expert_cache in caches.items():
+                expert_cache.meet_budget(shares[expert], params.estimator, params.blend_alpha)
+        for expert_cache in caches.values():
+            _use_request_estimator(expert_cache, params)
+        cache = ExpertCaches(caches, experts)
+    cache.asked_speedup = speedup
+    cache.reset()
     logger.debug("built %s for %s (%d steps, branches %s, calibrate=%s)", cls.name, model_key,
                  num_inference_steps, list(branches), calibrate)
     return cache
+
+
+def _use_request_estimator(cache: TimestepCache, params: "CacheParams") -> None:
+    if params.estimator is not None or params.blend_alpha is not None:
+        options = {} if params.blend_alpha is None else {"alpha": params.blend_alpha}
+        cache.use_estimator(params.estimator, **options)
 
 
 def preset_model_keys(strategy: str) -> list[str]:
@@ -96,6 +130,7 @@ __all__ = [
     "EasyCacheConfig",
     "EvenCache",
     "EvenCacheConfig",
+    "ExpertCaches",
     "MagCache",
     "MagCacheConfig",
     "PlannerConfig",

@@ -99,13 +99,23 @@ class CalibrationResult:
     #: the calibration's size: what ``--cache-speedup`` counts to make its budget a time budget.
     #: Empty in files written before it.
     skipped_step_cost: dict[str, Any] = field(default_factory=dict)
+    #: A model with several experts (Wan2.2 T2V-A14B): each expert's calibration over its own
+    #: steps (``num_inference_steps`` of them, sigmas up to the next expert's first), by expert
+    #: name; ``branches`` is then empty. Every expert's inner products are divided by the same
+    #: per-prompt norm (the whole run's mean ``|v_t|^2``), so their planned errors add up.
+    experts: dict[str, "CalibrationResult"] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
     @classmethod
     def from_records(
-        cls, runs: Sequence[Mapping[str, CalibrationRecord]], **provenance: Any
+        cls, runs: Sequence[Mapping[str, CalibrationRecord]], output_norms: Sequence[float] | None = None,
+        final_sigma: float = 0.0, **provenance: Any
     ) -> "CalibrationResult":
-        """Average per-prompt records (one mapping branch -> record per prompt) and fit TeaCache."""
+        """Average per-prompt records (one mapping branch -> record per prompt) and fit TeaCache.
+
+        ``output_norms``: per prompt, what its output inner products are divided by (default: each
+        run's own mean ``|v_t|^2``); ``final_sigma``: the sigma after the last recorded step (an
+        expert that hands over to another ends at the other's first)."""
         if not runs:
             raise ValueError("calibration needs at least one run")
         branches: dict[str, BranchCalibration] = {}
@@ -115,22 +125,50 @@ class CalibrationResult:
                 for name in dataclasses.fields(BranchCalibration) if name.name not in ("gram", "output_gram")
             }
             branches[branch] = BranchCalibration(
-                **stats, output_gram=average_gram([run[branch].output_gram for run in runs]))
-        sigmas = [s for s in next(iter(runs[0].values())).sigma]
-        sigmas = [*sigmas, 0.0] if sigmas and all(s is not None for s in sigmas) else []
-        result = cls(branches=branches, num_prompts=len(runs), sigmas=sigmas, **provenance)
+                **stats, output_gram=average_gram([run[branch].output_gram for run in runs], output_norms))
+        result = cls(branches=branches, num_prompts=len(runs), sigmas=_with_final_sigma(runs, final_sigma),
+                     **provenance)
         result.teacache_coefficients = fit_teacache_polynomial(*result.teacache_pairs())
         result.blend_alpha = fit_blend_alpha(runs)
         return result
 
-    def add_planner_table(self, runs: Sequence[Mapping[str, CalibrationRecord]], num_inference_steps: int) -> None:
-        """Keep the planner's data of calibration runs at another step count."""
-        sigmas = list(next(iter(runs[0].values())).sigma)
+    @classmethod
+    def from_expert_records(
+        cls, runs: Sequence[Mapping[str, Mapping[str, CalibrationRecord]]], **provenance: Any
+    ) -> "CalibrationResult":
+        """:meth:`from_records` per expert, from per-prompt records ``{expert: {branch: record}}``
+        with the experts in the order they run; ``num_inference_steps`` in ``provenance`` is the
+        whole run's."""
+        experts = list(runs[0])
+        norms = whole_run_norms(runs)
+        result = cls(branches={}, num_prompts=len(runs), **provenance)
+        for index, expert in enumerate(experts):
+            own = [run[expert] for run in runs]
+            following = _first_sigma([run[experts[index + 1]] for run in runs]) if index + 1 < len(experts) else 0.0
+            steps = len(next(iter(own[0].values())).mag_ratio)
+            result.experts[expert] = cls.from_records(
+                own, norms, following, **{**provenance, "num_inference_steps": steps})
+        return result
+
+    def add_planner_table(self, runs: Sequence[Mapping[str, CalibrationRecord]], num_inference_steps: int,
+                          output_norms: Sequence[float] | None = None, final_sigma: float = 0.0) -> None:
+        """Keep the planner's data of calibration runs at another step count (``output_norms`` and
+        ``final_sigma`` as in :meth:`from_records`)."""
         self.planner_tables.append({
             "num_inference_steps": num_inference_steps,
-            "sigmas": [*sigmas, 0.0] if sigmas and all(s is not None for s in sigmas) else [],
-            "output_gram": {branch: average_gram([run[branch].output_gram for run in runs]) for branch in runs[0]},
+            "sigmas": _with_final_sigma(runs, final_sigma),
+            "output_gram": {branch: average_gram([run[branch].output_gram for run in runs], output_norms)
+                            for branch in runs[0]},
         })
+
+    def add_expert_planner_tables(self, runs: Sequence[Mapping[str, Mapping[str, CalibrationRecord]]]) -> None:
+        """:meth:`add_planner_table` per expert, from runs at another step count."""
+        experts = list(runs[0])
+        norms = whole_run_norms(runs)
+        for index, expert in enumerate(experts):
+            own = [run[expert] for run in runs]
+            following = _first_sigma([run[experts[index + 1]] for run in runs]) if index + 1 < len(experts) else 0.0
+            self.experts[expert].add_planner_table(own, len(next(iter(own[0].values())).mag_ratio), norms, following)
 
     def nearest_planner_table(self, num_inference_steps: int) -> dict[str, Any] | None:
         """The planner's table nearest ``num_inference_steps`` (by ratio), None without any:
@@ -217,28 +255,57 @@ class CalibrationResult:
             )
         try:
             body = {k: v for k, v in data.items() if k not in ("format", "version")}
-            body["branches"] = {name: BranchCalibration(**b) for name, b in body["branches"].items()}
-            result = cls(**body)
+            result = cls._from_body(body)
         except (KeyError, TypeError, AttributeError) as exc:
             raise CacheConfigError(f"calibration file {path} is damaged ({exc})", param="cache_calibration") from None
-        for name, branch in result.branches.items():
-            if len(branch.mag_ratio) != result.num_inference_steps:
-                raise CacheConfigError(
-                    f"calibration file {path}: branch {name} has {len(branch.mag_ratio)} ratios for "
-                    f"{result.num_inference_steps} steps", param="cache_calibration",
-                )
+        for part in [result, *result.experts.values()]:
+            for name, branch in part.branches.items():
+                if len(branch.mag_ratio) != part.num_inference_steps:
+                    raise CacheConfigError(
+                        f"calibration file {path}: branch {name} has {len(branch.mag_ratio)} ratios for "
+                        f"{part.num_inference_steps} steps", param="cache_calibration",
+                    )
         return result
 
+    @classmethod
+    def _from_body(cls, body: dict[str, Any]) -> "CalibrationResult":
+        body = dict(body)
+        body["branches"] = {name: BranchCalibration(**b) for name, b in body["branches"].items()}
+        body["experts"] = {name: cls._from_body(e) for name, e in body.get("experts", {}).items()}
+        return cls(**body)
 
-def average_gram(grams: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
-    """Row by row mean of per-prompt inner products, each divided by its mean ``|r_t|^2`` first."""
+
+def average_gram(grams: Sequence[Sequence[Sequence[float]]], norms: Sequence[float] | None = None) -> list[list[float]]:
+    """Row by row mean of per-prompt inner products, each divided by its mean ``|r_t|^2`` first
+    (or by the given per-prompt ``norms``)."""
     if not grams or not grams[0]:
         return []
     scaled = []
-    for gram in grams:
-        norm = float(np.mean([row[0] for row in gram])) or 1.0
+    for index, gram in enumerate(grams):
+        norm = (norms[index] if norms is not None else float(np.mean([row[0] for row in gram]))) or 1.0
         scaled.append([np.asarray(row, dtype=np.float64) / norm for row in gram])
     return [np.mean([g[t] for g in scaled], axis=0).tolist() for t in range(len(scaled[0]))]
+
+
+def whole_run_norms(runs: Sequence[Mapping[str, Mapping[str, CalibrationRecord]]]) -> list[float]:
+    """Per prompt, the mean ``|v_t|^2`` of the model outputs over every expert's steps and branch."""
+    norms = []
+    for run in runs:
+        squares = [row[0] for records in run.values() for record in records.values() for row in record.output_gram]
+        norms.append(float(np.mean(squares)) if squares else 1.0)
+    return norms
+
+
+def _with_final_sigma(runs: Sequence[Mapping[str, CalibrationRecord]], final_sigma: float) -> list[float]:
+    """The recorded sigmas and the one after the last step; empty where the scheduler has none."""
+    sigmas = list(next(iter(runs[0].values())).sigma)
+    return [*sigmas, final_sigma] if sigmas and all(s is not None for s in sigmas) else []
+
+
+def _first_sigma(runs: Sequence[Mapping[str, CalibrationRecord]]) -> float:
+    """The first recorded sigma of the next expert, where the one before it ends (0 if unknown)."""
+    sigmas = next(iter(runs[0].values())).sigma
+    return float(sigmas[0]) if sigmas and sigmas[0] is not None else 0.0
 
 
 def fit_blend_alpha(runs: Sequence[Mapping[str, CalibrationRecord]]) -> float | None:
@@ -268,18 +335,25 @@ def polynomial_fit_error(coefficients: Sequence[float], x: np.ndarray, y: np.nda
 
 
 def plot_magnitude_ratios(result: CalibrationResult, path: str | Path) -> Path:
-    """PNG of the magnitude ratio per branch with a +-1 std band (over tokens)."""
+    """PNG of the magnitude ratio per branch with a +-1 std band (over tokens); per expert, with a
+    dashed line where they switch, on a model with several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    steps = np.arange(result.num_inference_steps)
-    for name, branch in result.branches.items():
-        mean, std = np.asarray(branch.mag_ratio), np.asarray(branch.mag_ratio_std)
-        ax.plot(steps, mean, label=f"{name}", linewidth=1.6)
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    parts = list(result.experts.items()) if result.experts else [("", result)]
+    start = 0
+    for expert, part in parts:
+        steps = start + np.arange(part.num_inference_steps)
+        if start:
+            ax.axvline(start - 0.5, color="gray", linewidth=0.8, linestyle="--")
+        for name, branch in part.branches.items():
+            mean, std = np.asarray(branch.mag_ratio), np.asarray(branch.mag_ratio_std)
+            ax.plot(steps, mean, label=f"{expert} {name}".strip(), linewidth=1.6)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        start += part.num_inference_steps
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xlabel("denoising step")
     ax.set_ylabel("|r_t| / |r_{t-1}|")
@@ -297,15 +371,36 @@ def plot_magnitude_ratios(result: CalibrationResult, path: str | Path) -> Path:
 
 
 def apply_calibration(
-    params: "CacheParams", calibration_file: str | Path, model_family: str, num_inference_steps: int
+    params: "CacheParams", calibration_file: str | Path, model_family: str, num_inference_steps: int,
+    expert_steps: Mapping[str, int] | None = None,
 ) -> "CacheParams":
     """``params`` with the calibration's options for its strategy; the user's own options win.
 
     Warns when the calibration was made at a step count far from the request's, unless the request
-    takes nothing from it (strategies that need no calibration, such as EasyCache)."""
+    takes nothing from it (strategies that need no calibration, such as EasyCache). On a model
+    with several experts (``expert_steps``: each expert's steps in this request) each expert's
+    calibration goes to ``params.expert_options``; a file of the other kind is refused."""
     calibration = load_calibration(calibration_file)
     calibration.check_model(model_family)
     strategy = get_cache_class(params.strategy)
+    if bool(expert_steps) != bool(calibration.experts):
+        has = "several experts" if calibration.experts else "one transformer"
+        raise CacheConfigError(
+            f"calibration file {calibration_file} was made on a model with {has}, unlike this one; "
+            "calibrate this model with `sglang calibrate`", param="cache_calibration")
+    if expert_steps:
+        if set(expert_steps) != set(calibration.experts):
+            raise CacheConfigError(
+                f"calibration file {calibration_file} calibrates experts {sorted(calibration.experts)}, this model "
+                f"runs {sorted(expert_steps)}; calibrate this model with `sglang calibrate`", param="cache_calibration")
+        supplied_per_expert = {}
+        for expert, steps in expert_steps.items():
+            part = calibration.experts[expert]
+            supplied_per_expert[expert] = strategy.options_from_calibration(part, steps)
+            recorded = strategy.calibrated_steps(part, steps) if supplied_per_expert[expert] else part.num_inference_steps
+            if supplied_per_expert[expert] and part.resampled_far(steps, recorded):
+                _warn_resampled_once(f"{calibration_file} ({expert})", recorded, steps)
+        return dataclasses.replace(params, expert_options=supplied_per_expert, calibration_file=str(calibration_file))
     supplied = strategy.options_from_calibration(calibration, num_inference_steps)
     takes_alpha = params.estimator == "blend" and params.blend_alpha is None and calibration.blend_alpha is not None
     recorded = strategy.calibrated_steps(calibration, num_inference_steps) if supplied else calibration.num_inference_steps

@@ -192,6 +192,7 @@ class MagCache(TimestepCache):
     name: ClassVar[str] = "magcache"
     config_class: ClassVar[type] = MagCacheConfig
     preset_levels: ClassVar[tuple[str, ...]] = ("default", "fast")
+    needs_model_data: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -59,6 +59,8 @@ class CacheStats:
             all branches together (for ``reuse`` the one cached residual per branch).
         asked_speedup: The ``--cache-speedup`` asked for, shown beside the measured speedup;
             ``None`` without one.
+        step_experts: On a model with several experts (Wan2.2), the expert of every step: the
+            summary and ``to_dict`` then also report per expert. Empty for one transformer.
     """
 
     strategy: str
@@ -70,6 +72,7 @@ class CacheStats:
     estimator: str = "reuse"
     estimator_history_bytes: int = 0
     asked_speedup: float | None = None
+    step_experts: list[str] = field(default_factory=list)
 
     @property
     def total_computed(self) -> int:
@@ -86,16 +89,34 @@ class CacheStats:
         return total / self.total_computed if self.total_computed else float("inf")
 
     def summary(self) -> str:
-        """One line for the user, e.g. 'magcache: computed 25 of 50 steps per branch (2.00x ...)'."""
+        """One line for the user, e.g. 'magcache: computed 25 of 50 steps per branch (2.00x ...)', or
+        with experts 'planner: high-noise computed 9 of 13, low-noise 16 of 37 steps per branch (...)'."""
         if not self.branches:
             return f"{self.strategy}: no transformer passes recorded"
-        computed = {b: s.num_computed for b, s in self.branches.items()}
-        if len(set(computed.values())) == 1:
-            done = f"computed {next(iter(computed.values()))} of {self.num_inference_steps} steps per branch"
+        if self.step_experts:
+            per_expert = [f"{expert.replace('_', '-')}{' computed' if index == 0 else ''} "
+                          f"{_computed_of(stats.branches, stats.num_inference_steps)}"
+                          for index, (expert, stats) in enumerate(self.experts().items())]
+            done = f"{', '.join(per_expert)} steps{self._per_branch_suffix()}"
         else:
-            parts = ", ".join(f"{b} {n}" for b, n in computed.items())
-            done = f"computed {parts} of {self.num_inference_steps} steps"
+            done = f"computed {_computed_of(self.branches, self.num_inference_steps)} steps{self._per_branch_suffix()}"
         return f"{self.strategy}: {done} ({self.pass_reduction:.2f}x fewer transformer passes)"
+
+    def _per_branch_suffix(self) -> str:
+        counts = {s.num_computed for s in self.branches.values()}
+        return " per branch" if len(counts) == 1 else ""
+
+    def experts(self) -> dict[str, "CacheStats"]:
+        """Per expert, the same report restricted to its steps (step indices stay the run's)."""
+        result: dict[str, CacheStats] = {}
+        for expert in dict.fromkeys(self.step_experts):
+            own = {step for step, name in enumerate(self.step_experts) if name == expert}
+            result[expert] = CacheStats(
+                strategy=self.strategy, num_inference_steps=len(own), estimator=self.estimator,
+                branches={b: BranchStats([t for t in s.computed_steps if t in own], [t for t in s.skipped_steps if t in own])
+                          for b, s in self.branches.items()},
+            )
+        return result
 
     def record_timing(self, denoising_seconds: float, pass_seconds: Sequence[float]) -> None:
         """Keep the denoising stage's measured time and a typical blocks pass's time: the mean of
@@ -149,10 +170,13 @@ class CacheStats:
         return f"estimator {self.estimator}, history {self.estimator_history_bytes / 2**20:.2f} MiB"
 
     def to_dict(self) -> dict[str, Any]:
+        """The server's ``cache_stats``; with experts also ``experts: {name: {num_inference_steps,
+        pass_reduction, branches}}``."""
+
         def rounded(value: float | None, digits: int) -> float | None:
             return None if value is None else round(value, digits)
 
-        return {
+        report = {
             "strategy": self.strategy,
             "num_inference_steps": self.num_inference_steps,
             "pass_reduction": round(self.pass_reduction, 4),
@@ -174,3 +198,17 @@ class CacheStats:
                 for name, s in self.branches.items()
             },
         }
+        if self.step_experts:
+            report["experts"] = {
+                expert: {key: stats[key] for key in ("num_inference_steps", "pass_reduction", "branches")}
+                for expert, stats in ((e, s.to_dict()) for e, s in self.experts().items())
+            }
+        return report
+
+
+def _computed_of(branches: dict[str, BranchStats], num_steps: int) -> str:
+    """``9 of 13`` when every branch computed as many steps, else ``cond 9, uncond 8 of 13``."""
+    computed = {b: s.num_computed for b, s in branches.items()}
+    if len(set(computed.values())) == 1:
+        return f"{next(iter(computed.values()))} of {num_steps}"
+    return f"{', '.join(f'{b} {n}' for b, n in computed.items())} of {num_steps}"

@@ -79,6 +79,10 @@ class TimestepCache(CacheBookkeeping):
     skip_relative_to_input: ClassVar[bool] = True
     #: One decision per step, taken on the first branch (cond) and followed by the others.
     decides_per_pair: ClassVar[bool] = False
+    #: Its settings come from a model's presets or calibration (MagCache's ratios, TeaCache's
+    #: coefficients, the planner's tables). A model with no presets (Wan2.2's experts) refuses it
+    #: unless a calibration of that model is given.
+    needs_model_data: ClassVar[bool] = False
 
     @abc.abstractmethod
     def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:
@@ -158,6 +162,13 @@ class TimestepCache(CacheBookkeeping):
         was recorded; a request far from it is told to recalibrate. Default: the calibration's own
         (the planner's tables at further step counts override it)."""
         return calibration.num_inference_steps
+
+    def budget_errors(self, estimator: str | None = None, blend_alpha: float | None = None) -> list[float] | None:
+        """The predicted error of the best run with ``p`` passes per branch, for ``p = 1 ..
+        num_inference_steps`` (``inf`` where none fits), in units that add across instances of the
+        same calibration; ``None`` when the strategy cannot predict it (the default). A model with
+        several experts splits one budget between them by it (``experts.split_budget``)."""
+        return None
 
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Make exactly ``passes`` blocks passes per branch (``--cache-speedup``), or refuse in one line.

@@ -68,6 +68,9 @@ def calibrate(
 ) -> CalibrationResult:
     """Run each prompt uncached (seed ``template.seed + index``), save the averaged result and its plot.
 
+    On a model with several experts (Wan2.2) each expert is calibrated over its own steps
+    (``CalibrationResult.experts``): its ratios, TeaCache fit and planner tables.
+
     ``planner_steps``: further step counts to record the budget planner's data at (the same
     prompts and seeds, uncached), for requests at those step counts. Nothing else runs but 5
     uncached steps that time what a skipped step still costs: the planner fits its forecasts from
@@ -92,7 +95,9 @@ def calibrate(
 
     runs, resolved = run_all(None, "calibrating")
     pipeline = generator.pipeline
-    calibration = CalibrationResult.from_records(
+    per_expert = pipeline.expert_schedule is not None
+    build = CalibrationResult.from_expert_records if per_expert else CalibrationResult.from_records
+    calibration = build(
         runs,
         model=generator.model_name,
         model_family=pipeline.model_info.family.name,
@@ -108,7 +113,10 @@ def calibrate(
     for steps in planner_steps:
         if steps != calibration.num_inference_steps:
             extra_runs, _ = run_all(steps, f"planner tables, {steps} steps")
-            calibration.add_planner_table(extra_runs, steps)
+            if per_expert:
+                calibration.add_expert_planner_tables(extra_runs)
+            else:
+                calibration.add_planner_table(extra_runs, steps)
     calibration.save(output)
     plot_magnitude_ratios(calibration, output.with_suffix(".png"))
     return calibration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 import logging
@@ -16,6 +17,7 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, StepCosts
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration, load_calibration
+from sglang.multimodal_gen.runtime.cache.experts import expert_calibration_refusal
 from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_or_fallback
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
 from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroup
@@ -204,11 +206,15 @@ class DiffGenerator:
         calibration_file = params.cache.calibration_file or self.cache_calibration or info.calibration_file
         calibration = load_calibration(calibration_file) if calibration_file else None
         cache = params.cache
+        steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
+        expert_steps = self._expert_steps(steps)
+        if expert_steps and get_cache_class(cache.strategy).needs_model_data and calibration is None:
+            asked = "--cache-speedup" if cache.strategy == BudgetPlanner.name else f"--cache {cache.strategy}"
+            raise expert_calibration_refusal(asked)
         if cache.strategy == BudgetPlanner.name:
             cache = planner_or_fallback(cache, calibration)
         if calibration_file is not None:
-            steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
-            cache = apply_calibration(cache, calibration_file, info.family.name, steps)
+            cache = apply_calibration(cache, calibration_file, info.family.name, steps, expert_steps)
         if cache.step_costs is None and takes_a_speedup(cache):
             if self._recorded_step_costs(calibration) is None and self._measured_step_costs is None:
                 # A measurement is a generation: refuse what the request gets wrong before spending one.
@@ -216,6 +222,15 @@ class DiffGenerator:
                     params, cache=dataclasses.replace(cache, step_costs=PASSES_ONLY)))
             cache = dataclasses.replace(cache, step_costs=self.step_costs(calibration))
         return dataclasses.replace(params, cache=cache)
+
+    def _expert_steps(self, num_inference_steps: object) -> dict[str, int] | None:
+        """Each expert's steps in a request of ``num_inference_steps`` (``None`` for one transformer,
+        or a step count the request's validation will refuse)."""
+        schedule = self.pipeline.expert_schedule
+        if schedule is None or not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) \
+                or num_inference_steps < 1:
+            return None
+        return dict(collections.Counter(schedule(num_inference_steps)))
 
     def step_costs(self, calibration: CalibrationResult | None = None) -> StepCosts:
         """What a step costs outside the part a cache skips, for a speedup to be a time budget: the
@@ -241,13 +256,10 @@ class DiffGenerator:
             return recorded
         return None
 
-    def prepare_step_costs(self) -> StepCosts | None:
+    def prepare_step_costs(self) -> StepCosts:
         """:meth:`step_costs` for the generator's own calibration, measured now if it holds none
         for this device. A server calls it before taking requests: a measurement is a generation,
-        which must not run beside one of a request's. ``None`` for a model that takes no cache
-        (a Wan2.2 two-expert model, for now), which needs none."""
-        if self.pipeline.model_info.two_experts:
-            return None
+        which must not run beside one of a request's."""
         calibration_file = self.cache_calibration or self.pipeline.model_info.calibration_file
         return self.step_costs(load_calibration(calibration_file) if calibration_file else None)
 

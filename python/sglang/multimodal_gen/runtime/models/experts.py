@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter
 
@@ -23,3 +24,11 @@ class ExpertSwitch:
     def schedule(self, timesteps: Sequence[float]) -> list[str]:
         """The expert of every step, decided before the loop (one read of the timesteps)."""
         return [HIGH_NOISE if t >= self.boundary_timestep else LOW_NOISE for t in timesteps]
+
+    def schedule_for(self, scheduler: Any, num_inference_steps: int) -> list[str]:
+        """The schedule of a request of ``num_inference_steps`` before it runs (its cache is built
+        at validation): the timesteps of a copy of the pipeline's scheduler, set as the latent
+        preparation sets them."""
+        scheduler = copy.deepcopy(scheduler)
+        scheduler.set_timesteps(num_inference_steps)
+        return self.schedule(scheduler.timesteps.tolist())

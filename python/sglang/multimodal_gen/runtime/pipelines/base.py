@@ -91,6 +91,9 @@ class Pipeline:
         self.dtype = dtype
         self.stages: list[PipelineStage] = []
         self.geometry: VideoGeometry | None = None
+        #: On a model with several experts, the expert of every step of a request of ``n`` steps
+        #: (its calibration and cache are kept per expert); ``None`` for one transformer.
+        self.expert_schedule: Callable[[int], list[str]] | None = None
 
     def validate(self, params: SamplingParams, calibrate: bool = False) -> Req:
         """Run only the first stage (input validation): raises on bad input, cheap, no model work."""

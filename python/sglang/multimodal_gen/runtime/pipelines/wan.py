@@ -44,6 +44,7 @@ class WanT2VPipeline(Pipeline):
             self.transformer_2 = load_component(path, "transformer_2", dtype).to(device)
             boundary = model_info.boundary_ratio * scheduler.config.num_train_timesteps
             experts = ExpertSwitch(WanDiTAdapter(self.transformer_2), boundary)
+            self.expert_schedule = lambda n: experts.schedule_for(scheduler, n)
 
         patch = transformer.config.patch_size
         spatial = vae.config.scale_factor_spatial
@@ -54,7 +55,7 @@ class WanT2VPipeline(Pipeline):
                 model_info.sampling_defaults,
                 self.geometry,
                 model_info.cache_model_key or wan_cache_model_key(transformer.config),
-                two_experts=model_info.two_experts,
+                expert_schedule=self.expert_schedule,
             ),
             T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
             LatentPreparationStage(scheduler, transformer.config.in_channels, spatial, temporal, device),

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.cache.budget import StepCosts
+from sglang.multimodal_gen.runtime.cache.experts import ExpertCaches
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.distributed.cfg_parallel import BranchPlacement
 from sglang.multimodal_gen.runtime.models.base import DiTAdapter, take_rows
@@ -139,7 +140,8 @@ class DenoisingStage(PipelineStage):
             Python dispatch would cost ~0.3 ms a step, so the generator sets this for CUDA only.
         experts: Wan2.2's low-noise expert and where it takes over (``adapter`` is then the
             high-noise one): the one place a step's model and guidance scale are chosen; ``None``
-            for one transformer.
+            for one transformer. Such a request's cache is an :class:`ExpertCaches`, one strategy
+            instance per expert, asked with the same calls: nothing cached crosses the switch.
     """
 
     name = "denoising"
@@ -182,6 +184,8 @@ class DenoisingStage(PipelineStage):
         batches = self._batches(placement.local_branches, list(inputs.values()))
         experts = (self.experts.schedule(timesteps.tolist()) if self.experts is not None
                    else [HIGH_NOISE] * len(timesteps))
+        if isinstance(cache, ExpertCaches) and cache.schedule != experts:
+            raise RuntimeError(f"the cache was built for experts {cache.schedule}, the steps run {experts}")
         # No hidden bar: a tqdm makes a process-shared lock (a named semaphore that a worker
         # stopped mid-request would leak) and a monitor thread even when disabled. Closed on any
         # exit, so an interrupted run's last line is not the bar's.
@@ -256,7 +260,7 @@ class DenoisingStage(PipelineStage):
         branches: tuple[str, ...],
         adapter: DiTAdapter,
         inputs: BranchInputs,
-        cache: TimestepCache | None,
+        cache: TimestepCache | ExpertCaches | None,
         timer: PassTimer,
     ) -> dict[str, torch.Tensor]:
         """The predictions of one batch of ``branches`` at one step: each branch asks the cache
@@ -320,7 +324,7 @@ class DenoisingStage(PipelineStage):
         return predictions
 
     @staticmethod
-    def _residual(cache: TimestepCache, out: torch.Tensor, base: torch.Tensor, whole_model: bool) -> torch.Tensor:
+    def _residual(cache: TimestepCache | ExpertCaches, out: torch.Tensor, base: torch.Tensor, whole_model: bool) -> torch.Tensor:
         """What a skip would replace: the blocks' output minus their input, or (in float32) the
         model output minus its latent input, or the model output itself (``skip_relative_to_input``
         off)."""
@@ -378,7 +382,7 @@ def scheduler_sigmas(scheduler, num_steps: int) -> list[float | None]:
     return [float(v) for v in values[:num_steps]]
 
 
-def _warn_if_nothing_skips(cache: TimestepCache | None, planned: bool) -> None:
+def _warn_if_nothing_skips(cache: TimestepCache | ExpertCaches | None, planned: bool) -> None:
     """One warning per request whose cache skips nothing: before the run for a strategy with a
     plan (``planned=True``), after it for the others, with the strategy's reason and knob."""
     if cache is None or (cache.plan() is not None) != planned:

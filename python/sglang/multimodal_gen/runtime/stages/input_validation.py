@@ -27,8 +27,9 @@ class InputValidationStage(PipelineStage):
         cfg: True (Wan): ``guidance_scale > 1`` adds the uncond branch, conditioned on the negative
             prompt. False for guidance-distilled models (HunyuanVideo): one branch, "cond", the
             guidance being a model input, so a negative prompt has nothing to condition.
-        two_experts: A Wan2.2 two-expert model: it takes ``guidance_scale_2`` (the low-noise
-            expert's); one-transformer models refuse it.
+        expert_schedule: A Wan2.2 two-expert model: the expert of every step of a request of ``n``
+            steps (its cache keeps one instance per expert, ``cache/experts.py``); such a model
+            takes ``guidance_scale_2`` (the low-noise expert's), one-transformer models refuse it.
     """
 
     name = "input_validation"
@@ -39,13 +40,14 @@ class InputValidationStage(PipelineStage):
         geometry: VideoGeometry,
         cache_model_key: str | Callable[[SamplingParams], str],
         cfg: bool = True,
-        two_experts: bool = False,
+        expert_schedule: Callable[[int], list[str]] | None = None,
     ) -> None:
         self.defaults = defaults
         self.geometry = geometry
         self.cache_model_key = cache_model_key
         self.cfg = cfg
-        self.two_experts = two_experts
+        self.expert_schedule = expert_schedule
+        self.two_experts = expert_schedule is not None
 
     def __call__(self, req: Req) -> Req:
         params = req.params
@@ -65,10 +67,6 @@ class InputValidationStage(PipelineStage):
         _require_guidance_scale(params.guidance_scale)
         if self.two_experts:
             _require_guidance_scale(params.guidance_scale_2, "guidance_scale_2")
-            if req.calibrate or params.cache.strategy not in (None, "none") or params.cache.speedup is not None:
-                raise InvalidRequestError(
-                    "caching or calibrating a Wan2.2 two-expert model is not supported yet (its cache state must "
-                    "be kept per expert); run it without --cache / --cache-speedup", param="cache")
         multiple = self.geometry.spatial_multiple
         for name in ("height", "width"):
             value = getattr(params, name)
@@ -96,7 +94,9 @@ class InputValidationStage(PipelineStage):
             )
         branches = (COND, UNCOND) if self.cfg and params.guidance_scale > 1.0 else (COND,)
         model_key = self.cache_model_key(params) if callable(self.cache_model_key) else self.cache_model_key
-        req.cache = build_cache(params.cache, params.num_inference_steps, model_key, branches, calibrate=req.calibrate)
+        experts = self.expert_schedule(params.num_inference_steps) if self.expert_schedule is not None else None
+        req.cache = build_cache(params.cache, params.num_inference_steps, model_key, branches, calibrate=req.calibrate,
+                                experts=experts)
         req.params = params
         return req
 

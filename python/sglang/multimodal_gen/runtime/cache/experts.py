@@ -1,0 +1,191 @@
+"""Caching a model whose steps run on more than one transformer (Wan2.2's two experts).
+
+Skipping across the switch between experts is what produces mosaic artifacts: a residual of the
+high-noise expert added on a step of the low-noise one is the output of another network. So a
+request on such a model gets one strategy instance per expert (:class:`ExpertCaches`), each
+built for that expert's steps only, with that expert's calibration: no state, residual or
+forecast crosses the switch, and each expert's first step is computed because its instance has
+nothing stored yet. Strategies know nothing of this; they see a run of ``n_e`` steps.
+
+A budget (``--cache-speedup``) is one budget over the whole run: :func:`split_budget` gives
+each expert its passes, by the strategies' predicted errors where they can predict them (the
+planner), else in proportion to the experts' steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from sglang.multimodal_gen.runtime.cache.stats import CacheStats
+from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
+from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
+
+
+def expert_segments(schedule: Sequence[str]) -> dict[str, range]:
+    """Each expert's steps, which must be one contiguous run (Wan2.2: high noise, then low)."""
+    segments: dict[str, range] = {}
+    start = 0
+    for step in range(1, len(schedule) + 1):
+        if step == len(schedule) or schedule[step] != schedule[start]:
+            if schedule[start] in segments:
+                raise ValueError(f"expert {schedule[start]!r} runs two separate stretches of steps")
+            segments[schedule[start]] = range(start, step)
+            start = step
+    return segments
+
+
+class ExpertCaches:
+    """One request's caching on a several-transformer model: a strategy instance per expert,
+    driven by the denoising stage exactly as one instance is (same calls, global step indices).
+
+    Args:
+        caches: Each expert's instance, built for its own number of steps.
+        schedule: The expert of every step of the request.
+    """
+
+    def __init__(self, caches: Mapping[str, TimestepCache], schedule: Sequence[str]) -> None:
+        self.segments = expert_segments(schedule)
+        if set(self.segments) != set(caches):
+            raise ValueError(f"caches for {sorted(caches)}, but the schedule runs {sorted(self.segments)}")
+        for expert, cache in caches.items():
+            if cache.num_inference_steps != len(self.segments[expert]):
+                raise ValueError(f"the {expert} cache was built for {cache.num_inference_steps} steps, "
+                                 f"the expert runs {len(self.segments[expert])}")
+        self.caches = dict(caches)
+        self.schedule = list(schedule)
+        first = next(iter(self.caches.values()))
+        self.name = first.name
+        self.branches = first.branches
+        self.calibrate = first.calibrate
+        self.skips_whole_model = first.skips_whole_model
+        self.skip_relative_to_input = first.skip_relative_to_input
+        self.decides_per_pair = first.decides_per_pair
+        self.num_inference_steps = len(self.schedule)
+        self.asked_speedup: float | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        for cache in self.caches.values():
+            cache.reset()
+        self._stats = CacheStats(strategy=self.name, num_inference_steps=self.num_inference_steps,
+                                 branches={b: type(s)() for b, s in next(iter(self.caches.values())).stats.branches.items()},
+                                 asked_speedup=self.asked_speedup, step_experts=list(self.schedule))
+
+    # ------------------------------------------------------------------ the stage's calls
+    def should_compute(self, step: int, branch: str, features: StepFeatures) -> bool:
+        cache, local = self._at(step)
+        compute = cache.should_compute(local, branch, features)
+        stats = self._stats.branches[branch]
+        (stats.computed_steps if compute else stats.skipped_steps).append(step)
+        return compute
+
+    def store(self, step: int, branch: str, residual: torch.Tensor) -> None:
+        cache, local = self._at(step)
+        cache.store(local, branch, residual)
+
+    def reuse(self, step: int, branch: str) -> torch.Tensor:
+        cache, local = self._at(step)
+        return cache.reuse(local, branch)
+
+    def record_output(self, step: int, branch: str, output: torch.Tensor) -> None:
+        cache, local = self._at(step)
+        cache.record_output(local, branch, output)
+
+    def plan(self) -> dict[str, list[bool]] | None:
+        """The experts' plans end to end, when every expert's is known up front."""
+        plans = {expert: cache.plan() for expert, cache in self.caches.items()}
+        if any(p is None for p in plans.values()):
+            return None
+        ordered = sorted(self.segments, key=lambda e: self.segments[e].start)
+        return {b: [done for expert in ordered for done in plans[expert][b]] for b in self.branches}
+
+    def no_skip_reason(self) -> str | None:
+        """A reason only when no expert skips anything, in each expert's words."""
+        reasons = {expert: cache.no_skip_reason() for expert, cache in self.caches.items()}
+        if not all(reasons.values()):
+            return None
+        return "; ".join(f"{expert.replace('_', '-')} expert: {reason}" for expert, reason in reasons.items())
+
+    # ------------------------------------------------------------------ other ranks
+    def set_statistic_reducer(self, reducer: Callable) -> None:
+        for cache in self.caches.values():
+            cache.set_statistic_reducer(reducer)
+
+    def set_decision_exchange(self, exchange: Callable[[int, bool | None], bool | None]) -> None:
+        for cache in self.caches.values():
+            cache.set_decision_exchange(exchange)
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def stats(self) -> CacheStats:
+        """The request's stats over the whole run (the stage records its timing here), with the
+        estimator and its history as the experts' instances report them."""
+        experts = list(self.caches.values())
+        self._stats.estimator = experts[0].stats.estimator
+        self._stats.estimator_history_bytes = sum(c.stats.estimator_history_bytes for c in experts)
+        return self._stats
+
+    def calibration_records(self) -> dict[str, Mapping[str, Any]]:
+        """Per expert, its instance's records (its steps only)."""
+        return {expert: cache.calibration_records() for expert, cache in self.caches.items()}
+
+    def _at(self, step: int) -> tuple[TimestepCache, int]:
+        if not 0 <= step < self.num_inference_steps:
+            raise IndexError(f"{self.name}: step {step} outside [0, {self.num_inference_steps})")
+        expert = self.schedule[step]
+        return self.caches[expert], step - self.segments[expert].start
+
+
+def split_budget(caches: Mapping[str, TimestepCache], passes: int, estimator: str | None,
+                 blend_alpha: float | None) -> dict[str, int]:
+    """Each expert's share of ``passes`` per branch (at least one each, at most its steps): the
+    split whose summed predicted error is least where every strategy predicts its error per pass
+    count (``TimestepCache.budget_errors``), else in proportion to the experts' steps."""
+    steps = {expert: cache.num_inference_steps for expert, cache in caches.items()}
+    if passes < len(caches):
+        raise CacheConfigError(
+            f"{passes} transformer passes cannot be shared by {len(caches)} experts, each of which computes at "
+            "least its first step; ask for a smaller --cache-speedup or run more steps", param="cache_speedup")
+    passes = min(passes, sum(steps.values()))
+    errors = {expert: cache.budget_errors(estimator, blend_alpha) for expert, cache in caches.items()}
+    if all(e is not None for e in errors.values()) and len(caches) == 2:
+        (a, errors_a), (b, errors_b) = errors.items()
+        best, share = math.inf, None
+        for given in range(max(1, passes - steps[b]), min(steps[a], passes - 1) + 1):
+            total = errors_a[given - 1] + errors_b[passes - given - 1]
+            if total < best:
+                best, share = total, {a: given, b: passes - given}
+        if share is not None:
+            return share
+    return proportional_split(steps, passes)
+
+
+def proportional_split(steps: Mapping[str, int], passes: int) -> dict[str, int]:
+    """``passes`` in proportion to each expert's steps, largest remainders first, each in [1, steps]."""
+    total = sum(steps.values())
+    exact = {e: passes * n / total for e, n in steps.items()}
+    share = {e: min(n, max(1, math.floor(exact[e]))) for e, n in steps.items()}
+    for expert in sorted(steps, key=lambda e: exact[e] - math.floor(exact[e]), reverse=True):
+        if sum(share.values()) >= passes:
+            break
+        if share[expert] < steps[expert]:
+            share[expert] += 1
+    while sum(share.values()) > passes:
+        expert = max((e for e in share if share[e] > 1), key=lambda e: share[e] - exact[e])
+        share[expert] -= 1
+    return share
+
+
+def expert_calibration_refusal(asked: str) -> CacheConfigError:
+    """The one line for a strategy that needs a model's presets or calibration (``asked``: the
+    flag, e.g. ``--cache magcache`` or ``--cache-speedup``) on a model with several experts and
+    no calibration of them: no published presets cover separate experts."""
+    return CacheConfigError(
+        f"{asked} needs a calibration of each expert of this model (no published presets cover a model with "
+        "several experts): run `sglang calibrate --model-path MODEL` and pass the file with --cache-calibration "
+        "(or name it in the folder's sglang_config.json), or use --cache easycache, which needs none",
+        param="cache_calibration",
+    )
