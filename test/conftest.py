@@ -171,6 +171,15 @@ def tiny_wan22_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wan22_ti2v_dir(tmp_path_factory) -> Path:
+    """A tiny Wan2.2 TI2V-5B-style folder: one transformer fed a timestep per token (expand_timesteps),
+    the Wan2.2 VAE (48 latent channels, 16x spatial)."""
+    from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan22_ti2v
+
+    return build_tiny_wan22_ti2v(tmp_path_factory.mktemp("models") / "tiny-wan22-ti2v", seed=0)
+
+
+@pytest.fixture(scope="session")
 def wan_generator(tiny_wan_dir):
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 

@@ -59,6 +59,9 @@ WAN22_TWO_EXPERT_DEFAULTS: dict[str, Any] = {
     **WAN_DEFAULTS, "num_inference_steps": 40, "guidance_scale": 4.0, "guidance_scale_2": 3.0, "height": 720,
     "width": 1280,
 }
+#: Wan2.2 TI2V-5B's (the Wan2.2 release's ``ti2v_5B`` config, as the diffusers model card runs it):
+#: 50 steps and guidance 5.0 as Wan2.1's; 1280x704 (width x height), 121 frames at 24 fps.
+WAN22_TI2V_DEFAULTS: dict[str, Any] = {**WAN_DEFAULTS, "height": 704, "width": 1280, "num_frames": 121, "fps": 24}
 
 MODEL_FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
@@ -99,7 +102,8 @@ class ModelInfo:
     file does not say): the process flags are checked against it before any process starts.
     ``boundary_ratio`` is set for a Wan2.2 two-expert folder (``transformer`` runs the steps whose
     timestep is at least ``boundary_ratio * num_train_timesteps``, ``transformer_2`` the rest, as
-    diffusers' ``WanPipeline`` chooses); ``None`` for one transformer.
+    diffusers' ``WanPipeline`` chooses); ``None`` for one transformer. ``expand_timesteps`` is set
+    for a Wan2.2 TI2V-5B folder: its transformer takes a timestep per token, not per video.
     """
 
     path: Path
@@ -111,6 +115,7 @@ class ModelInfo:
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     num_attention_heads: int | None = None
     boundary_ratio: float | None = None
+    expand_timesteps: bool = False
 
     @property
     def two_experts(self) -> bool:
@@ -153,7 +158,12 @@ def read_model_info(path: Path) -> ModelInfo:
         if not isinstance(overrides, dict):
             raise ModelNotFoundError(f"{path / OVERRIDES_FILE} must hold a JSON object")
     boundary_ratio = _wan22_boundary_ratio(index, index_file) if family.name == "wan" else None
-    defaults = WAN22_TWO_EXPERT_DEFAULTS if boundary_ratio is not None else family.sampling_defaults
+    expand_timesteps = family.name == "wan" and _wan22_expand_timesteps(index, index_file, boundary_ratio)
+    defaults = family.sampling_defaults
+    if boundary_ratio is not None:
+        defaults = WAN22_TWO_EXPERT_DEFAULTS
+    elif expand_timesteps:
+        defaults = WAN22_TI2V_DEFAULTS
     calibration = overrides.get("cache_calibration_file")
     text_max_length = overrides.get("text_max_length", family.text_max_length)
     if isinstance(text_max_length, bool) or not isinstance(text_max_length, int) or text_max_length < 1:
@@ -170,6 +180,7 @@ def read_model_info(path: Path) -> ModelInfo:
         pipeline_options=overrides.get("pipeline_options", {}),
         num_attention_heads=_attention_heads(path),
         boundary_ratio=boundary_ratio,
+        expand_timesteps=expand_timesteps,
     )
 
 
@@ -181,12 +192,7 @@ def _is_component(entry: Any) -> bool:
 
 def _wan22_boundary_ratio(index: dict[str, Any], index_file: Path) -> float | None:
     """The expert boundary of a Wan2.2 two-expert folder (``transformer_2`` and ``boundary_ratio``),
-    ``None`` for one transformer; a folder with only one of the two, or TI2V-5B's per-token
-    timesteps (``expand_timesteps``), is refused in one line."""
-    if index.get("expand_timesteps"):
-        raise ModelNotFoundError(
-            f"{index_file} sets expand_timesteps (Wan2.2 TI2V-5B: a timestep per token), which this runtime "
-            "does not run yet; supported: Wan2.1 T2V and Wan2.2 T2V-A14B folders")
+    ``None`` for one transformer; a folder with only one of the two is refused in one line."""
     second, ratio = _is_component(index.get("transformer_2")), index.get("boundary_ratio")
     if not second and ratio is None:
         return None
@@ -197,3 +203,19 @@ def _wan22_boundary_ratio(index: dict[str, Any], index_file: Path) -> float | No
         raise ModelNotFoundError(f"{index_file} names a transformer_2 but its boundary_ratio is {ratio!r}; a Wan2.2 "
                                  "two-expert folder gives a number between 0 and 1 (0.875 for T2V-A14B)")
     return float(ratio)
+
+
+def _wan22_expand_timesteps(index: dict[str, Any], index_file: Path, boundary_ratio: float | None) -> bool:
+    """Whether a Wan folder is Wan2.2 TI2V-5B (``expand_timesteps``: one transformer fed a timestep
+    per token). No published checkpoint pairs it with two experts, and no test here runs such a
+    folder, so it is refused in one line rather than run untried."""
+    expand = index.get("expand_timesteps", False)
+    if expand is None:
+        return False
+    if not isinstance(expand, bool):
+        raise ModelNotFoundError(f"{index_file}: expand_timesteps must be true or false, got {expand!r}")
+    if expand and boundary_ratio is not None:
+        raise ModelNotFoundError(
+            f"{index_file} sets expand_timesteps (Wan2.2 TI2V-5B, one transformer) and names a transformer_2 with a "
+            "boundary_ratio (Wan2.2 T2V-A14B, two experts); a Wan2.2 folder is one or the other")
+    return expand

@@ -3,8 +3,9 @@
 No weights can be downloaded on our machines, so tests and the built-in default model are made
 here: the real diffusers/transformers classes (WanTransformer3DModel, AutoencoderKLWan,
 UMT5EncoderModel, a T5 tokenizer trained with the ``tokenizers`` library, UniPC flow scheduler),
-only with tiny shapes, saved exactly as Wan-AI/Wan2.1-T2V-1.3B-Diffusers is laid out; and
-likewise HunyuanVideo (``build_tiny_hunyuan``) as hunyuanvideo-community/HunyuanVideo is laid out.
+only with tiny shapes, saved exactly as Wan-AI/Wan2.1-T2V-1.3B-Diffusers is laid out; the Wan2.2
+variants (``build_tiny_wan22_two_experts``, ``build_tiny_wan22_ti2v``) as their Wan-AI/Wan2.2-*-Diffusers
+folders are; and likewise HunyuanVideo (``build_tiny_hunyuan``) as hunyuanvideo-community/HunyuanVideo is laid out.
 """
 
 from __future__ import annotations
@@ -47,6 +48,24 @@ TINY_WAN_VAE: dict[str, Any] = dict(
     dim_mult=[1, 1, 2, 2],
     num_res_blocks=1,
     temperal_downsample=[False, True, True],
+)
+# The Wan2.2 VAE as Wan-AI/Wan2.2-TI2V-5B-Diffusers configures it (48 latent channels, residual
+# blocks, a 2x2 pixel patchify before the 8x downsampling: 16x spatially, 4x in time), narrower.
+# The latent statistics are made-up values that keep the de-normalisation visible in tests.
+TINY_WAN22_VAE: dict[str, Any] = dict(
+    base_dim=8,
+    z_dim=48,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    temperal_downsample=[False, True, True],
+    is_residual=True,
+    in_channels=12,
+    out_channels=12,
+    patch_size=2,
+    scale_factor_spatial=16,
+    scale_factor_temporal=4,
+    latents_mean=[round(-0.5 + i / 47, 4) for i in range(48)],
+    latents_std=[round(0.5 + i / 47, 4) for i in range(48)],
 )
 TINY_UMT5: dict[str, Any] = dict(
     d_model=32,
@@ -112,6 +131,7 @@ def build_tiny_wan(
     transformer_config: dict[str, Any] | None = None,
     vae_config: dict[str, Any] | None = None,
     text_encoder_config: dict[str, Any] | None = None,
+    scheduler_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight tiny Wan2.1 T2V pipeline to ``output_dir`` in the diffusers layout."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -128,7 +148,7 @@ def build_tiny_wan(
     transformer_kwargs["text_dim"] = text_encoder.config.d_model
     transformer = WanTransformer3DModel(**transformer_kwargs)
     vae = AutoencoderKLWan(**{**TINY_WAN_VAE, **(vae_config or {})})
-    save_wan_components(out, text_encoder, transformer, vae)
+    save_wan_components(out, text_encoder, transformer, vae, scheduler_config)
     return out
 
 
@@ -147,14 +167,32 @@ def build_tiny_wan22_two_experts(output_dir: str | Path, seed: int = 0, boundary
     return out
 
 
-def save_wan_components(out: Path, text_encoder, transformer, vae) -> None:
-    """Save the model components, the UniPC flow scheduler and model_index.json next to a tokenizer."""
+def build_tiny_wan22_ti2v(output_dir: str | Path, seed: int = 0, transformer_config: dict[str, Any] | None = None
+                          ) -> Path:
+    """A tiny Wan2.2 TI2V-5B-style folder, as ``Wan-AI/Wan2.2-TI2V-5B-Diffusers`` lays it out: one
+    transformer with 48 input and output channels, the Wan2.2 VAE (:data:`TINY_WAN22_VAE`), UniPC
+    at the release's shift 5.0, and ``"expand_timesteps": true`` (with ``boundary_ratio`` null and
+    no ``transformer_2``) in model_index.json. ``transformer_config`` overrides the transformer's
+    shape (not its channels, which follow the VAE)."""
+    channels = TINY_WAN22_VAE["z_dim"]
+    transformer = {**(transformer_config or {}), "in_channels": channels, "out_channels": channels}
+    out = build_tiny_wan(output_dir, seed=seed, transformer_config=transformer, vae_config=TINY_WAN22_VAE,
+                         scheduler_config={"flow_shift": 5.0})
+    write_model_index(out, components={**WAN_COMPONENTS, "transformer_2": [None, None]},
+                      extra={"boundary_ratio": None, "expand_timesteps": True})
+    return out
+
+
+def save_wan_components(out: Path, text_encoder, transformer, vae, scheduler_config: dict[str, Any] | None = None
+                        ) -> None:
+    """Save the model components, the UniPC flow scheduler (``scheduler_config`` over
+    :data:`WAN_SCHEDULER`) and model_index.json next to a tokenizer."""
     from diffusers import UniPCMultistepScheduler
 
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     transformer.save_pretrained(out / "transformer", safe_serialization=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
-    UniPCMultistepScheduler(**WAN_SCHEDULER).save_pretrained(out / "scheduler")
+    UniPCMultistepScheduler(**{**WAN_SCHEDULER, **(scheduler_config or {})}).save_pretrained(out / "scheduler")
     write_model_index(out)
 
 

@@ -1,7 +1,9 @@
 """Wan text-to-video: validation -> T5 text encoding -> latents -> denoising -> VAE decoding.
 
 Wan2.1 runs one transformer; a Wan2.2 T2V-A14B folder two experts (``transformer`` for high noise,
-``transformer_2`` for low noise, split at ``boundary_ratio``: ``models/experts.py``)."""
+``transformer_2`` for low noise, split at ``boundary_ratio``: ``models/experts.py``); a Wan2.2
+TI2V-5B folder one transformer fed a timestep per token (``expand_timesteps``, in the adapter) with
+the Wan2.2 VAE (48 latent channels, 16x spatial), whose sizes the stages read from the configs."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class WanT2VPipeline(Pipeline):
         if model_info.two_experts:  # Wan2.2 T2V-A14B: transformer_2 is the low-noise expert
             self.transformer_2 = load_component(path, "transformer_2", dtype).to(device)
             boundary = model_info.boundary_ratio * scheduler.config.num_train_timesteps
-            experts = ExpertSwitch(WanDiTAdapter(self.transformer_2), boundary)
+            experts = ExpertSwitch(WanDiTAdapter(self.transformer_2, model_info.expand_timesteps), boundary)
             self.expert_schedule = lambda n: experts.schedule_for(scheduler, n)
 
         patch = transformer.config.patch_size
@@ -59,7 +61,7 @@ class WanT2VPipeline(Pipeline):
             ),
             T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
             LatentPreparationStage(scheduler, transformer.config.in_channels, spatial, temporal, device),
-            DenoisingStage(WanDiTAdapter(transformer), dtype, experts=experts),
+            DenoisingStage(WanDiTAdapter(transformer, model_info.expand_timesteps), dtype, experts=experts),
             WanDecodingStage(vae),
         ]
 
