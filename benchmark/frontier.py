@@ -6,6 +6,7 @@
     python benchmark/frontier.py --quick                          # 1 prompt, 1 seed (a smoke run)
     python benchmark/frontier.py --budget time                    # each speedup asked in time, as users ask
     python benchmark/frontier.py --model-path hunyuanvideo-t2v-tiny --output benchmark/results/frontier-hunyuan.json
+    python benchmark/frontier.py --model-path wan2.2-t2v-tiny --steps 40   # two experts: adds the boundary-blind planner
 
 For each held-out prompt and seed: the uncached run (50 steps unless ``--steps``) is the reference;
 every method of ``frontier_configs.METHODS`` is asked for 1.5x, 2x, 2.5x and 3x (``round(steps /
@@ -21,11 +22,14 @@ thread; other load on the machine shows in these ratios, not in the fidelity.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,6 +52,7 @@ from metrics import psnr, ssim  # noqa: E402
 from threshold_search import nearest_threshold  # noqa: E402
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
+from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate, read_prompts_file  # noqa: E402
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, budget_passes  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
 
@@ -100,6 +105,30 @@ class DiffusersTaylorSeer:
         return np.asarray(frames, dtype=np.float32), sum(cond_passes)
 
 
+@contextlib.contextmanager
+def boundary_blind(gen: DiffGenerator) -> Iterator[None]:
+    """Run a two-expert model's requests with one cache state across both experts (and calibrate
+    it as one run): what caching that ignores the switch does. For comparison only; the runtime
+    always keeps the state per expert."""
+    pipeline = gen.pipeline
+    validation = pipeline.stages[0]
+    saved = pipeline.expert_schedule
+    pipeline.expert_schedule = validation.expert_schedule = None
+    try:
+        yield
+    finally:
+        pipeline.expert_schedule = validation.expert_schedule = saved
+
+
+def blind_calibration(gen: DiffGenerator, steps: int, folder: Path) -> Path:
+    """A calibration of the whole run as if one transformer ran it, on the model's calibration prompts."""
+    prompts = read_prompts_file(Path(gen.pipeline.model_info.path) / "calibration_prompts.txt")
+    output = folder / "boundary-blind.json"
+    with boundary_blind(gen):
+        calibrate(gen, prompts, SamplingParams(prompt=prompts[0], num_inference_steps=steps), output)
+    return output
+
+
 def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: int, prompts: list[str]) -> dict:
     """``{strategy: {speedup: (threshold, mean passes on the tuning prompts)}}`` for the methods that
     need one; found once per strategy (with ``reuse``: the estimator barely moves the passes)."""
@@ -118,7 +147,7 @@ def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: in
 
 def run_method(
     gen: DiffGenerator, peer: DiffusersTaylorSeer | None, method: FrontierMethod, speedup: float, steps: int,
-    prompt: str, seed: int, tuned: dict, budget: str,
+    prompt: str, seed: int, tuned: dict, budget: str, blind_file: Path | None = None,
 ) -> tuple[np.ndarray, int, float | None]:
     """Frames, passes per branch and (our pipeline only) denoising seconds of one method at one speedup.
     ``budget``: ``passes`` counts skipped steps as free (every budgeted method runs ``round(steps /
@@ -131,10 +160,13 @@ def run_method(
         request = dataclasses.replace(request, cache=dataclasses.replace(request.cache, threshold=threshold))
     if request.taylorseer is not None:
         return (*peer.run(prompt, seed, steps, request.taylorseer), None)
+    if request.boundary_blind:
+        request = dataclasses.replace(request, cache=dataclasses.replace(request.cache, calibration_file=str(blind_file)))
     params = SamplingParams(prompt=prompt, seed=seed, num_inference_steps=request.num_inference_steps)
     if request.cache is not None:
         params = dataclasses.replace(params, cache=request.cache)
-    result = gen.generate(params)
+    with boundary_blind(gen) if request.boundary_blind else contextlib.nullcontext():
+        result = gen.generate(params)
     stats = result.cache_stats
     passes = stats.branches["cond"].num_computed if stats is not None else request.num_inference_steps
     return result.frames, passes, result.timings["denoising"]
@@ -161,8 +193,13 @@ def main() -> None:
     unknown = sorted(set(chosen or ()) - {m.name for m in METHODS})
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from: {'; '.join(m.name for m in METHODS)}")
-    methods = [m for m in METHODS if chosen is None or m.name in chosen]
     gen = DiffGenerator.from_pretrained(args.model_path, device="cpu", cache_calibration=args.calibration)
+    two_experts = gen.pipeline.expert_schedule is not None
+    # diffusers' TaylorSeer hook caches one transformer; the blind planner compares only where there are two.
+    applies = {"diffusers taylorseer": not two_experts, "planner, boundary-blind": two_experts}
+    methods = [m for m in METHODS if (chosen is None and applies.get(m.name, True)) or (chosen and m.name in chosen)]
+    if any(m.name == "planner, boundary-blind" for m in methods) and not two_experts:
+        parser.error("'planner, boundary-blind' compares caching across the switch of a two-expert model")
     prompts, tuning_prompts = model_prompts(gen.pipeline.model_info.path)
     if args.quick:
         prompts, tuning_prompts = prompts[:1], tuning_prompts[:1]
@@ -173,6 +210,8 @@ def main() -> None:
         m.name == "diffusers taylorseer" for m in methods) else None
     gen.generate(SamplingParams(prompt=prompts[0], num_inference_steps=steps))  # warm-up, not measured
     tuned = tune_thresholds(gen, methods, steps, tuning_prompts)
+    scratch = Path(tempfile.mkdtemp(prefix="frontier-"))
+    blind_file = blind_calibration(gen, steps, scratch) if any(m.name == "planner, boundary-blind" for m in methods) else None
     for strategy, by_speedup in tuned.items():
         print(f"{strategy} thresholds (mean passes on {len(tuning_prompts)} "
               f"training captions): " + ", ".join(f"{x:g}x {t:g} ({p:.1f})" for x, (t, p) in by_speedup.items()))
@@ -185,7 +224,7 @@ def main() -> None:
         for method in methods:
             for speedup in SPEEDUPS:
                 frames, passes, seconds = run_method(gen, peer, method, speedup, steps, prompt, seed, tuned,
-                                                     args.budget)
+                                                     args.budget, blind_file)
                 rows.append(dict(method=method.name, speedup=speedup, prompt=prompt, seed=seed, passes=passes,
                                  psnr=psnr(frames, reference), ssim=ssim(frames, reference), seconds=seconds,
                                  uncached_seconds=uncached.timings["denoising"]))

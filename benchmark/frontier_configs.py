@@ -5,6 +5,8 @@ transformer passes per branch, ``round(steps / speedup)``. A method is a name, w
 speedup into (``request``), and its plot style; add a method by adding a ``FrontierMethod`` to
 ``METHODS``. ``taylorseer`` runs in diffusers' own pipeline of the model's family (``WanPipeline`` or
 ``HunyuanVideoPipeline``, the harness's ``DiffusersTaylorSeer``), the others in our pipeline.
+``planner, boundary-blind`` is for two-expert models (Wan2.2): the planner with one state across
+the switch, the comparison that shows what keeping the state per expert is worth.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Request:
     cache: CacheParams | None = None
     taylorseer: dict | None = None  # diffusers TaylorSeerCacheConfig settings
     tune_threshold: bool = False  # the harness sets cache.threshold: passes nearest the budget on the tuning captions
+    # Two-expert models only: one cache state across both experts, planned on a calibration of the
+    # whole run, as caching that ignores the switch does (the harness's ``boundary_blind``).
+    boundary_blind: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,4 +94,7 @@ METHODS = [
     FrontierMethod("planner, forecast1_sigma", _cached("planner", estimator="forecast1_sigma"), "v-."),
     FrontierMethod("planner, blend", _cached("planner", estimator="blend"), "d:"),
     FrontierMethod("planner", _cached("planner"), "D-"),
+    FrontierMethod("planner, boundary-blind",
+                   lambda speedup, steps: Request(steps, CacheParams(strategy="planner", speedup=speedup), boundary_blind=True),
+                   "D:"),
 ]
