@@ -1,6 +1,7 @@
-"""The flags ``sglang generate`` and ``sglang serve`` share (model, processes, speed), and the
-``DiffGenerator.from_pretrained`` arguments they become. Both commands import them from here, so
-neither command's module imports the other's."""
+"""The flags ``sglang generate`` and ``sglang serve`` share (model, processes, speed, memory; of
+these ``sglang calibrate`` takes the model's and memory's), and the ``DiffGenerator.from_pretrained``
+arguments they become. The commands import them from here, so neither command's module imports
+the other's."""
 
 from __future__ import annotations
 
@@ -53,6 +54,19 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
 def speed_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``DiffGenerator.from_pretrained``'s speed flags."""
     return dict(enable_torch_compile=args.enable_torch_compile, batched_cfg=args.batched_cfg)
+
+
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("memory")
+    group.add_argument("--offload-idle-expert", action="store_true",
+                       help="Wan2.2 two-expert models: keep the expert that is not running on the CPU, so the "
+                            "device holds one expert's weights instead of two; costs one copy of an expert each "
+                            "way per request (refused for a model with one transformer; nothing to do on a CPU)")
+
+
+def memory_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``DiffGenerator.from_pretrained``'s memory flags."""
+    return dict(offload_idle_expert=args.offload_idle_expert)
 
 
 def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from sglang.cli.args import add_model_args, add_parallel_args, add_speed_args, parallel_kwargs, speed_kwargs
+from sglang.cli.args import (
+    add_memory_args,
+    add_model_args,
+    add_parallel_args,
+    add_speed_args,
+    memory_kwargs,
+    parallel_kwargs,
+    speed_kwargs,
+)
 from sglang.multimodal_gen.errors import UserError
 
 logger = logging.getLogger("sglang")
@@ -171,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output_path(params.output_path)
     parallel = parallel_kwargs(args)
     with DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype, **parallel,
-                                       **speed_kwargs(args)) as generator:
+                                       **speed_kwargs(args), **memory_kwargs(args)) as generator:
         result = generator.generate(params, show_progress_bar=True)
     for stage, seconds in result.timings.items():
         print(f"  {stage:<20s} {seconds:8.3f} s")
@@ -216,7 +224,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_before_load(args, [dataclasses.replace(template, prompt=prompt, seed=template.seed + index)
                              for index, prompt in enumerate(prompts)])  # seeds as calibrate() draws them
     check_calibration_output(args.output)
-    generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype)
+    generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
+                                              **memory_kwargs(args))
     result = calibrate(generator, prompts, template, args.output, show_progress=True, planner_steps=planner_steps)
     for name, branch in result.branches.items():
         ratios = branch.mag_ratio
@@ -244,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_args(generate)
     add_parallel_args(generate)
     add_speed_args(generate)
+    add_memory_args(generate)
     generate.set_defaults(func=cmd_generate)
 
     calibrate = sub.add_parser("calibrate", help="measure a model's cache statistics and save them for --cache-calibration")
@@ -256,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--planner-steps", default=None,
                            help="comma-separated further step counts to record the budget planner's data at "
                                 "(e.g. 20,30), for --cache-speedup requests at those step counts")
+    add_memory_args(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)
 
     from sglang.cli.serve import add_serve_parser

@@ -9,7 +9,15 @@ import argparse
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
-from sglang.cli.args import add_model_args, add_parallel_args, add_speed_args, parallel_kwargs, speed_kwargs
+from sglang.cli.args import (
+    add_memory_args,
+    add_model_args,
+    add_parallel_args,
+    add_speed_args,
+    memory_kwargs,
+    parallel_kwargs,
+    speed_kwargs,
+)
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
 
 if TYPE_CHECKING:
@@ -21,6 +29,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_args(serve)
     add_parallel_args(serve)
     add_speed_args(serve)
+    add_memory_args(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1, loopback only; there, requests must name a loopback "
                             "Host and come from no web page of another Origin)")
@@ -155,7 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     parallel = parallel_kwargs(args)
     generator = DiffGenerator.from_pretrained(
         args.model_path, device=args.device, dtype=args.dtype, cache_calibration=args.cache_calibration, **parallel,
-        **speed_kwargs(args),
+        **speed_kwargs(args), **memory_kwargs(args),
     )
     name = args.served_model_name or generator.model_name
     try:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from sglang.multimodal_gen.configs.models import read_model_info
+from sglang.multimodal_gen.configs.models import ModelInfo, read_model_info
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
@@ -79,6 +79,22 @@ def resolve_batched_cfg(batched_cfg: bool | None, enable_cfg_parallel: bool = Fa
     return True if batched_cfg is None else bool(batched_cfg)
 
 
+def resolve_offload_idle_expert(offload_idle_expert: bool, info: ModelInfo, device: torch.device) -> bool:
+    """Whether the pipeline keeps its idle expert on the CPU: refused in one line (before any
+    load) for a model with one transformer, where nothing is idle; off, with one info line, on a
+    CPU, where the weights already are where they would be offloaded to."""
+    if not offload_idle_expert:
+        return False
+    if not info.two_experts:
+        raise InvalidRequestError(
+            f"--offload-idle-expert needs a model with two experts (Wan2.2 T2V-A14B's transformer and "
+            f"transformer_2); {info.path.name} has one transformer", param="offload_idle_expert")
+    if device.type == "cpu":
+        logger.info("--offload-idle-expert does nothing on a CPU: there is no device memory to offload to")
+        return False
+    return True
+
+
 def denoising_stage(pipeline: Pipeline) -> DenoisingStage:
     """The pipeline's denoising stage (every pipeline has exactly one)."""
     return next(stage for stage in pipeline.stages if isinstance(stage, DenoisingStage))
@@ -116,6 +132,7 @@ class DiffGenerator:
         worker_init: Callable[[], None] | None = None,
         enable_torch_compile: bool = False,
         batched_cfg: bool | None = None,
+        offload_idle_expert: bool = False,
     ) -> "DiffGenerator":
         """Load a model. ``cache_calibration``: a calibration file every cached request uses unless
         it names its own (it takes precedence over the model folder's own calibration).
@@ -129,7 +146,10 @@ class DiffGenerator:
         ``enable_torch_compile`` compiles the DiT's transformer blocks (``DiTAdapter.compile_blocks``);
         the first request of each new shape pays the compile. ``batched_cfg`` runs the cond and
         uncond branches as one batch of 2 (``None``: on unless CFG parallel; see
-        :func:`resolve_batched_cfg`); ``False`` gives the two passes diffusers' pipelines run. Worker processes build their pipelines with both."""
+        :func:`resolve_batched_cfg`); ``False`` gives the two passes diffusers' pipelines run.
+        ``offload_idle_expert`` (Wan2.2 two-expert models) keeps the expert that is not running on
+        the CPU (:func:`resolve_offload_idle_expert`). Worker processes build their pipelines with
+        all three."""
         extra: dict[str, Any] = {} if dist_timeout_s is None else {"timeout_s": dist_timeout_s}
         parallel = ParallelConfig.from_flags(num_gpus, enable_cfg_parallel, ulysses_degree, sp_degree, **extra)
         model_path = str(model_path or BUILTIN_MODEL_PATH)
@@ -140,11 +160,13 @@ class DiffGenerator:
         if cache_calibration is not None:
             load_calibration(cache_calibration).check_model(info.family.name)
         use_batched_cfg = resolve_batched_cfg(batched_cfg, parallel.enable_cfg_parallel)
+        offload = resolve_offload_idle_expert(offload_idle_expert, info, torch_device)
         pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
+        options = {"offload_idle_expert": True} if offload else {}
 
         def load() -> Pipeline:
             logger.info("loading %s model from %s on %s (%s)", info.family.name, info.path, torch_device, torch_dtype)
-            pipeline = pipeline_cls(info, torch_device, torch_dtype)
+            pipeline = pipeline_cls(info, torch_device, torch_dtype, **options)
             stage = denoising_stage(pipeline)
             stage.batched_cfg = use_batched_cfg
             stage.sync_free_scheduler = torch_device.type == "cuda"
@@ -163,7 +185,7 @@ class DiffGenerator:
             torch_device = torch.device("cuda", 0)
         load_args = dict(model_path=model_path, device=str(torch_device), dtype=dtype,
                          cache_calibration=cache_calibration, enable_torch_compile=enable_torch_compile,
-                         batched_cfg=use_batched_cfg)
+                         batched_cfg=use_batched_cfg, offload_idle_expert=offload)
         workers = WorkerGroup(parallel, load_args, load, load_worker_pipeline, worker_init,
                               preload=(__name__, info.family.pipeline_module, *WORKER_PRELOAD))
         return cls(workers.pipeline, model_path, cache_calibration, workers)

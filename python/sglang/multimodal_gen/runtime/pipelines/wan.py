@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sglang.multimodal_gen.configs.models import ModelInfo
-from sglang.multimodal_gen.runtime.models.experts import ExpertSwitch
+from sglang.multimodal_gen.runtime.models.experts import HIGH_NOISE, LOW_NOISE, ExpertOffload, ExpertSwitch
 from sglang.multimodal_gen.runtime.models.loader import load_component
 from sglang.multimodal_gen.runtime.models.wan import WanDiTAdapter
 from sglang.multimodal_gen.runtime.pipelines.base import Pipeline, VideoGeometry
@@ -31,7 +31,12 @@ def wan_cache_model_key(transformer_config) -> str:
 
 
 class WanT2VPipeline(Pipeline):
-    def __init__(self, model_info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+    """``offload_idle_expert`` (a two-expert folder): ``transformer_2`` stays on the host at load
+    and the two experts trade places at the switch (:class:`ExpertOffload`), so the device holds
+    one expert's weights, not both."""
+
+    def __init__(self, model_info: ModelInfo, device: torch.device, dtype: torch.dtype,
+                 offload_idle_expert: bool = False) -> None:
         super().__init__(model_info, device, dtype)
         path = model_info.path
         tokenizer = load_component(path, "tokenizer")
@@ -43,9 +48,14 @@ class WanT2VPipeline(Pipeline):
         self.vae = vae
         experts = None
         if model_info.two_experts:  # Wan2.2 T2V-A14B: transformer_2 is the low-noise expert
-            self.transformer_2 = load_component(path, "transformer_2", dtype).to(device)
+            self.transformer_2 = load_component(path, "transformer_2", dtype)
+            offload = None
+            if offload_idle_expert:
+                offload = ExpertOffload({HIGH_NOISE: transformer, LOW_NOISE: self.transformer_2}, device)
+            else:
+                self.transformer_2.to(device)
             boundary = model_info.boundary_ratio * scheduler.config.num_train_timesteps
-            experts = ExpertSwitch(WanDiTAdapter(self.transformer_2, model_info.expand_timesteps), boundary)
+            experts = ExpertSwitch(WanDiTAdapter(self.transformer_2, model_info.expand_timesteps), boundary, offload)
             self.expert_schedule = lambda n: experts.schedule_for(scheduler, n)
 
         patch = transformer.config.patch_size

@@ -142,6 +142,8 @@ class DenoisingStage(PipelineStage):
             high-noise one): the one place a step's model and guidance scale are chosen; ``None``
             for one transformer. Such a request's cache is an :class:`ExpertCaches`, one strategy
             instance per expert, asked with the same calls: nothing cached crosses the switch.
+            Before the loop and where the step's expert changes the stage calls its ``enter``,
+            which with ``--offload-idle-expert`` moves the experts' weights (``ExpertOffload``).
     """
 
     name = "denoising"
@@ -178,14 +180,16 @@ class DenoisingStage(PipelineStage):
         latents = req.latents
         timesteps = req.timesteps
         sigmas = scheduler_sigmas(scheduler, len(timesteps))
-        branch_inputs = self._branch_inputs(req, placement.local_branches, latents)
-        inputs = {name: BranchInputs(adapter, self.dtype, branch_inputs, latents)
-                  for name, adapter in self.adapters.items()}
-        batches = self._batches(placement.local_branches, list(inputs.values()))
         experts = (self.experts.schedule(timesteps.tolist()) if self.experts is not None
                    else [HIGH_NOISE] * len(timesteps))
         if isinstance(cache, ExpertCaches) and cache.schedule != experts:
             raise RuntimeError(f"the cache was built for experts {cache.schedule}, the steps run {experts}")
+        if self.experts is not None:
+            self.experts.enter(experts[0])  # before any request constant is made with its weights
+        branch_inputs = self._branch_inputs(req, placement.local_branches, latents)
+        inputs = {name: BranchInputs(adapter, self.dtype, branch_inputs, latents)
+                  for name, adapter in self.adapters.items()}
+        batches = self._batches(placement.local_branches, inputs, experts[0])
         # No hidden bar: a tqdm makes a process-shared lock (a named semaphore that a worker
         # stopped mid-request would leak) and a monitor thread even when disabled. Closed on any
         # exit, so an interrupted run's last line is not the bar's.
@@ -202,6 +206,8 @@ class DenoisingStage(PipelineStage):
                     timestep = timestep.to(latents.dtype)
                 current = StepInputs(step, latents, model_input, timestep, sigmas[step])
                 expert = experts[step]
+                if step > 0 and expert != experts[step - 1]:
+                    self.experts.enter(expert)
                 guidance_scale = params.guidance_scale if expert == HIGH_NOISE else params.guidance_scale_2
                 local = {}
                 for branches in batches:
@@ -240,18 +246,23 @@ class DenoisingStage(PipelineStage):
             inputs[branch] = ModelInputs(req.prompt_embeds[branch], conditioning)
         return inputs
 
-    def _batches(self, branches: Sequence[str], inputs: Sequence[BranchInputs]) -> list[tuple[str, ...]]:
+    def _batches(
+        self, branches: Sequence[str], inputs: dict[str, BranchInputs], first: str
+    ) -> list[tuple[str, ...]]:
         """The batches every step runs: all branches as one where ``batched_cfg`` is on and their
-        inputs stack, else one per branch. Their inputs (and each expert's request constants) are
-        made here, before the loop."""
+        inputs stack, else one per branch. Their inputs (and the request constants of each expert
+        on the device, ``first`` among them) are made here, before the loop; an expert that waits
+        on the host (``--offload-idle-expert``) makes its own at its first step, after its move,
+        since its rotary table and projected prompt come from its weights and buffers."""
         together = tuple(branches)
-        if self.batched_cfg and len(together) > 1 and inputs[0].batch(together) is not None:
+        if self.batched_cfg and len(together) > 1 and inputs[first].batch(together) is not None:
             batches = [together]
         else:
             batches = [(branch,) for branch in together]
-        for expert_inputs in inputs:
-            for batch in batches:
-                expert_inputs.batch(batch)
+        for name, expert_inputs in inputs.items():
+            if self.experts is None or self.experts.on_device(name):
+                for batch in batches:
+                    expert_inputs.batch(batch)
         return batches
 
     def _predict(
