@@ -227,11 +227,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
                                               **memory_kwargs(args))
     result = calibrate(generator, prompts, template, args.output, show_progress=True, planner_steps=planner_steps)
-    for name, branch in result.branches.items():
-        ratios = branch.mag_ratio
-        print(f"  {name:<7s} magnitude ratio: min {min(ratios):.4f}, last {ratios[-1]:.4f}")
-    steps = sorted([result.num_inference_steps] + [t["num_inference_steps"] for t in result.planner_tables])
-    print(f"  planner tables at {', '.join(map(str, steps))} steps (model outputs, {len(prompts)} prompts)")
+    parts = result.experts.items() if result.experts else [("", result)]
+    for expert, part in parts:
+        label = f"{expert.replace('_', '-')} expert, " if expert else ""
+        for name, branch in part.branches.items():
+            ratios = branch.mag_ratio
+            print(f"  {label}{name:<7s} magnitude ratio: min {min(ratios):.4f}, last {ratios[-1]:.4f}")
+    steps = sorted({result.num_inference_steps, *planner_steps})
+    per_expert = " per expert" if result.experts else ""
+    print(f"  planner tables at {', '.join(map(str, steps))} steps{per_expert} (model outputs, {len(prompts)} prompts)")
     print(f"saved {args.output} and {Path(args.output).with_suffix('.png')}")
     return 0
 
