@@ -93,7 +93,7 @@ def build_cache(
             for expert, steps in expert_segments(experts).items()
         }
         if passes is not None:
-            shares = split_budget(caches, passes, params.estimator, params.blend_alpha)
+            shares = split_budget({expert: c.num_inference_steps for expert, c in caches.items()}, passes)
             for expert, expert_cache in caches.items():
                 expert_cache.meet_budget(shares[expert], params.estimator, params.blend_alpha)
         for expert_cache in caches.values():

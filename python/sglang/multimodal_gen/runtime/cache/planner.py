@@ -249,22 +249,13 @@ def best_plan(
 ) -> tuple[float, list[int]]:
     """The computed steps (step 0 first) minimising the sum of squared gap costs over gaps and
     branches, with exactly ``passes`` of them; ``(inf, [])`` when no plan fits ``max_skip_steps``
-    and the window."""
-    passes = max(1, min(passes, costs[0].num_steps))
-    return best_plans(costs, passes, max_skip_steps, estimator, alpha)[passes - 1]
-
-
-def best_plans(
-    costs: Sequence[GapCosts], max_passes: int, max_skip_steps: int, estimator: str, alpha: float = 0.0
-) -> list[tuple[float, list[int]]]:
-    """:func:`best_plan` for every pass count ``1 .. max_passes`` at once (entry ``p - 1``).
+    and the window.
 
     Dynamic programming over states (previous computed step, last computed step): the forecast's
-    cost of a gap depends on both. Each layer adds one computed step; closing a layer's states
-    with the gap to the end gives the best plan with that many passes.
+    cost of a gap depends on both.
     """
     n = costs[0].num_steps
-    max_passes = max(1, min(max_passes, n))
+    passes = max(1, min(passes, n))
 
     known: dict[tuple[int | None, int, int], float] = {}
 
@@ -273,20 +264,9 @@ def best_plans(
             known[(h, i, j)] = sum(c.gap(h, i, j, estimator, alpha) ** 2 for c in costs)
         return known[(h, i, j)]
 
-    def closed(states: dict[tuple[int | None, int], tuple[float, list[int]]]) -> tuple[float, list[int]]:
-        result: tuple[float, list[int]] = (math.inf, [])
-        for (h, i), (total, steps) in states.items():
-            if n - 1 - i > max_skip_steps:
-                continue
-            candidate = total + cost(h, i, n)
-            if candidate < result[0]:
-                result = (candidate, steps)
-        return result
-
     # best[(h, i)] = (total, steps) with `len(steps)` computed so far; h = None before two exist.
     best: dict[tuple[int | None, int], tuple[float, list[int]]] = {(None, 0): (0.0, [0])}
-    plans = [closed(best)]
-    for _ in range(max_passes - 1):
+    for _ in range(passes - 1):
         following: dict[tuple[int | None, int], tuple[float, list[int]]] = {}
         for (h, i), (total, steps) in best.items():
             for j in range(i + 1, min(i + max_skip_steps + 2, n)):
@@ -294,8 +274,14 @@ def best_plans(
                 if candidate < following.get((i, j), (math.inf,))[0]:
                     following[(i, j)] = (candidate, steps + [j])
         best = following
-        plans.append(closed(best))
-    return plans
+    result: tuple[float, list[int]] = (math.inf, [])
+    for (h, i), (total, steps) in best.items():
+        if n - 1 - i > max_skip_steps:
+            continue
+        candidate = total + cost(h, i, n)
+        if candidate < result[0]:
+            result = (candidate, steps)
+    return result
 
 
 # --------------------------------------------------------------------------- strategy
@@ -371,8 +357,13 @@ class BudgetPlanner(TimestepCache):
                 "the fitted estimator needs a calibration of the model outputs, and this file predates them; "
                 "run `sglang calibrate` again", param="cache_estimator",
             )
-        costs = self._gap_costs()
-        alpha = self._plan_alpha(costs, estimator, blend_alpha)
+        costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
+        if blend_alpha is not None:
+            alpha = blend_alpha
+        elif estimator == "blend":
+            alpha = DEFAULT_BLEND_ALPHA  # what the request's own blend estimator (built after this) uses
+        else:
+            alpha = fitted_blend_alpha(costs)
         # Unnamed on an older table: what calibration measured best; without a measurement, blend while
         # the residual keeps moving the way it moved (alpha > 0), reuse where its changes turn back.
         chosen = estimator or (DEFAULT_ESTIMATOR if self.config.gram_of == "outputs" else None) \
@@ -400,31 +391,6 @@ class BudgetPlanner(TimestepCache):
             self.use_estimator(chosen, **({"alpha": alpha} if chosen == "blend" else {}))
         logger.info("planner: %d of %d steps with %s (predicted error %.3g)", passes, self.num_inference_steps,
                     chosen, total)
-
-    def budget_errors(self, estimator: str | None = None, blend_alpha: float | None = None) -> list[float] | None:
-        """The best plan's predicted error at every pass count, for the estimator the plan would
-        use (``fitted`` unless named); ``None`` for an older block-residual table, whose measured
-        estimator depends on the speedup."""
-        if self.config.gram_of != "outputs" or estimator not in (None, *PLANNABLE_ESTIMATORS):
-            return None
-        costs = self._gap_costs()
-        alpha = self._plan_alpha(costs, estimator, blend_alpha)
-        plans = best_plans(costs, self.num_inference_steps, self.config.max_skip_steps, estimator or DEFAULT_ESTIMATOR,
-                           alpha)
-        return [total for total, _ in plans]
-
-    def _gap_costs(self) -> list[GapCosts]:
-        return [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
-
-    @staticmethod
-    def _plan_alpha(costs: Sequence[GapCosts], estimator: str | None, blend_alpha: float | None) -> float:
-        """The blend alpha a plan is costed at: the request's, else what its own blend estimator
-        (built after the plan) uses, else the one fitted at this step count."""
-        if blend_alpha is not None:
-            return blend_alpha
-        if estimator == "blend":
-            return DEFAULT_BLEND_ALPHA
-        return fitted_blend_alpha(costs)
 
     def _build_estimator(self, requested: str | None, options: Mapping[str, Any]) -> ResidualEstimator:
         """``fitted`` takes the plan's weights (the request's own ``use_estimator`` call included)."""

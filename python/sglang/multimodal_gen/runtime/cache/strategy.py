@@ -163,13 +163,6 @@ class TimestepCache(CacheBookkeeping):
         (the planner's tables at further step counts override it)."""
         return calibration.num_inference_steps
 
-    def budget_errors(self, estimator: str | None = None, blend_alpha: float | None = None) -> list[float] | None:
-        """The predicted error of the best run with ``p`` passes per branch, for ``p = 1 ..
-        num_inference_steps`` (``inf`` where none fits), in units that add across instances of the
-        same calibration; ``None`` when the strategy cannot predict it (the default). A model with
-        several experts splits one budget between them by it (``experts.split_budget``)."""
-        return None
-
     def meet_budget(self, passes: int, estimator: str | None = None, blend_alpha: float | None = None) -> None:
         """Make exactly ``passes`` blocks passes per branch (``--cache-speedup``), or refuse in one line.
 
