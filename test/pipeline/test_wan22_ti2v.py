@@ -161,14 +161,35 @@ def test_cli_writes_a_ti2v_mp4_and_refuses_a_size_off_32_in_one_line(tiny_wan22_
 @pytest.mark.parametrize("cache", [
     CacheParams(strategy="easycache", threshold=0.3, options={"warmup_steps": 2}),
     CacheParams(strategy="teacache", threshold=1.0, options={"coefficients": [1.0, 0.0]}),
-    CacheParams(strategy="magcache"),
-], ids=["easycache", "teacache", "magcache"])
+], ids=["easycache", "teacache-own-coefficients"])
 def test_caches_skip_steps_on_one_ti2v_transformer(ti2v_generators, cache):
-    """One transformer, so every strategy runs as on Wan2.1; without a calibration the presets are
-    the 1.3B ones, by the same width fallback as a custom Wan2.1 model's."""
+    """One transformer, so every strategy runs as on Wan2.1."""
     generator = ti2v_generators["float32"]
-    assert generator.pipeline.stages[0].cache_model_key == "wan21_t2v_1.3b"
     params = SamplingParams(prompt=PROMPT, seed=4, cache=cache, **{**REQUEST, "num_inference_steps": 10})
     result = generator.generate(params)
     assert all(branch.skipped_steps for branch in result.cache_stats.branches.values())
     assert np.isfinite(result.frames).all()
+
+
+@pytest.mark.parametrize("cache, flag", [(CacheParams(strategy="magcache"), "--cache magcache"),
+                                         (CacheParams(speedup=2.0), "--cache-speedup")])
+def test_presets_are_refused_without_a_calibration(ti2v_generators, cache, flag):
+    """No published preset covers Wan2.2: the 1.3B curves are not used in silence."""
+    with pytest.raises(InvalidRequestError) as refused:
+        ti2v_generators["float32"].generate(SamplingParams(prompt=PROMPT, cache=cache, **REQUEST))
+    message = str(refused.value)
+    assert message.startswith(f"{flag} needs a calibration of this model") and "--cache easycache" in message
+
+
+def test_a_calibrated_ti2v_folder_takes_magcache_and_a_speedup(ti2v_generators, tmp_path):
+    from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate
+
+    generator = ti2v_generators["float32"]
+    template = SamplingParams(prompt=PROMPT, seed=1, **{**REQUEST, "num_inference_steps": 10})
+    calibration = calibrate(generator, [PROMPT, "a blue square moving up"], template, tmp_path / "ti2v.json")
+    assert not calibration.experts and set(calibration.branches) == {"cond", "uncond"}
+    for cache in (CacheParams(strategy="magcache"), CacheParams(speedup=2.0)):
+        cache.calibration_file = str(tmp_path / "ti2v.json")
+        stats = generator.generate(SamplingParams(prompt=PROMPT, seed=4, cache=cache,
+                                                  **{**REQUEST, "num_inference_steps": 10})).cache_stats
+        assert stats.total_skipped > 0 and not stats.step_experts

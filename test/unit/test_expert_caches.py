@@ -106,5 +106,7 @@ def test_a_strategy_that_needs_model_data_is_refused_without_an_experts_calibrat
     assert "sglang calibrate" in str(refused.value) and "--cache easycache" in str(refused.value)
     assert isinstance(build_cache(CacheParams(strategy="easycache"), len(SCHEDULE), "wan21_t2v_1.3b",
                                   experts=SCHEDULE), ExpertCaches)
+    own_data = CacheParams(strategy="teacache", threshold=0.1, options={"coefficients": [1.0, 0.0]})
+    assert isinstance(build_cache(own_data, len(SCHEDULE), "wan21_t2v_1.3b", experts=SCHEDULE), ExpertCaches)
     assert not isinstance(build_cache(CacheParams(strategy="easycache"), 8, "wan21_t2v_1.3b", experts=[HIGH] * 8),
                           ExpertCaches)

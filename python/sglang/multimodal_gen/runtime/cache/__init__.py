@@ -26,8 +26,9 @@ from sglang.multimodal_gen.runtime.cache.estimators import (
 )
 from sglang.multimodal_gen.runtime.cache.experts import (
     ExpertCaches,
-    expert_calibration_refusal,
     expert_segments,
+    gives_model_data,
+    presetless_refusal,
     split_budget,
 )
 from sglang.multimodal_gen.runtime.cache.easycache import EasyCache, EasyCacheConfig
@@ -84,8 +85,8 @@ def build_cache(
             cache.meet_budget(passes, params.estimator, params.blend_alpha)
         _use_request_estimator(cache, params)
     else:
-        if cls.needs_model_data and not calibrate and not params.expert_options:
-            raise expert_calibration_refusal(f"--cache {cls.name}")
+        if not calibrate and not params.expert_options and not gives_model_data(cls, params.options):
+            raise presetless_refusal(f"--cache {cls.name}", several_experts=True)
         caches = {
             expert: cls.from_params(
                 dataclasses.replace(params, options={**params.expert_options.get(expert, {}), **params.options}),

@@ -170,13 +170,19 @@ def proportional_split(steps: Mapping[str, int], passes: int) -> dict[str, int]:
     return share
 
 
-def expert_calibration_refusal(asked: str) -> CacheConfigError:
+def gives_model_data(strategy: type[TimestepCache], options: Mapping[str, Any]) -> bool:
+    """Whether the request's own options carry the data the strategy's presets would (or it needs none)."""
+    return not strategy.model_data_options or any(key in options for key in strategy.model_data_options)
+
+
+def presetless_refusal(asked: str, several_experts: bool) -> CacheConfigError:
     """The one line for a strategy that needs a model's presets or calibration (``asked``: the
-    flag, e.g. ``--cache magcache`` or ``--cache-speedup``) on a model with several experts and
-    no calibration of them: no published presets cover separate experts."""
+    flag, e.g. ``--cache magcache`` or ``--cache-speedup``) on a model no preset covers (Wan2.2,
+    ``several_experts`` for T2V-A14B) and no calibration of it given."""
+    what = ("a calibration of each expert of this model (no published presets cover a model with several experts)"
+            if several_experts else "a calibration of this model (no published presets cover Wan2.2)")
     return CacheConfigError(
-        f"{asked} needs a calibration of each expert of this model (no published presets cover a model with "
-        "several experts): run `sglang calibrate --model-path MODEL` and pass the file with --cache-calibration "
+        f"{asked} needs {what}: run `sglang calibrate --model-path MODEL` and pass the file with --cache-calibration "
         "(or name it in the folder's sglang_config.json), or use --cache easycache, which needs none",
         param="cache_calibration",
     )

@@ -192,7 +192,7 @@ class MagCache(TimestepCache):
     name: ClassVar[str] = "magcache"
     config_class: ClassVar[type] = MagCacheConfig
     preset_levels: ClassVar[tuple[str, ...]] = ("default", "fast")
-    needs_model_data: ClassVar[bool] = True
+    model_data_options: ClassVar[tuple[str, ...]] = ("mag_ratios",)
 
     def __init__(
         self,

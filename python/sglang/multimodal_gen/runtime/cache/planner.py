@@ -292,7 +292,7 @@ class BudgetPlanner(TimestepCache):
     name: ClassVar[str] = "planner"
     config_class: ClassVar[type] = PlannerConfig
     default_speedup: ClassVar[float | None] = DEFAULT_SPEEDUP
-    needs_model_data: ClassVar[bool] = True
+    model_data_options: ClassVar[tuple[str, ...]] = ("gram",)
     # A skipped step costs guidance and the scheduler only, and adds an estimate of the output
     # itself: a flow model's velocity moves less between steps than the output minus the latents.
     skips_whole_model: ClassVar[bool] = True

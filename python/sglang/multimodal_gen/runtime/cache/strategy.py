@@ -79,10 +79,10 @@ class TimestepCache(CacheBookkeeping):
     skip_relative_to_input: ClassVar[bool] = True
     #: One decision per step, taken on the first branch (cond) and followed by the others.
     decides_per_pair: ClassVar[bool] = False
-    #: Its settings come from a model's presets or calibration (MagCache's ratios, TeaCache's
-    #: coefficients, the planner's tables). A model with no presets (Wan2.2's experts) refuses it
-    #: unless a calibration of that model is given.
-    needs_model_data: ClassVar[bool] = False
+    #: The config fields that carry a model's data, which its presets or a calibration supply
+    #: (MagCache's ``mag_ratios``, TeaCache's ``coefficients``, the planner's ``gram``). A model no
+    #: preset covers (Wan2.2) refuses the strategy unless a calibration or these options are given.
+    model_data_options: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def _decide(self, step: int, branch: str, features: StepFeatures) -> bool:

@@ -143,7 +143,7 @@ class TeaCache(TimestepCache):
     name: ClassVar[str] = "teacache"
     config_class: ClassVar[type] = TeaCacheConfig
     preset_levels: ClassVar[tuple[str, ...]] = ("default", "slow", "fast")
-    needs_model_data: ClassVar[bool] = True
+    model_data_options: ClassVar[tuple[str, ...]] = ("coefficients",)
 
     def __init__(
         self,

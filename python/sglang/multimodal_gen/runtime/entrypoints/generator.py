@@ -17,7 +17,7 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, StepCosts
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration, load_calibration
-from sglang.multimodal_gen.runtime.cache.experts import expert_calibration_refusal
+from sglang.multimodal_gen.runtime.cache.experts import gives_model_data, presetless_refusal
 from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_or_fallback
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
 from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroup
@@ -230,9 +230,10 @@ class DiffGenerator:
         cache = params.cache
         steps = params.num_inference_steps or info.sampling_defaults.get("num_inference_steps", 1)
         expert_steps = self._expert_steps(steps)
-        if expert_steps and get_cache_class(cache.strategy).needs_model_data and calibration is None:
+        if (expert_steps or info.expand_timesteps) and calibration is None \
+                and not gives_model_data(get_cache_class(cache.strategy), cache.options):
             asked = "--cache-speedup" if cache.strategy == BudgetPlanner.name else f"--cache {cache.strategy}"
-            raise expert_calibration_refusal(asked)
+            raise presetless_refusal(asked, several_experts=bool(expert_steps))
         if cache.strategy == BudgetPlanner.name:
             cache = planner_or_fallback(cache, calibration)
         if calibration_file is not None:
