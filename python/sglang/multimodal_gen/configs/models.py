@@ -104,6 +104,8 @@ class ModelInfo:
     timestep is at least ``boundary_ratio * num_train_timesteps``, ``transformer_2`` the rest, as
     diffusers' ``WanPipeline`` chooses); ``None`` for one transformer. ``expand_timesteps`` is set
     for a Wan2.2 TI2V-5B folder: its transformer takes a timestep per token, not per video.
+    ``image_to_video``: the model makes a video from a first frame and a caption (it takes
+    ``SamplingParams.image``); text-to-video models refuse an image.
     """
 
     path: Path
@@ -116,6 +118,7 @@ class ModelInfo:
     num_attention_heads: int | None = None
     boundary_ratio: float | None = None
     expand_timesteps: bool = False
+    image_to_video: bool = False
 
     @property
     def two_experts(self) -> bool:

@@ -28,6 +28,8 @@ class SamplingParams:
         fps: Frames per second written into the mp4.
         output_path: Where to save (.mp4, or .npy for lossless float frames); None keeps it in memory.
         cache: Timestep-cache choice for this request (strategy none by default).
+        image: Image-to-video models only: the first frame, a PIL image or a path to one (the CLI's
+            ``--image``; the server's ``input_reference``, decoded). ``None`` for text to video.
     """
 
     prompt: str = ""
@@ -42,6 +44,7 @@ class SamplingParams:
     fps: int | None = None
     output_path: str | None = None
     cache: CacheParams = field(default_factory=CacheParams)
+    image: Any = None
 
     def with_defaults(self, defaults: dict[str, Any]) -> "SamplingParams":
         """A copy whose unset fields take ``defaults`` (the model's sampling defaults)."""
