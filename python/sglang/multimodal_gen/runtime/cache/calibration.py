@@ -102,7 +102,7 @@ class CalibrationResult:
     #: A model with several experts (Wan2.2 T2V-A14B): each expert's calibration over its own
     #: steps (``num_inference_steps`` of them, sigmas up to the next expert's first), by expert
     #: name; ``branches`` is then empty. Every expert's inner products are divided by the same
-    #: per-prompt norm (the whole run's mean ``|v_t|^2``), so their planned errors add up.
+    #: per-prompt norm (the whole run's mean ``|v_t|^2``), so their tables share one unit.
     experts: dict[str, "CalibrationResult"] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
