@@ -180,6 +180,14 @@ def tiny_wan22_ti2v_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wan21_i2v_dir(tmp_path_factory) -> Path:
+    """A tiny Wan2.1 I2V folder: a CLIP image encoder and a transformer of 36 input channels."""
+    from sglang.multimodal_gen.tools.tiny_models import build_tiny_wan21_i2v
+
+    return build_tiny_wan21_i2v(tmp_path_factory.mktemp("models") / "tiny-wan21-i2v", seed=0)
+
+
+@pytest.fixture(scope="session")
 def wan_generator(tiny_wan_dir):
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 

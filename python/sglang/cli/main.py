@@ -127,6 +127,7 @@ def sampling_params_from_args(args: argparse.Namespace):
         width=args.width,
         num_frames=args.num_frames,
         fps=args.fps,
+        image=getattr(args, "image", None),
     )
 
 
@@ -148,7 +149,8 @@ def cache_params_from_args(args: argparse.Namespace):
 
 def check_before_load(args: argparse.Namespace, requests: Sequence[Any]) -> None:
     """Everything that needs no model, so a mistake costs no model load (minutes, for a real one):
-    the requests' values (``SamplingParams``), the device and dtype names, a calibration file's format."""
+    the requests' values (``SamplingParams``; an ``--image`` that is no image file included), the
+    device and dtype names, a calibration file's format."""
     from sglang.multimodal_gen.runtime.cache.calibration import load_calibration
     from sglang.multimodal_gen.runtime.entrypoints.generator import resolve_device, resolve_dtype
     from sglang.multimodal_gen.runtime.stages.input_validation import check_model_free, check_speedup_strategy
@@ -177,6 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     check_before_load(args, [params])
     check_output_path(params.output_path)
+    check_image_for_folder(args.model_path, params.image)
     parallel = parallel_kwargs(args)
     with DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype, **parallel,
                                        **speed_kwargs(args), **memory_kwargs(args)) as generator:
@@ -195,6 +198,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"  {stats.estimator_line()}")
     print(f"saved {result.output_path}")
     return 0
+
+
+def check_image_for_folder(model_path: str | None, image: Any) -> None:
+    """An image-to-video model without ``--image``, or a text-to-video one with it, is refused from
+    the folder's model_index.json, before its weights load."""
+    from sglang.multimodal_gen.configs.models import read_model_info
+    from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH
+    from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
+    from sglang.multimodal_gen.runtime.stages.input_validation import check_image_for_model
+
+    info = read_model_info(resolve_model_path(str(model_path or BUILTIN_MODEL_PATH)))
+    check_image_for_model(image, info.image_to_video)
 
 
 def parse_step_list(value: str | None) -> list[int]:
@@ -252,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(generate)
     generate.add_argument("--prompt", required=True, help="what the video shows")
     add_sampling_args(generate)
+    generate.add_argument("--image", default=None, metavar="PATH",
+                          help="image-to-video models (Wan2.1 I2V): the first frame, an image file PIL reads; it is "
+                               "stretched to --height x --width")
     generate.add_argument("--output-path", default=None,
                           help="where to save: .mp4 (default outputs/<prompt>_<seed>.mp4) or .npy (float frames)")
     add_cache_args(generate)

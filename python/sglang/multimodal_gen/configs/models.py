@@ -6,7 +6,9 @@ any folder in the diffusers layout of a supported checkpoint is recognised. A fo
 built-in model does), may declare the prompt length its text path was trained with
 (``text_max_length``, default: the family's, as diffusers' pipelines pad to it), and may pass
 ``pipeline_options`` to its family's pipeline (HunyuanVideo: ``{"prompt_template": {"crop_start":
-N}}`` for a tokenizer other than the published one).
+N}}`` for a tokenizer other than the published one). Within a family the ``_class_name`` also
+picks the pipeline (Wan: ``WanPipeline`` text to video, ``WanImageToVideoPipeline`` Wan2.1 image
+to video).
 """
 
 from __future__ import annotations
@@ -62,12 +64,22 @@ WAN22_TWO_EXPERT_DEFAULTS: dict[str, Any] = {
 #: Wan2.2 TI2V-5B's (the Wan2.2 release's ``ti2v_5B`` config, as the diffusers model card runs it):
 #: 50 steps and guidance 5.0 as Wan2.1's; 1280x704 (width x height), 121 frames at 24 fps.
 WAN22_TI2V_DEFAULTS: dict[str, Any] = {**WAN_DEFAULTS, "height": 704, "width": 1280, "num_frames": 121, "fps": 24}
+#: Wan2.1 I2V 480P's: diffusers' WanImageToVideoPipeline defaults (480x832, 81 frames, 50 steps,
+#: guidance 5.0), which the Wan-AI/Wan2.1-I2V-14B-480P-Diffusers model card runs, at the release's
+#: 16 fps. The Wan2.1 release's generate.py samples I2V with 40 steps; diffusers' 50 are kept, as
+#: every family here takes its diffusers pipeline's defaults. A 720P checkpoint has the same
+#: layout, so it gets these too: ask for 720x1280 (or put it in its ``sglang_config.json``).
+WAN21_I2V_DEFAULTS: dict[str, Any] = dict(WAN_DEFAULTS)
+#: The text tokens an image-conditioned Wan transformer takes: diffusers' ``WanAttnProcessor``
+#: cuts the image tokens off the cross-attention context at ``length - 512``.
+WAN_I2V_TEXT_LENGTH = 512
+WAN_I2V_PIPELINE = "WanImageToVideoPipeline"
 
 MODEL_FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
         name="wan",
         title="Wan",
-        diffusers_pipelines=("WanPipeline",),
+        diffusers_pipelines=("WanPipeline", WAN_I2V_PIPELINE),
         pipeline_module="sglang.multimodal_gen.runtime.pipelines.wan",
         text_max_length=512,
         sampling_defaults=WAN_DEFAULTS,
@@ -105,7 +117,8 @@ class ModelInfo:
     diffusers' ``WanPipeline`` chooses); ``None`` for one transformer. ``expand_timesteps`` is set
     for a Wan2.2 TI2V-5B folder: its transformer takes a timestep per token, not per video.
     ``image_to_video``: the model makes a video from a first frame and a caption (it takes
-    ``SamplingParams.image``); text-to-video models refuse an image.
+    ``SamplingParams.image``); text-to-video models refuse an image. ``diffusers_pipeline`` is
+    model_index.json's ``_class_name``, which picks the family's pipeline.
     """
 
     path: Path
@@ -119,20 +132,27 @@ class ModelInfo:
     boundary_ratio: float | None = None
     expand_timesteps: bool = False
     image_to_video: bool = False
+    diffusers_pipeline: str = ""
 
     @property
     def two_experts(self) -> bool:
         return self.boundary_ratio is not None
 
 
-def _attention_heads(path: Path) -> int | None:
-    """``num_attention_heads`` of ``path/transformer/config.json`` (Wan and HunyuanVideo name it
-    so), or ``None`` when the file is missing or does not say: loading the transformer reports a
-    broken folder in its own words."""
+def _transformer_config(path: Path) -> dict[str, Any]:
+    """``path/transformer/config.json``, or ``{}`` when it is missing or not a JSON object: loading
+    the transformer reports a broken folder in its own words."""
     try:
-        heads = json.loads((path / "transformer" / "config.json").read_text()).get("num_attention_heads")
-    except (OSError, ValueError, AttributeError):
-        return None
+        config = json.loads((path / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _attention_heads(path: Path) -> int | None:
+    """``num_attention_heads`` of the transformer's config (Wan and HunyuanVideo name it so), or
+    ``None`` when the config does not say."""
+    heads = _transformer_config(path).get("num_attention_heads")
     return heads if isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1 else None
 
 
@@ -162,8 +182,11 @@ def read_model_info(path: Path) -> ModelInfo:
             raise ModelNotFoundError(f"{path / OVERRIDES_FILE} must hold a JSON object")
     boundary_ratio = _wan22_boundary_ratio(index, index_file) if family.name == "wan" else None
     expand_timesteps = family.name == "wan" and _wan22_expand_timesteps(index, index_file, boundary_ratio)
+    image_to_video = class_name == WAN_I2V_PIPELINE
     defaults = family.sampling_defaults
-    if boundary_ratio is not None:
+    if image_to_video:
+        defaults = WAN21_I2V_DEFAULTS
+    elif boundary_ratio is not None:
         defaults = WAN22_TWO_EXPERT_DEFAULTS
     elif expand_timesteps:
         defaults = WAN22_TI2V_DEFAULTS
@@ -173,6 +196,8 @@ def read_model_info(path: Path) -> ModelInfo:
         raise ModelNotFoundError(
             f"{path / OVERRIDES_FILE}: text_max_length must be a whole number of tokens >= 1, got {text_max_length!r}"
         )
+    if image_to_video:
+        _check_wan21_i2v(path, index, boundary_ratio, expand_timesteps, text_max_length)
     return ModelInfo(
         path=path,
         family=family,
@@ -184,6 +209,8 @@ def read_model_info(path: Path) -> ModelInfo:
         num_attention_heads=_attention_heads(path),
         boundary_ratio=boundary_ratio,
         expand_timesteps=expand_timesteps,
+        image_to_video=image_to_video,
+        diffusers_pipeline=class_name,
     )
 
 
@@ -222,3 +249,35 @@ def _wan22_expand_timesteps(index: dict[str, Any], index_file: Path, boundary_ra
             f"{index_file} sets expand_timesteps (Wan2.2 TI2V-5B, one transformer) and names a transformer_2 with a "
             "boundary_ratio (Wan2.2 T2V-A14B, two experts); a Wan2.2 folder is one or the other")
     return expand
+
+
+def _check_wan21_i2v(path: Path, index: dict[str, Any], boundary_ratio: float | None, expand_timesteps: bool,
+                     text_max_length: int) -> None:
+    """A ``WanImageToVideoPipeline`` folder is run as Wan2.1 I2V: one transformer fed the CLIP
+    embedding of the first frame (``image_dim``) and 16 noise + 4 mask + 16 condition channels.
+    The other checkpoints diffusers runs with that class are refused in one line: Wan2.2 I2V-A14B
+    (two experts, no image encoder), Wan2.2 TI2V-5B's image mode (``expand_timesteps``) and Wan2.1
+    FLF2V (a first and a last frame: ``pos_embed_seq_len``)."""
+    where = path / "model_index.json"
+    if boundary_ratio is not None:
+        raise ModelNotFoundError(f"{where}: Wan2.2 I2V-A14B (two experts) is not supported yet; Wan2.1 I2V folders "
+                                 "(one transformer and a CLIP image_encoder) are")
+    if expand_timesteps:
+        raise ModelNotFoundError(f"{where}: image to video with expand_timesteps (Wan2.2 TI2V-5B) is not supported "
+                                 "yet; load the folder as WanPipeline for text to video")
+    missing = [name for name in ("image_encoder", "image_processor") if not _is_component(index.get(name))]
+    if missing:
+        raise ModelNotFoundError(f"{where} names no {' or '.join(missing)}: a Wan2.1 I2V folder has the CLIP "
+                                 "image_encoder and image_processor that embed the first frame")
+    config = _transformer_config(path)
+    if config and config.get("image_dim") is None:
+        raise ModelNotFoundError(f"{path / 'transformer' / 'config.json'} sets no image_dim: the transformer takes no "
+                                 "image embedding, so it is not a Wan2.1 I2V transformer")
+    if config.get("pos_embed_seq_len") is not None:
+        raise ModelNotFoundError(f"{path}: first-and-last-frame models (Wan2.1 FLF2V, pos_embed_seq_len) are not "
+                                 "supported; Wan2.1 I2V is")
+    if text_max_length != WAN_I2V_TEXT_LENGTH:
+        raise ModelNotFoundError(
+            f"{path / OVERRIDES_FILE}: text_max_length must be {WAN_I2V_TEXT_LENGTH} for image to video, got "
+            f"{text_max_length}: the transformer's cross-attention splits the image tokens from the last "
+            f"{WAN_I2V_TEXT_LENGTH} (the text) as diffusers' WanAttnProcessor does")

@@ -3,7 +3,8 @@
 No weights can be downloaded on our machines, so tests and the built-in default model are made
 here: the real diffusers/transformers classes (WanTransformer3DModel, AutoencoderKLWan,
 UMT5EncoderModel, a T5 tokenizer trained with the ``tokenizers`` library, UniPC flow scheduler),
-only with tiny shapes, saved exactly as Wan-AI/Wan2.1-T2V-1.3B-Diffusers is laid out; the Wan2.2
+only with tiny shapes, saved exactly as Wan-AI/Wan2.1-T2V-1.3B-Diffusers is laid out; Wan2.1 image
+to video (``build_tiny_wan21_i2v``) as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers; the Wan2.2
 variants (``build_tiny_wan22_two_experts``, ``build_tiny_wan22_ti2v``) as their Wan-AI/Wan2.2-*-Diffusers
 folders are; and likewise HunyuanVideo (``build_tiny_hunyuan``) as hunyuanvideo-community/HunyuanVideo is laid out.
 """
@@ -180,6 +181,45 @@ def build_tiny_wan22_ti2v(output_dir: str | Path, seed: int = 0, transformer_con
                          scheduler_config={"flow_shift": 5.0})
     write_model_index(out, components={**WAN_COMPONENTS, "transformer_2": [None, None]},
                       extra={"boundary_ratio": None, "expand_timesteps": True})
+    return out
+
+
+# The CLIP image side of Wan2.1 I2V (ViT-H/14 at 224 pixels in the release: 1280 wide, 32 layers,
+# 257 tokens), shrunk: 32 pixels in 8-pixel patches, so 16 patches and a class token.
+TINY_CLIP_VISION: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=32,
+)
+
+
+def build_tiny_wan21_i2v(output_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Wan2.1 I2V folder, as ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers`` lays it out: the tiny
+    Wan2.1 components with a transformer that takes the image (``image_dim`` = the CLIP width, the
+    added key/value projections of its cross-attention as wide as the model, 36 input channels:
+    16 noise + 4 mask + 16 condition latents of the tiny VAE), a ``CLIPVisionModel`` and a
+    ``CLIPImageProcessor`` resizing and cropping to that model's 32 pixels, and
+    ``WanImageToVideoPipeline`` in model_index.json."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    latent = TINY_WAN_VAE["z_dim"]
+    width = TINY_WAN_TRANSFORMER["num_attention_heads"] * TINY_WAN_TRANSFORMER["attention_head_dim"]
+    transformer = dict(in_channels=2 * latent + 4, out_channels=latent, image_dim=TINY_CLIP_VISION["hidden_size"],
+                       added_kv_proj_dim=width)
+    out = build_tiny_wan(output_dir, seed=seed, transformer_config=transformer)
+    torch.manual_seed(seed + 1)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)).save_pretrained(out / "image_encoder",
+                                                                         safe_serialization=True)
+    side = TINY_CLIP_VISION["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+        out / "image_processor")
+    components = {**WAN_COMPONENTS, "image_encoder": ["transformers", "CLIPVisionModel"],
+                  "image_processor": ["transformers", "CLIPImageProcessor"]}
+    write_model_index(out, "WanImageToVideoPipeline", dict(sorted(components.items())))
     return out
 
 

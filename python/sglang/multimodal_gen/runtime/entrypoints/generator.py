@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 
 from sglang.multimodal_gen.configs.models import ModelInfo, read_model_info
 from sglang.multimodal_gen.configs.cache_params import CacheParams
@@ -95,6 +96,13 @@ def resolve_offload_idle_expert(offload_idle_expert: bool, info: ModelInfo, devi
     return True
 
 
+def pipeline_class(info: ModelInfo) -> type[Pipeline]:
+    """The pipeline of a model folder: its family module's ``PIPELINE_CLASSES`` entry for the
+    folder's ``_class_name`` (Wan: text or image to video), else the family's ``PIPELINE_CLASS``."""
+    module = importlib.import_module(info.family.pipeline_module)
+    return getattr(module, "PIPELINE_CLASSES", {}).get(info.diffusers_pipeline, module.PIPELINE_CLASS)
+
+
 def denoising_stage(pipeline: Pipeline) -> DenoisingStage:
     """The pipeline's denoising stage (every pipeline has exactly one)."""
     return next(stage for stage in pipeline.stages if isinstance(stage, DenoisingStage))
@@ -161,7 +169,7 @@ class DiffGenerator:
             load_calibration(cache_calibration).check_model(info.family.name)
         use_batched_cfg = resolve_batched_cfg(batched_cfg, parallel.enable_cfg_parallel)
         offload = resolve_offload_idle_expert(offload_idle_expert, info, torch_device)
-        pipeline_cls = importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
+        pipeline_cls = pipeline_class(info)
         options = {"offload_idle_expert": True} if offload else {}
 
         def load() -> Pipeline:
@@ -290,6 +298,8 @@ class DiffGenerator:
         """Time ``STEP_COST_STEPS`` uncached denoising steps of ``params`` (nothing decoded)."""
         params = dataclasses.replace(params, num_inference_steps=STEP_COST_STEPS, cache=CacheParams(),
                                      output_path=None)
+        if self.pipeline.model_info.image_to_video and params.image is None:
+            params = dataclasses.replace(params, image=_STEP_COST_IMAGE)  # any frame costs the same
         if self.workers is None:
             result = self.pipeline.run(params, stop_after="denoising")
         else:
@@ -321,6 +331,8 @@ class DiffGenerator:
 #: Steps of the uncached run that measures step costs: the median over them leaves out the first
 #: (kernel warm-up, a compile).
 STEP_COST_STEPS = 5
+#: The first frame of an image-to-video model's step-cost run (resized to the model's size like any).
+_STEP_COST_IMAGE = Image.new("RGB", (64, 64), (128, 128, 128))
 
 
 def takes_a_speedup(cache: CacheParams) -> bool:

@@ -1,5 +1,6 @@
-"""Wan DiT adapter around diffusers' WanTransformer3DModel (T2V; no image conditioning): Wan2.1,
-the experts of Wan2.2 T2V-A14B, and Wan2.2 TI2V-5B's transformer with its timestep per token."""
+"""Wan DiT adapter around diffusers' WanTransformer3DModel: Wan2.1 T2V and I2V (the image
+embedding and the condition channels), the experts of Wan2.2 T2V-A14B, and Wan2.2 TI2V-5B's
+transformer with its timestep per token."""
 
 from __future__ import annotations
 
@@ -84,6 +85,14 @@ class WanDiTAdapter(DiTAdapter):
     modulation and the head's shift and scale are per token, shape ``(batch, tokens, ...)``; so
     are the two indicators. ``embed`` also takes such a ``(batch, tokens)`` timestep as it is.
 
+    Wan2.1 I2V (a transformer with ``image_dim``, as diffusers' ``WanImageToVideoPipeline`` feeds
+    it): ``embed`` takes ``condition``, the 4 mask + 16 latent channels of the first frame, put
+    after the noise latents on the channel axis (``torch.cat([latents, condition], dim=1)``, 36
+    channels) before the patch embedding, and ``encoder_hidden_states_image``, the CLIP
+    embedding, which goes through ``condition_embedder.image_embedder`` and comes before the
+    projected prompt in the cross-attention context, as in ``WanTransformer3DModel.forward``.
+    The prediction has the noise latents' 16 channels.
+
     Under Ulysses sequence parallelism (the sp group of ``parallel_state`` has more than one rank)
     ``embed`` returns this rank's shard of the image tokens (and of the rotary embedding),
     ``blocks`` runs with :class:`WanUlyssesSelfAttnProcessor` in every self-attention (the
@@ -105,15 +114,23 @@ class WanDiTAdapter(DiTAdapter):
         return list(self.transformer.blocks)
 
     def request_constants(
-        self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        **kwargs,
     ) -> dict[str, Any]:
         """The rotary table (it depends on the latent shape only) and the projected prompt
-        (``condition_embedder.text_embedder``): together about a tenth of a step on small models."""
+        (``condition_embedder.text_embedder``): together about a tenth of a step on small models;
+        with an image, its projection too (``condition_embedder.image_embedder``)."""
         model = self.transformer
-        return {
+        constants = {
             "rotary_emb": model.rope(latents),
             "text_states": model.condition_embedder.text_embedder(encoder_hidden_states),
         }
+        if encoder_hidden_states_image is not None:
+            constants["image_states"] = model.condition_embedder.image_embedder(encoder_hidden_states_image)
+        return constants
 
     def token_timesteps(self, timestep: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
         """The timestep of every token, ``(batch, tokens)`` in float32, from one per video: as
@@ -133,12 +150,18 @@ class WanDiTAdapter(DiTAdapter):
         encoder_hidden_states: torch.Tensor,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         text_states: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        image_states: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, WanStepContext]:
-        """``rotary_emb`` and ``text_states``: :meth:`request_constants`, computed here when not given.
-        ``timestep``: one per batch item, or with ``expand_timesteps`` one per token."""
+        """``rotary_emb``, ``text_states`` and ``image_states``: :meth:`request_constants`, computed
+        here when not given. ``timestep``: one per batch item, or with ``expand_timesteps`` one per
+        token. ``encoder_hidden_states_image`` and ``condition``: image to video (class docstring)."""
         model = self.transformer
         per_video = timestep
+        if condition is not None:
+            latents = torch.cat([latents, condition.to(latents.dtype)], dim=1)
         if timestep.ndim != 1 and not (self.expand_timesteps and timestep.ndim == 2):
             raise ValueError("WanDiTAdapter takes one timestep per batch item (one per token only with "
                              "expand_timesteps, Wan2.2 TI2V)")
@@ -159,13 +182,19 @@ class WanDiTAdapter(DiTAdapter):
             if timestep.ndim == 2:  # the shard's tokens' timesteps: their embeddings are computed here only
                 timestep = shard.take(timestep, dim=1)
         if text_states is None:
-            temb, timestep_proj, encoder_hidden_states, _ = model.condition_embedder(
-                timestep.flatten(), encoder_hidden_states, None,
+            image_input = encoder_hidden_states_image if image_states is None else None
+            temb, timestep_proj, encoder_hidden_states, embedded_image = model.condition_embedder(
+                timestep.flatten(), encoder_hidden_states, image_input,
                 timestep_seq_len=timestep.shape[1] if timestep.ndim == 2 else None,
             )
+            image_states = embedded_image if image_states is None else image_states
         else:
             temb, timestep_proj = self._time_embedding(timestep, encoder_hidden_states.dtype)
             encoder_hidden_states = text_states
+            if image_states is None and encoder_hidden_states_image is not None:
+                image_states = model.condition_embedder.image_embedder(encoder_hidden_states_image)
+        if image_states is not None:  # the image's tokens first, then the prompt's
+            encoder_hidden_states = torch.cat([image_states, encoder_hidden_states], dim=1)
         ctx = WanStepContext(
             timestep=per_video,
             modulated_input=temb,

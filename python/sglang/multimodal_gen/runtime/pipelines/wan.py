@@ -3,19 +3,24 @@
 Wan2.1 runs one transformer; a Wan2.2 T2V-A14B folder two experts (``transformer`` for high noise,
 ``transformer_2`` for low noise, split at ``boundary_ratio``: ``models/experts.py``); a Wan2.2
 TI2V-5B folder one transformer fed a timestep per token (``expand_timesteps``, in the adapter) with
-the Wan2.2 VAE (48 latent channels, 16x spatial), whose sizes the stages read from the configs."""
+the Wan2.2 VAE (48 latent channels, 16x spatial), whose sizes the stages read from the configs.
+
+Wan2.1 image-to-video (``WanImageToVideoPipeline`` folders): the same stages with the first frame's
+conditioning (CLIP embedding, VAE-encoded condition and mask) made after the text's."""
 
 from __future__ import annotations
 
 import torch
 
-from sglang.multimodal_gen.configs.models import ModelInfo
+from sglang.multimodal_gen.configs.models import WAN_I2V_PIPELINE, ModelInfo
+from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.models.experts import HIGH_NOISE, LOW_NOISE, ExpertOffload, ExpertSwitch
 from sglang.multimodal_gen.runtime.models.loader import load_component
 from sglang.multimodal_gen.runtime.models.wan import WanDiTAdapter
 from sglang.multimodal_gen.runtime.pipelines.base import Pipeline, VideoGeometry
 from sglang.multimodal_gen.runtime.stages.decoding import WanDecodingStage
 from sglang.multimodal_gen.runtime.stages.denoising import DenoisingStage
+from sglang.multimodal_gen.runtime.stages.image_conditioning import WanImageConditioningStage
 from sglang.multimodal_gen.runtime.stages.input_validation import InputValidationStage
 from sglang.multimodal_gen.runtime.stages.latent_preparation import LatentPreparationStage
 from sglang.multimodal_gen.runtime.stages.text_encoding import T5TextEncodingStage
@@ -28,6 +33,18 @@ def wan_cache_model_key(transformer_config) -> str:
     """The preset key for a Wan transformer: by width; small custom models fall back to 1.3B's."""
     width = transformer_config.num_attention_heads * transformer_config.attention_head_dim
     return _WAN_PRESET_BY_WIDTH.get(width, "wan21_t2v_1.3b")
+
+
+# The published I2V presets (MagCache ratios, TeaCache coefficients) are the 14B 480P and 720P
+# checkpoints', calibrated at 480x832 and 720x1280: a request gets the one nearer its short side.
+_I2V_720P_MIN_SHORT_SIDE = (480 + 720) // 2
+
+
+def wan_i2v_cache_model_key(params: SamplingParams) -> str:
+    """The preset key of a Wan2.1 I2V request: by resolution, the nearer of 480p and 720p (the two
+    checkpoints share one layout, so the folder cannot tell them apart)."""
+    short_side = min(params.height, params.width)
+    return "wan21_i2v_14b_720p" if short_side >= _I2V_720P_MIN_SHORT_SIDE else "wan21_i2v_14b_480p"
 
 
 class WanT2VPipeline(Pipeline):
@@ -76,4 +93,47 @@ class WanT2VPipeline(Pipeline):
         ]
 
 
+class WanI2VPipeline(Pipeline):
+    """Wan2.1 image to video, as diffusers' ``WanImageToVideoPipeline`` runs it: the first frame's
+    CLIP embedding and VAE-encoded condition (:class:`WanImageConditioningStage`) enter the
+    transformer at every step beside the prompt and the noise latents. The image encoder runs in
+    fp32 like the VAE (the Wan2.1 I2V model card loads both so); text encoder and transformer in
+    ``dtype``."""
+
+    def __init__(self, model_info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(model_info, device, dtype)
+        path = model_info.path
+        tokenizer = load_component(path, "tokenizer")
+        text_encoder = load_component(path, "text_encoder", dtype).to(device)
+        image_processor = load_component(path, "image_processor")
+        image_encoder = load_component(path, "image_encoder", torch.float32).to(device)
+        transformer = load_component(path, "transformer", dtype).to(device)
+        vae = load_component(path, "vae", torch.float32).to(device)
+        scheduler = load_component(path, "scheduler")
+        self.transformer = transformer
+        self.vae = vae
+        self.image_encoder = image_encoder
+
+        patch = transformer.config.patch_size
+        spatial = vae.config.scale_factor_spatial
+        temporal = vae.config.scale_factor_temporal
+        self.geometry = VideoGeometry(spatial_multiple=spatial * max(patch[1], patch[2]), temporal_stride=temporal)
+        self.stages = [
+            InputValidationStage(
+                model_info.sampling_defaults,
+                self.geometry,
+                model_info.cache_model_key or wan_i2v_cache_model_key,
+                image_to_video=True,
+            ),
+            T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
+            WanImageConditioningStage(image_processor, image_encoder, vae, device, dtype, self.geometry),
+            # The noise has the VAE's channels; the transformer takes 20 more (mask and condition).
+            LatentPreparationStage(scheduler, vae.config.z_dim, spatial, temporal, device),
+            DenoisingStage(WanDiTAdapter(transformer), dtype),
+            WanDecodingStage(vae),
+        ]
+
+
 PIPELINE_CLASS = WanT2VPipeline
+#: The pipeline of each model_index.json ``_class_name`` of the family (PIPELINE_CLASS otherwise).
+PIPELINE_CLASSES: dict[str, type[Pipeline]] = {"WanPipeline": WanT2VPipeline, WAN_I2V_PIPELINE: WanI2VPipeline}

@@ -14,6 +14,7 @@ from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, registered_caches
 from sglang.multimodal_gen.runtime.cache.strategy import speedup_refusal, takes_a_budget
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req, VideoGeometry
+from sglang.multimodal_gen.runtime.utils.image_io import check_image
 
 
 class InputValidationStage(PipelineStage):
@@ -30,6 +31,8 @@ class InputValidationStage(PipelineStage):
         expert_schedule: A Wan2.2 two-expert model: the expert of every step of a request of ``n``
             steps (its cache keeps one instance per expert, ``cache/experts.py``); such a model
             takes ``guidance_scale_2`` (the low-noise expert's), one-transformer models refuse it.
+        image_to_video: The model makes a video from a first frame (``SamplingParams.image``,
+            required); a text-to-video model (False) refuses an image.
     """
 
     name = "input_validation"
@@ -41,8 +44,10 @@ class InputValidationStage(PipelineStage):
         cache_model_key: str | Callable[[SamplingParams], str],
         cfg: bool = True,
         expert_schedule: Callable[[int], list[str]] | None = None,
+        image_to_video: bool = False,
     ) -> None:
         self.defaults = defaults
+        self.image_to_video = image_to_video
         self.geometry = geometry
         self.cache_model_key = cache_model_key
         self.cfg = cfg
@@ -51,6 +56,7 @@ class InputValidationStage(PipelineStage):
 
     def __call__(self, req: Req) -> Req:
         params = req.params
+        check_image_for_model(params.image, self.image_to_video)
         if not self.two_experts and params.guidance_scale_2 is not None:
             raise InvalidRequestError(
                 "guidance_scale_2 sets the low-noise expert's guidance of a Wan2.2 two-expert model; this model "
@@ -112,6 +118,19 @@ def check_prompt(prompt: object) -> None:
     _require_utf8(prompt, "prompt")
 
 
+def check_image_for_model(image: object, image_to_video: bool) -> None:
+    """An image-to-video model needs the first frame, a text-to-video model takes none: one line
+    either way, before any model work (the CLI asks it before loading the model too)."""
+    if image_to_video and image is None:
+        raise InvalidRequestError(
+            "this image-to-video model makes a video from a first frame: pass the image (--image PATH on the "
+            "command line)", param="image")
+    if not image_to_video and image is not None:
+        raise InvalidRequestError(
+            "this model makes videos from text alone and takes no image; drop the image, or load an "
+            "image-to-video model (Wan2.1 I2V, e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)", param="image")
+
+
 def check_negative_prompt(negative_prompt: object) -> None:
     """``None`` or text the tokenizer can take; model-independent like :func:`check_prompt`."""
     if negative_prompt is None:
@@ -127,10 +146,13 @@ def check_model_free(params: SamplingParams) -> None:
     """The checks that need no model, on the fields that are set: the CLI runs them before loading
     weights (so a typo costs no load), the stage again once the model's defaults are filled in.
 
-    Sizes and frame counts are left to the stage: what they must be a multiple of is the model's.
+    Sizes and frame counts are left to the stage: what they must be a multiple of is the model's;
+    so is whether an image is wanted (:func:`check_image_for_model`), but a path that is no image
+    file is refused here.
     """
     check_prompt(params.prompt)
     check_negative_prompt(params.negative_prompt)
+    check_image(params.image)
     for name, minimum in (("num_inference_steps", 1), ("fps", 1), ("num_frames", 1)):
         if getattr(params, name) is not None:
             _require_int(getattr(params, name), name, minimum=minimum)
