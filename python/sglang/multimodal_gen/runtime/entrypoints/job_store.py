@@ -4,6 +4,7 @@ One data folder (``sglang serve --data-dir``) holds::
 
     jobs.sqlite3        the jobs: parameters, status, progress, error, cache stats, timings, times
     videos/<id>.mp4     the video of each completed job
+    images/<id>.<ext>   the input_reference image of an image-to-video job, as uploaded
     lock                held (flock) while a server uses the folder; names its pid
 
 SQLite (the standard library's) runs in WAL mode with ``synchronous=FULL``: every state change is
@@ -11,14 +12,15 @@ committed, and on disk, before the call that made it returns. Each thread (the e
 worker) has its own connection; writes take the database lock up front (``BEGIN IMMEDIATE``), so
 the worker and the event loop never see half of a change. An mp4 is written to a temporary name
 in the same folder, fsynced and renamed before its job is marked completed, so a completed job
-always has its whole file.
+always has its whole file. An input image is written the same way before its job's row is added,
+and lives as long as the row: removed with the job (delete, retention, a dropped cancelled job).
 
 What a restart (:meth:`JobStore.recover`) does: completed and failed jobs stay as they were;
 jobs that were ``queued`` or ``in_progress`` become ``failed`` with error code
 ``server_restarted`` (they are not run again: a restart after a crash should not repeat the
 request that may have caused it); jobs deleted while running are dropped; temporary and
-unreferenced files are removed, and a completed job whose file has gone is marked failed
-(``video_missing``).
+unreferenced files (videos and images) are removed, and a completed job whose file has gone is
+marked failed (``video_missing``).
 
 Retention (:class:`Retention`) applies to finished jobs (completed or failed): by age, counted
 from ``completed_at`` (``expires_at`` on the Video object), and by count (the newest are kept).
@@ -46,13 +48,16 @@ from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import UserError
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
+from sglang.multimodal_gen.runtime.entrypoints.input_reference import ReferenceImage, StoredReference, load_stored
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import VideoError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2: the input_reference column (a version-1 database gains it when opened).
+SCHEMA_VERSION = 2
 DB_NAME = "jobs.sqlite3"
 VIDEOS = "videos"
+IMAGES = "images"
 LOCK_NAME = "lock"
 TMP_SUFFIX = ".tmp"
 
@@ -70,7 +75,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cache_stats  TEXT,
     timings      TEXT,
     file         TEXT,                               -- name under videos/ once completed
-    cancelled    INTEGER NOT NULL DEFAULT 0          -- deleted while running: dropped once the worker lets go
+    cancelled    INTEGER NOT NULL DEFAULT 0,         -- deleted while running: dropped once the worker lets go
+    input_reference TEXT                             -- StoredReference as JSON: the image under images/
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
@@ -116,7 +122,9 @@ class Retention:
 
 @dataclass
 class VideoJob:
-    """One generation as the store keeps it. ``cancelled``: deleted by its user while running."""
+    """One generation as the store keeps it. ``cancelled``: deleted by its user while running.
+    ``input_reference``: its image's record (the file under ``images/``); ``params.image`` stays
+    ``None`` in the store, the worker loads the file (:meth:`JobStore.read_image`)."""
 
     id: str
     model: str
@@ -130,6 +138,7 @@ class VideoJob:
     timings: dict[str, float] | None = None
     file: str | None = None
     cancelled: bool = False
+    input_reference: StoredReference | None = None
 
 
 @dataclass
@@ -144,8 +153,10 @@ class RecoveryReport:
 
 # --------------------------------------------------------------------------- params <-> JSON
 def params_to_json(params: SamplingParams) -> str:
-    """The request's parameters, cache settings included, as JSON (numpy values as lists)."""
-    return json.dumps(dataclasses.asdict(params), default=_jsonable, sort_keys=True)
+    """The request's parameters, cache settings included, as JSON (numpy values as lists). The
+    ``image`` is left out: a job's image is a file of its own (``input_reference``)."""
+    return json.dumps(dataclasses.asdict(dataclasses.replace(params, image=None)), default=_jsonable,
+                      sort_keys=True)
 
 
 def params_from_json(text: str) -> SamplingParams:
@@ -205,6 +216,7 @@ class JobStore:
                  clock: Callable[[], float] = time.time) -> None:
         self.folder = Path(folder).expanduser()
         self.videos_dir = self.folder / VIDEOS
+        self.images_dir = self.folder / IMAGES
         self.retention = retention or Retention()
         self.clock = clock
         self._local = threading.local()
@@ -229,6 +241,7 @@ class JobStore:
     def _open(self) -> None:
         try:
             self.videos_dir.mkdir(parents=True, exist_ok=True)
+            self.images_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise DataDirError(f"cannot use --data-dir {str(self.folder)!r}: {exc.strerror or exc}; "
@@ -255,6 +268,9 @@ class JobStore:
             with self._write() as conn:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(statement)
+                columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+                if "input_reference" not in columns:  # written by version 1
+                    conn.execute("ALTER TABLE jobs ADD COLUMN input_reference TEXT")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -363,6 +379,15 @@ class JobStore:
     def video_path(self, job: VideoJob) -> Path | None:
         return None if job.file is None else self.videos_dir / job.file
 
+    def read_image(self, job: VideoJob) -> Any:
+        """The job's input image, decoded again from its file (a PIL image in RGB), or ``None``
+        for a text-to-video job. ``OSError`` when the file has gone, ``ValueError`` when it is no
+        longer the file that was checked."""
+        record = job.input_reference
+        if record is None:
+            return None
+        return load_stored((self.images_dir / record.file).read_bytes(), record)
+
     # ----------------------------------------------------------------------------- writes
     def add(self, job: VideoJob, max_queued: int | None = None) -> bool:
         """Insert ``job``; with ``max_queued``, only if fewer jobs are queued (checked in the same
@@ -373,8 +398,10 @@ class JobStore:
             ):
                 return False
             conn.execute(
-                "INSERT INTO jobs (id, model, status, progress, params, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job.id, job.model, job.status, job.progress, params_to_json(job.params), job.created_at),
+                "INSERT INTO jobs (id, model, status, progress, params, created_at, input_reference) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.model, job.status, job.progress, params_to_json(job.params), job.created_at,
+                 job.input_reference.to_json() if job.input_reference is not None else None),
             )
         return True
 
@@ -422,36 +449,39 @@ class JobStore:
         return ids
 
     def delete(self, job_id: str) -> bool:
-        """Remove the job and its file; ``False`` if it was not stored."""
+        """Remove the job and its files; ``False`` if it was not stored."""
         with self._write() as conn:
-            row = conn.execute("SELECT file FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT file, input_reference FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return False
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        self._remove_file(row["file"])
+        self._remove_files(row)
         return True
 
     def write_video(self, job_id: str, content: bytes) -> str:
         """Write the mp4 durably (temporary name, fsync, rename, fsync the folder); its file name."""
-        name = f"{job_id}.mp4"
-        tmp = self.videos_dir / f".{name}{TMP_SUFFIX}"
-        try:
-            with open(tmp, "wb") as out:
-                out.write(content)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.videos_dir / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(self.videos_dir)
-        return name
+        return _write_durably(self.videos_dir, f"{job_id}.mp4", content)
 
-    def _remove_file(self, name: str | None) -> None:
-        if name is not None:
+    def write_image(self, job_id: str, image: ReferenceImage) -> StoredReference:
+        """Write a job's input image as sent, durably, before its row is added (:meth:`add`): a
+        crash in between leaves an unreferenced file, which :meth:`recover` removes."""
+        name = _write_durably(self.images_dir, f"{job_id}.{image.extension}", image.data)
+        return StoredReference(file=name, width=image.width, height=image.height, sha256=image.sha256)
+
+    def remove_image(self, record: StoredReference) -> None:
+        """Remove an image whose job was never added (the queue was full, the server stopping)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.images_dir / record.file).unlink()
+
+    def _remove_files(self, row: sqlite3.Row) -> None:
+        """The video and the image of a removed job's row (``file``, ``input_reference``)."""
+        if row["file"] is not None:
             with contextlib.suppress(FileNotFoundError):
-                (self.videos_dir / name).unlink()
+                (self.videos_dir / row["file"]).unlink()
+        image = _image_name(row["input_reference"])
+        if image is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.images_dir / image).unlink()
 
     # ----------------------------------------------------------------------------- upkeep
     def recover(self) -> RecoveryReport:
@@ -462,8 +492,7 @@ class JobStore:
         with self._write() as conn:
             report.restarted = [r["id"] for r in conn.execute(
                 "SELECT id FROM jobs WHERE status IN ('queued', 'in_progress') AND cancelled = 0 ORDER BY seq")]
-            cancelled = [r["file"] for r in conn.execute("SELECT file FROM jobs WHERE cancelled = 1")]
-            report.dropped_cancelled = len(cancelled)
+            report.dropped_cancelled = conn.execute("SELECT COUNT(*) FROM jobs WHERE cancelled = 1").fetchone()[0]
             conn.execute("DELETE FROM jobs WHERE cancelled = 1")
             conn.execute("UPDATE jobs SET status = 'failed', completed_at = ?, error = ? "
                          "WHERE status IN ('queued', 'in_progress')", (int(self.clock()), error.model_dump_json()))
@@ -476,30 +505,32 @@ class JobStore:
                              (lost.model_dump_json(), job_id))
             report.missing_files = missing
             kept = {name for i, name in files.items() if i not in missing}
-        for path in self.videos_dir.iterdir():
-            if path.name not in kept and path.is_file():
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    report.removed_files += 1
+            images = {_image_name(r["input_reference"]) for r in conn.execute("SELECT input_reference FROM jobs")}
+        for folder, keep in ((self.videos_dir, kept), (self.images_dir, images)):
+            for path in folder.iterdir():
+                if path.name not in keep and path.is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        report.removed_files += 1
         return report
 
     def purge(self) -> list[str]:
         """Remove expired jobs (by age) and the oldest finished beyond the count; their ids."""
-        removed: list[tuple[str, str | None]] = []
+        removed: dict[str, sqlite3.Row] = {}
         with self._write() as conn:
             if self.retention.max_age_s is not None:
-                removed += [(r["id"], r["file"]) for r in conn.execute(
-                    "SELECT id, file FROM jobs WHERE status IN ('completed', 'failed') AND cancelled = 0 "
-                    "AND completed_at <= ?", (self.clock() - self.retention.max_age_s,))]
+                removed.update((r["id"], r) for r in conn.execute(
+                    "SELECT id, file, input_reference FROM jobs WHERE status IN ('completed', 'failed') "
+                    "AND cancelled = 0 AND completed_at <= ?", (self.clock() - self.retention.max_age_s,)))
             if self.retention.max_count is not None:
-                removed += [(r["id"], r["file"]) for r in conn.execute(
-                    "SELECT id, file FROM jobs WHERE status IN ('completed', 'failed') AND cancelled = 0 "
-                    "ORDER BY completed_at DESC, seq DESC LIMIT -1 OFFSET ?", (self.retention.max_count,))]
-            removed = list(dict(removed).items())
-            conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i, _ in removed])
-        for _, name in removed:
-            self._remove_file(name)
-        return [i for i, _ in removed]
+                removed.update((r["id"], r) for r in conn.execute(
+                    "SELECT id, file, input_reference FROM jobs WHERE status IN ('completed', 'failed') "
+                    "AND cancelled = 0 ORDER BY completed_at DESC, seq DESC LIMIT -1 OFFSET ?",
+                    (self.retention.max_count,)))
+            conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in removed])
+        for row in removed.values():
+            self._remove_files(row)
+        return list(removed)
 
 
 def _readable_job(row: sqlite3.Row) -> VideoJob | None:
@@ -533,7 +564,36 @@ def _job(row: sqlite3.Row) -> VideoJob:
         timings=json.loads(row["timings"]) if row["timings"] else None,
         file=row["file"],
         cancelled=bool(row["cancelled"]),
+        input_reference=StoredReference.from_json(row["input_reference"]) if row["input_reference"] else None,
     )
+
+
+def _image_name(record: str | None) -> str | None:
+    """The file name in a row's ``input_reference``; ``None`` without one or when it does not
+    parse (the row is then skipped by reads; its file is treated as unreferenced)."""
+    if not record:
+        return None
+    try:
+        return StoredReference.from_json(record).file
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _write_durably(folder: Path, name: str, content: bytes) -> str:
+    """``content`` as ``folder/name``: a temporary name, fsync, rename, fsync the folder; ``name``."""
+    tmp = folder / f".{name}{TMP_SUFFIX}"
+    try:
+        with open(tmp, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, folder / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(folder)
+    return name
 
 
 def _fsync_dir(path: Path) -> None:
