@@ -106,6 +106,49 @@ def test_the_condition_enters_every_step_and_both_branches_see_the_image(i2v_gen
     assert inputs == [36] * 4 and contexts == [17 + 512] * 4
 
 
+def test_the_adapter_equals_the_transformer_with_an_image(i2v_generators):
+    """``embed`` with the image embedding and the condition channels, with and without its
+    request constants, gives the transformer's own forward on the concatenated input."""
+    adapter = denoising_stage(i2v_generators["float32"].pipeline).adapter
+    config = adapter.transformer.config
+    gen = torch.Generator().manual_seed(5)
+    latents, condition = torch.randn(2, 16, 2, 4, 6, generator=gen), torch.randn(2, 20, 2, 4, 6, generator=gen)
+    text = torch.randn(2, 512, config.text_dim, generator=gen)
+    image = torch.randn(2, 17, config.image_dim, generator=gen)
+    timestep = torch.tensor([999.0, 500.0])
+    with torch.inference_mode():
+        expected = adapter.transformer(torch.cat([latents, condition], dim=1), timestep, text,
+                                       encoder_hidden_states_image=image, return_dict=False)[0]
+        inputs = dict(encoder_hidden_states_image=image, condition=condition)
+        direct = adapter.forward(latents, timestep, text, **inputs)
+        hoisted = adapter.forward(latents, timestep, text, **inputs,
+                                  **adapter.request_constants(latents, text, **inputs))
+    assert expected.shape == latents.shape
+    torch.testing.assert_close(direct, expected, rtol=0, atol=0)
+    torch.testing.assert_close(hoisted, expected, rtol=0, atol=0)
+
+
+def test_batched_cfg_stacks_the_image_inputs(i2v_generators):
+    """cond and uncond as one batch of 2 (the default outside these parity tests): the image
+    embedding and condition stack like the prompts, and the video is the two-pass one's up to
+    the rounding of a batch-2 matrix product."""
+    stage = denoising_stage(i2v_generators["float32"].pipeline)
+    params = SamplingParams(prompt=PROMPT, negative_prompt=NEGATIVE, seed=6, image=_image(3),
+                            **{**REQUEST, "num_inference_steps": 2})
+    two_passes = i2v_generators["float32"].generate(params)
+    batches = []
+    hook = stage.adapter.transformer.patch_embedding.register_forward_pre_hook(
+        lambda module, args: batches.append(args[0].shape[0]))
+    stage.batched_cfg = True
+    try:
+        one_batch = i2v_generators["float32"].generate(params)
+    finally:
+        stage.batched_cfg = False
+        hook.remove()
+    assert batches == [2, 2]
+    torch.testing.assert_close(one_batch.latents, two_passes.latents, rtol=1e-4, atol=1e-4)
+
+
 def test_requests_with_other_images_make_their_own_videos(tiny_wan21_i2v_dir, i2v_generators, tmp_path):
     """The image of one request never reaches the next: each request after another's equals the
     same request on a freshly loaded generator, and two images make two videos. A path is read
