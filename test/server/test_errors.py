@@ -86,7 +86,7 @@ CASES = [
     ({"prompt": None}, "prompt", "missing required parameter 'prompt'"),
     ({"model": "sora-2"}, "model", "model 'sora-2' is not served here; this server serves 'wan2.1-t2v-tiny'"),
     ({"cache_treshold": 0.1}, "cache_treshold", "unknown parameter 'cache_treshold'"),
-    ({"input_reference": "x"}, "input_reference", "text-to-video only"),
+    ({"input_reference": "x"}, "input_reference", "input_reference must be an image, not a string"),
 ]
 
 

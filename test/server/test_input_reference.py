@@ -1,28 +1,57 @@
-"""``input_reference``, the first frame of an image-to-video request, without a server: decoding
-and checking (each hostile image refused naming the field), and its storage with the job (kept
-across a restart, read back for the run, removed with the job)."""
+"""``input_reference``, the first frame of an image-to-video request: decoded and checked at the
+door (each hostile image a 400 naming it), stored with its job, read back by the worker, shown on
+the Video object, removed with the job.
+
+Over the real server (the session's, serving the built-in text-to-video model): an image is a 400
+saying the model makes video from text, and every hostile image, URL or data URL is a 400 naming
+``input_reference``, with no traceback in the log. The path of a job that has an image runs in
+process with a stub image-to-video generator, and the decoding and storage helpers on their own;
+over the real server it runs with the tiny Wan2.1 I2V folder where test/conftest.py has one
+(``tiny_wan21_i2v_dir``), and is skipped, saying so, where it does not.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import re
+import shutil
 import sqlite3
 import struct
+import time
 import zlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 
+import conftest as shared
+import httpx
+import openai
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig, create_app
 from sglang.multimodal_gen.runtime.entrypoints.input_reference import decode_image, reference_bytes
 from sglang.multimodal_gen.runtime.entrypoints.job_store import DB_NAME, JobStore, Retention, VideoJob
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import VideoError
+from sglang.multimodal_gen.runtime.entrypoints.request_limits import DEFAULT_MAX_IMAGE_BYTES, RequestLimits
 
+from .conftest import SMALL, serve, wait_finished
+from .test_worker import StubGenerator
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+PROMPT = "a red circle moving left on a blue background"
 MAX_BYTES, MAX_PIXELS = 1 << 20, 4096 * 4096
+# Whether test/conftest.py builds a tiny image-to-video folder (it comes with the I2V pipeline).
+HAS_I2V_MODEL = hasattr(shared, "tiny_wan21_i2v_dir")
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -192,3 +221,205 @@ def test_a_version_1_database_gains_the_column(tmp_path):
     _job(store, "video_new")
     assert store.get("video_new").input_reference is not None
     store.close()
+
+
+# --------------------------------------------------------------------------- in process: a stub I2V model
+class ImageToVideoStub(StubGenerator):
+    """The stub model, made an image-to-video one: it records the image each run was given."""
+
+    pipeline = SimpleNamespace(model_info=SimpleNamespace(image_to_video=True))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[Image.Image | None] = []
+
+    def generate(self, params: SamplingParams, progress=None):
+        self.images.append(params.image)
+        return super().generate(params, progress)
+
+
+@contextlib.contextmanager
+def i2v_app(data_dir: Path, **config) -> Iterator[tuple[ImageToVideoStub, TestClient, Path]]:
+    """The stub image-to-video model served in process over ``data_dir``: (stub, client, images folder)."""
+    stub = ImageToVideoStub()
+    config = ServerConfig(data_dir=str(data_dir), limits=RequestLimits(max_image_bytes=4096), **config)
+    with TestClient(create_app(stub, "stub-i2v", config), base_url="http://localhost") as client:
+        yield stub, client, data_dir / "images"
+
+
+@pytest.fixture
+def i2v(tmp_path):
+    with i2v_app(tmp_path) as app:
+        yield app
+
+
+def _wait(client: TestClient, video_id: str) -> dict:
+    deadline = time.monotonic() + 10
+    while (video := client.get(f"/v1/videos/{video_id}").json())["status"] not in ("completed", "failed"):
+        assert time.monotonic() < deadline, video
+        time.sleep(0.01)
+    return video
+
+
+def test_an_uploaded_image_reaches_the_model_and_goes_with_the_job(i2v):
+    stub, client, images = i2v
+    created = client.post("/v1/videos", data={"prompt": "p"}, files={"input_reference": ("f.png", PNG, "image/png")})
+    assert created.status_code == 200, created.text
+    video = _wait(client, created.json()["id"])
+    assert video["status"] == "completed", video
+    expected = {"width": 48, "height": 32, "sha256": hashlib.sha256(PNG).hexdigest()}
+    assert created.json()["input_reference"] == expected and video["input_reference"] == expected
+    assert stub.images[0].tobytes() == frame().tobytes()
+    assert [p.read_bytes() for p in images.iterdir()] == [PNG]
+    client.delete(f"/v1/videos/{video['id']}")
+    assert list(images.iterdir()) == []
+
+
+def test_a_data_url_in_json_is_taken_too(i2v):
+    stub, client, _ = i2v
+    jpeg = encode(frame(16, 16), "JPEG")
+    created = client.post("/v1/videos", json={"prompt": "p", "input_reference": {"image_url": data_url(jpeg,
+                                                                                                        "image/jpeg")}})
+    assert _wait(client, created.json()["id"])["input_reference"]["sha256"] == hashlib.sha256(jpeg).hexdigest()
+    assert stub.images[0].size == (16, 16)
+
+
+def test_image_to_video_without_an_image_and_an_image_over_the_bound(i2v):
+    _, client, images = i2v
+    missing = client.post("/v1/videos", json={"prompt": "p"}).json()["error"]
+    assert missing["param"] == "input_reference" and "makes video from an image" in missing["message"]
+    big = b"\x89PNG\r\n\x1a\n" + bytes(4096)
+    over = client.post("/v1/videos", data={"prompt": "p"}, files={"input_reference": ("f.png", big, "image/png")})
+    assert over.status_code == 400 and over.json()["error"]["param"] == "input_reference"
+    assert "more than 4096 bytes" in over.json()["error"]["message"] and "--max-image-bytes" in over.text
+    assert list(images.iterdir()) == []
+
+
+def test_images_of_refused_jobs_are_not_kept_and_a_lost_image_fails_its_job(tmp_path):
+    with i2v_app(tmp_path, max_queued_videos=1) as (stub, client, images):
+        upload = {"input_reference": ("f.png", PNG, "image/png")}
+        running = client.post("/v1/videos", data={"prompt": "hold"}, files=upload).json()
+        assert stub.holding.wait(10)
+        queued = client.post("/v1/videos", data={"prompt": "queued"}, files=upload).json()
+        full = client.post("/v1/videos", data={"prompt": "one too many"}, files=upload)
+        assert full.status_code == 429
+        assert sorted(p.name for p in images.iterdir()) == sorted(f"{v['id']}.png" for v in (running, queued))
+        (images / f"{queued['id']}.png").unlink()
+        stub.release.set()
+        assert _wait(client, running["id"])["status"] == "completed"
+        lost = _wait(client, queued["id"])
+        assert lost["status"] == "failed" and lost["error"]["code"] == "input_reference_missing"
+        assert lost["input_reference"]["sha256"] == hashlib.sha256(PNG).hexdigest()
+
+
+def test_an_image_that_cannot_be_stored_is_507(i2v, monkeypatch):
+    _, client, _ = i2v
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(client.app.state.service.store, "write_image", full_disk)
+    response = client.post("/v1/videos", data={"prompt": "p"}, files={"input_reference": ("f.png", PNG)})
+    assert response.status_code == 507 and response.json()["error"]["code"] == "storage_failed"
+    assert "No space left on device" in response.json()["error"]["message"]
+    assert client.get("/v1/videos").json()["data"] == []
+
+
+def test_a_runtime_refusal_of_the_image_names_the_field(i2v):
+    """The pipeline words refusals for the CLI (``param="image"``, ``--image``); a client reads
+    ``input_reference``."""
+    stub, client, _ = i2v
+    stub.validate = lambda params: (_ for _ in ()).throw(
+        InvalidRequestError("--image must be at least 16 pixels wide", param="image"))
+    refused = client.post("/v1/videos", data={"prompt": "p"}, files={"input_reference": ("f.png", PNG)}).json()
+    assert refused["error"]["param"] == "input_reference"
+    assert refused["error"]["message"] == "input_reference must be at least 16 pixels wide"
+
+
+# --------------------------------------------------------------------------- the real server (text to video)
+def _refused(response: httpx.Response) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "input_reference" and error["type"] == "invalid_request_error", error
+    assert "\n" not in error["message"] and "Traceback" not in error["message"]
+    return error["message"]
+
+
+def test_an_image_for_a_text_to_video_model_is_a_400(openai_client, http, tmp_path):
+    (tmp_path / "frame.png").write_bytes(PNG)
+    with pytest.raises(openai.BadRequestError) as refused, open(tmp_path / "frame.png", "rb") as image:
+        openai_client.videos.create(prompt=PROMPT, input_reference=image, extra_body=SMALL)
+    assert refused.value.body["param"] == "input_reference"
+    assert refused.value.body["message"] == ("this model makes video from text only and takes no input_reference; "
+                                             "send the request without it")
+    as_json = http.post("/v1/videos", json={"prompt": PROMPT, "input_reference": {"image_url": data_url(PNG)}})
+    assert "makes video from text only" in _refused(as_json)
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_uploads_are_400_over_the_server(http, name):
+    data, fragment = HOSTILE[name]
+    response = http.post("/v1/videos", data={"prompt": PROMPT}, files={"input_reference": ("x.png", data)})
+    assert fragment in _refused(response)
+
+
+@pytest.mark.parametrize("reference, fragment", [
+    ({"image_url": "https://example.com/frame.png"}, "remote URL; this server fetches nothing"),
+    ({"file_id": "file-abc123"}, "file_id names a file this server does not have"),
+    ({"image_url": "data:image/png;base64,not base64!"}, "is not valid base64"),
+    ({"image_url": data_url(HOSTILE["truncated-png"][0])}, "damaged or truncated PNG"),
+])
+def test_reference_objects_are_400_over_the_server(openai_client, http, reference, fragment):
+    """As JSON, and as the form fields ``input_reference[image_url]``, which the ``openai`` client
+    sends for ``extra_body`` (its ``input_reference`` argument takes only a file)."""
+    assert fragment in _refused(http.post("/v1/videos", json={"prompt": PROMPT, "input_reference": reference}))
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.videos.create(prompt=PROMPT, extra_body={"input_reference": reference})
+    assert refused.value.body["param"] == "input_reference" and fragment in refused.value.body["message"]
+
+
+def test_an_upload_over_max_image_bytes_is_400_and_a_second_file_is_refused(http):
+    over = b"\x89PNG\r\n\x1a\n" + bytes(DEFAULT_MAX_IMAGE_BYTES - 7)  # one byte over the default 20 MiB
+    message = _refused(http.post("/v1/videos", data={"prompt": PROMPT}, files={"input_reference": ("x.png", over)}))
+    assert f"more than {DEFAULT_MAX_IMAGE_BYTES} bytes" in message and "(--max-image-bytes)" in message
+    other = http.post("/v1/videos", data={"prompt": PROMPT}, files={"photo": ("x.png", PNG)})
+    assert other.status_code == 400 and other.json()["error"]["param"] == "photo"
+
+
+def test_refused_images_log_no_traceback(http, server_log):
+    before = server_log.stat().st_size
+    for data, _ in HOSTILE.values():
+        http.post("/v1/videos", data={"prompt": PROMPT}, files={"input_reference": ("x.png", data)})
+    http.post("/v1/videos", json={"prompt": PROMPT, "input_reference": {"image_url": "https://example.com/x.png"}})
+    with open(server_log, encoding="utf-8", errors="replace") as log:
+        log.seek(before)
+        text = log.read()
+    assert "Traceback" not in text and "DecompressionBomb" not in text, text
+    assert not [line for line in text.splitlines() if line.startswith(("ERROR", "CRITICAL", "WARNING"))], text
+
+
+# --------------------------------------------------------------------------- the real server (image to video)
+@pytest.mark.skipif(not HAS_I2V_MODEL, reason="needs the tiny Wan2.1 I2V folder (tiny_wan21_i2v_dir in "
+                                              "test/conftest.py), which comes with the image-to-video pipeline")
+def test_image_to_video_over_the_server(request, tmp_path_factory):
+    # The folder at a small default size: the server times a few uncached steps at it on start.
+    folder = tmp_path_factory.mktemp("i2v-small") / "tiny-wan21-i2v"
+    shutil.copytree(request.getfixturevalue("tiny_wan21_i2v_dir"), folder)
+    overrides = folder / "sglang_config.json"
+    config = json.loads(overrides.read_text()) if overrides.exists() else {}
+    config["sampling_defaults"] = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2}
+    overrides.write_text(json.dumps(config))
+    log = tmp_path_factory.mktemp("i2v-server") / "server.log"
+    with serve(log, "--model-path", str(folder)) as url, httpx.Client(base_url=url, timeout=30.0) as http:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-local", max_retries=0, timeout=30.0)
+        created = client.videos.create(prompt=PROMPT, input_reference=("frame.png", PNG, "image/png"),
+                                       extra_body={"num_inference_steps": 2, "num_frames": 5})
+        video = wait_finished(http, created.id)
+        assert video["status"] == "completed", video["error"]
+        assert video["input_reference"] == {"width": 48, "height": 32, "sha256": hashlib.sha256(PNG).hexdigest()}
+        images = next(log.parent.glob("data-*")) / "images"
+        assert [p.read_bytes() for p in images.iterdir()] == [PNG]
+        client.videos.delete(created.id)
+        assert list(images.iterdir()) == []
+        missing = http.post("/v1/videos", json={"prompt": PROMPT})
+        assert "makes video from an image" in _refused(missing)

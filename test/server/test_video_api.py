@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from starlette.datastructures import UploadFile
 
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.entrypoints.video_api import (
@@ -40,7 +43,7 @@ def test_form_nesting_lists_and_scalars():
         ([("seed", "1"), ("seed", "2")], "seed", "more than once"),
         ([("cache_params[x][][y]", "1")], "cache_params", "lists are only taken as 'name[key][]'"),
         ([("cache_params[x]", "1"), ("cache_params[x][y]", "2")], "cache_params", "both as a value and as nested"),
-        ([("input_reference", object())], "input_reference", "text-to-video only"),
+        ([("photo", UploadFile(io.BytesIO(b"x"), filename="x.png"))], "photo", "takes a file only as input_reference"),
     ],
 )
 def test_bad_forms(items, param, fragment):

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 
 from sglang.multimodal_gen.errors import UserError
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import VideoError
-from sglang.multimodal_gen.runtime.entrypoints.video_api import as_request_fields
+from sglang.multimodal_gen.runtime.entrypoints.video_api import as_request_fields, as_request_param
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +290,8 @@ class ResponseHygiene:
         logged in full with the job id and reported as a stable code and a generic message."""
         if isinstance(exc, UserError):
             logger.info("%s refused: %s", job_id, exc)
-            return VideoError(code="invalid_request", message=self.text(str(exc)), param=getattr(exc, "param", None),
-                              type="invalid_request_error")
+            return VideoError(code="invalid_request", message=self.text(str(exc)),
+                              param=as_request_param(getattr(exc, "param", None)), type="invalid_request_error")
         if is_out_of_memory(exc):
             logger.error("generation of %s ran out of memory", job_id, exc_info=exc)
             return VideoError(code="out_of_memory", type="server_error",

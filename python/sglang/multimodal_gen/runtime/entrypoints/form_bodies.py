@@ -5,7 +5,9 @@ is decoded as Latin-1 (``\\xff\\xfe`` becomes ``ÿþ``), a ``charset`` the clien
 honoured (``utf-7`` turns ``a+ADw-b`` into ``a<b``), urlencoded ``%FF`` becomes U+FFFD, and a
 multipart body cut before its closing boundary loses its last field without a word. Here each of
 those is a 400 naming the field. Uploaded files (a part with a ``filename``) are binary and are
-not decoded; ``form_to_fields`` refuses them by name.
+not decoded: one is taken, named ``input_reference`` and of at most ``max_file_bytes`` (a 400
+naming it past that, while it streams in); the text fields together may hold ``max_field_bytes``
+(a 413, as for any body over ``--max-body-bytes``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from sglang.multimodal_gen.errors import InvalidRequestError
+from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    MIB,
+    RequestTooLarge,
+)
 from sglang.multimodal_gen.runtime.entrypoints.video_api import brief, decode_utf8
+
+FILE_FIELD = "input_reference"
 
 FormItems = list[tuple[str, Union[str, UploadFile]]]
 
@@ -56,21 +65,49 @@ def parse_urlencoded(raw: bytes) -> FormItems:
 
 class StrictMultiPartParser(MultiPartParser):
     """Starlette's multipart parser, with text parts decoded as UTF-8 only and a body that ends
-    before its closing boundary refused (python-multipart reports the end only when it sees it)."""
+    before its closing boundary refused (python-multipart reports the end only when it sees it).
 
-    def __init__(self, headers: Headers, stream: AsyncIterator[bytes], **kwargs: int) -> None:
+    Sizes are counted as the parts stream in: the text parts together up to ``max_field_bytes``
+    (``--max-body-bytes``: a 413), the one file part, which must be ``input_reference``, up to
+    ``max_file_bytes`` (``--max-image-bytes``: a 400 naming it). ``max_files`` stays 1.
+    """
+
+    def __init__(self, headers: Headers, stream: AsyncIterator[bytes], *, max_field_bytes: int = MIB,
+                 max_file_bytes: int = DEFAULT_MAX_IMAGE_BYTES, **kwargs: int) -> None:
+        kwargs.setdefault("max_files", 1)
+        kwargs.setdefault("max_part_size", max_field_bytes)
         super().__init__(headers, stream, **kwargs)  # type: ignore[arg-type]
         self._ended = False
+        self.max_field_bytes, self.max_file_bytes = max_field_bytes, max_file_bytes
+        self._field_bytes = self._file_bytes = 0
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
         part = self._current_part
         _, options = parse_options_header(part.content_disposition)
         part.field_name = decode_utf8(options[b"name"], "a multipart field name")
+        if part.file is not None and part.field_name != FILE_FIELD:
+            raise InvalidRequestError(f"field {brief(part.field_name)} is a file upload; this server takes a file "
+                                      f"only as {FILE_FIELD}", param=part.field_name.split("[", 1)[0])
         if part.file is None:
             for header, value in part.item_headers:
                 if header == b"content-type":
                     check_charset(value.decode("latin-1"), f"form field {brief(part.field_name)}")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_part.file is None:
+            self._field_bytes += end - start
+            if self._field_bytes > self.max_field_bytes:
+                raise RequestTooLarge(f"the request body is more than {self.max_field_bytes} bytes besides an "
+                                      f"{FILE_FIELD} file; this server takes at most {self.max_field_bytes} bytes "
+                                      "of fields (--max-body-bytes)")
+        else:
+            self._file_bytes += end - start
+            if self._file_bytes > self.max_file_bytes:
+                raise InvalidRequestError(f"{FILE_FIELD} is more than {self.max_file_bytes} bytes; this server "
+                                          f"takes images of at most {self.max_file_bytes} bytes (--max-image-bytes)",
+                                          param=FILE_FIELD)
+        super().on_part_data(data, start, end)
 
     def on_part_end(self) -> None:
         part = self._current_part

@@ -39,6 +39,7 @@ from sglang.multimodal_gen.runtime.entrypoints.form_bodies import (
     check_charset,
     parse_urlencoded,
 )
+from sglang.multimodal_gen.runtime.entrypoints.input_reference import ReferenceImage
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import (
     APIError,
     ErrorInfo,
@@ -55,8 +56,10 @@ from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
     RequestTooLarge,
 )
 from sglang.multimodal_gen.runtime.entrypoints.video_api import (
+    as_request_param,
     brief,
     build_sampling_params,
+    default_request,
     form_to_fields,
     parse_create_request,
     parse_json_body,
@@ -89,12 +92,12 @@ async def _read_fields(request: Request, limits: RequestLimits) -> dict[str, Any
         check_charset(header, "the form body")
         return form_to_fields(parse_urlencoded(await request.body()), limits.max_json_depth)
     if content_type == "multipart/form-data":
-        # One file at most: an input_reference upload is then refused by name, not by count.
-        parser = StrictMultiPartParser(request.headers, request.stream(), max_files=1,
-                                       max_part_size=limits.max_body_bytes)
+        # One file at most, the input_reference image; the fields keep the body's bound.
+        parser = StrictMultiPartParser(request.headers, request.stream(), max_field_bytes=limits.max_body_bytes,
+                                       max_file_bytes=limits.max_image_bytes)
         form = await parser.parse()
         try:
-            return form_to_fields(form.multi_items(), limits.max_json_depth)
+            return await run_in_threadpool(form_to_fields, form.multi_items(), limits.max_json_depth)
         finally:
             await form.close()
     raise APIError(
@@ -135,7 +138,7 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     ``app.state.service`` is the :class:`VideoService`.
     """
     config = config or ServerConfig()
-    limits = config.limits.resolved(generator.validate(SamplingParams(prompt="x")))
+    limits = config.limits.resolved(default_request(generator))
     logger.info("request limits: %s", limits.describe())
     service = VideoService(generator, model_name, config)
     accepted_models = {model_name, str(getattr(generator, "model_path", model_name))}
@@ -154,7 +157,7 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     app.add_middleware(AccessControl, api_key=config.api_key, local_only=is_loopback_bind(config.host),
                        host_names=[config.host])
     app.state.limits = limits
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, upload_bytes=limits.max_image_bytes)
 
     @app.exception_handler(RequestTooLarge)
     async def _too_large(request: Request, exc: RequestTooLarge) -> JSONResponse:
@@ -162,7 +165,7 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
 
     @app.exception_handler(UserError)
     async def _invalid_request(request: Request, exc: UserError) -> JSONResponse:
-        param = getattr(exc, "param", None)
+        param = as_request_param(getattr(exc, "param", None))
         message = service.hygiene.text(str(exc))  # a server calibration file's error would name its path
         return _error_response(400, ErrorInfo(message=message, param=param, code="invalid_value"))
 
@@ -200,21 +203,22 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
         root = public_name(str(getattr(generator, "model_path", ""))) or None
         return ModelList(data=[ModelCard(id=model_name, created=started, root=root)])
 
-    def prepare(fields: dict[str, Any]) -> SamplingParams:
-        """The validated request: the model's validation can be slow (cache plans), so this runs
-        off the event loop and other clients, /health included, are answered meanwhile."""
-        create = parse_create_request(fields, limits.max_json_depth)
+    def prepare(fields: dict[str, Any]) -> tuple[SamplingParams, ReferenceImage | None]:
+        """The validated request and its decoded image: the model's validation can be slow (cache
+        plans), as can decoding an image, so this runs off the event loop and other clients,
+        /health included, are answered meanwhile."""
+        create = parse_create_request(fields, limits.max_json_depth, limits.max_image_bytes, limits.max_image_pixels)
         if create.model is not None and create.model not in accepted_models:
             raise InvalidRequestError(
                 f"model {brief(create.model)} is not served here; this server serves {model_name!r}", param="model"
             )
-        return build_sampling_params(create, generator, limits)
+        return build_sampling_params(create, generator, limits), create.input_reference
 
     @app.post("/v1/videos")
     async def create_video(request: Request) -> VideoObject:
         service.check_accepting()  # a full queue or a shutdown is refused before any parsing
-        params = await run_in_threadpool(prepare, await _read_fields(request, limits))
-        job = service.submit(params)
+        params, image = await run_in_threadpool(prepare, await _read_fields(request, limits))
+        job = await run_in_threadpool(service.submit, params, image)  # writes the image, fsyncs the database
         return service.to_object(job)
 
     @app.get("/v1/videos")

@@ -38,6 +38,15 @@ class VideoError(BaseModel):
     type: str | None = None
 
 
+class InputReferenceInfo(BaseModel):
+    """The image a video started from (its ``input_reference``), as decoded: size after the EXIF
+    orientation, and the SHA-256 of the bytes sent, so a client can tell which image it was."""
+
+    width: int
+    height: int
+    sha256: str
+
+
 class VideoObject(BaseModel):
     """One generation job (``openai.types.Video``).
 
@@ -70,6 +79,7 @@ class VideoObject(BaseModel):
     cache_stats: dict[str, Any] | None = None
     inference_time_s: float | None = None
     timings: dict[str, float] | None = None
+    input_reference: InputReferenceInfo | None = None
 
 
 class VideoListResponse(BaseModel):

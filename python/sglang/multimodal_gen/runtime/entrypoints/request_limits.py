@@ -9,7 +9,8 @@ Every bound is a ``sglang serve`` flag of the same name (``--max-steps``, ...).
 
 A request over a bound is a 400 whose ``param`` names the field (``size`` for width and height,
 ``seconds`` when the frame count came from it); a body over ``max_body_bytes`` is a 413, raised by
-:class:`BodyLimitMiddleware` while the body streams in, so it is never held whole.
+:class:`BodyLimitMiddleware` while the body streams in, so it is never held whole. A multipart
+create may carry one file besides, the ``input_reference`` image, of up to ``max_image_bytes``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ MIN_SIDE = 1024
 MIN_STEPS = 200
 MIN_SECONDS = 10.0
 DEFAULT_MAX_JSON_DEPTH = 32
+DEFAULT_MAX_IMAGE_BYTES = 20 * MIB
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# What a multipart body's file part adds besides its bytes: its headers and boundaries.
+UPLOAD_OVERHEAD_BYTES = 64 * 1024
 
 
 def _limit(default: Any, help: str, type: type = int) -> Any:
@@ -85,6 +90,14 @@ class RequestLimits:
         DEFAULT_MAX_JSON_DEPTH, "deepest nesting of objects and lists in a JSON body (itself level 1), in "
                                 "cache_params sent as a JSON string and in form field names such as "
                                 "cache_params[a][b] (3 levels). Default: 32")
+    max_image_bytes: int = _limit(
+        DEFAULT_MAX_IMAGE_BYTES, "largest input_reference image in bytes: a multipart file, taken on top of the "
+                                 "body bound, or the image a data URL decodes to (the data URL itself is part of "
+                                 "the body, within its bound). Default: 20971520 (20 MiB)")
+    max_image_pixels: int = _limit(
+        DEFAULT_MAX_IMAGE_PIXELS, "most pixels in an input_reference image, counted as width x height (so "
+                                  "4096x4096 or 8192x2048, not each side), read from its header before it is "
+                                  "decoded. Default: 16777216 (4096x4096)")
     default_request: tuple[int, int, int, int] | None = field(default=None, compare=False)
     """(width, height, frames, steps) of the model default the scaled bounds came from, set by
     :meth:`resolved`; an over-budget request names the field furthest above it."""
@@ -102,7 +115,7 @@ class RequestLimits:
     # ----------------------------------------------------------------------------- scaling
     def resolved(self, defaults: SamplingParams) -> "RequestLimits":
         """These limits with every ``None`` bound scaled from ``defaults``, the model's default
-        request (``generator.validate(SamplingParams(prompt="x"))``, all fields filled in)."""
+        request (``video_api.default_request(generator)``, all fields filled in)."""
         width, height, frames, steps, fps = (
             defaults.width, defaults.height, defaults.num_frames, defaults.num_inference_steps, defaults.fps
         )
@@ -286,22 +299,35 @@ class BodyLimitMiddleware:
     so), so a 100 MB upload, chunked or not, is never held; the app's handler answers 413.
 
     Counting in ``receive`` covers every way the body is read: ``request.body()``,
-    ``request.stream()`` and the form parsers, multipart parts included.
+    ``request.stream()`` and the form parsers, multipart parts included. A multipart ``POST`` to
+    ``upload_path`` may be ``upload_bytes`` (and a file part's headers) larger: it may carry the
+    ``input_reference`` file, whose own bound and that of its fields the multipart parser keeps
+    (form_bodies.StrictMultiPartParser).
     """
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int, upload_bytes: int = 0,
+                 upload_path: str = "/v1/videos") -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes
+        self.upload_path = upload_path
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict]], send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = next((value for name, value in scope.get("headers", []) if name == b"content-length"), b"")
-        max_bytes, received = self.max_bytes, 0
+        declared = _first_header(scope, b"content-length")
+        max_bytes, received, upload = self.max_bytes, 0, ""
+        if self.upload_bytes and scope.get("method") == "POST" and scope.get("path") == self.upload_path \
+                and _first_header(scope, b"content-type").lower().startswith(b"multipart/form-data"):
+            max_bytes += self.upload_bytes + UPLOAD_OVERHEAD_BYTES
+            upload = f", and one input_reference file of at most {self.upload_bytes} bytes (--max-image-bytes)"
         declared_too_large = declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes)
 
         def too_large(size: str) -> RequestTooLarge:
+            if upload:
+                return RequestTooLarge(f"the request body is {size}; this server takes at most {self.max_bytes} "
+                                       f"bytes of fields (--max-body-bytes){upload}")
             return RequestTooLarge(
                 f"the request body is {size}; this server takes at most {max_bytes} bytes (--max-body-bytes)"
             )
@@ -318,3 +344,7 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _first_header(scope: dict[str, Any], name: bytes) -> bytes:
+    return next((value for key, value in scope.get("headers", []) if key == name), b"")

@@ -12,7 +12,8 @@ real duration ``num_frames / fps``. ``seconds`` and ``num_frames`` together are 
 
 Hostile input is refused here too, before anything is parsed deeply or built: JSON and form
 nesting deeper than the server's limit, numbers that do not fit in 64 bits (or a float), and,
-through :class:`RequestLimits`, values beyond the server's bounds (request_limits.py).
+through :class:`RequestLimits`, values beyond the server's bounds (request_limits.py). An
+``input_reference`` image is decoded here, under its own bounds (input_reference.py).
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from PIL import Image
+
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
+from sglang.multimodal_gen.runtime.entrypoints.input_reference import (
+    ReferenceImage,
+    decode_image,
+    reference_bytes,
+)
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_JSON_DEPTH,
     RequestLimits,
     check_form_depth,
@@ -48,8 +58,9 @@ _MAX_DIGITS = 4300  # Python's int <-> str conversion limit (sys.get_int_max_str
 class VideoCreateRequest:
     """The fields of ``POST /v1/videos``, type-checked; ``None`` means "not given".
 
-    OpenAI's fields are ``prompt``, ``model``, ``size`` ("WIDTHxHEIGHT") and ``seconds``; the rest
-    are this server's extensions with the meaning of the ``sglang generate`` flags of the same name.
+    OpenAI's fields are ``prompt``, ``model``, ``size`` ("WIDTHxHEIGHT"), ``seconds`` and
+    ``input_reference`` (decoded and checked: ``sglang generate --image``); the rest are this
+    server's extensions with the meaning of the ``sglang generate`` flags of the same name.
     """
 
     prompt: str
@@ -71,11 +82,19 @@ class VideoCreateRequest:
     cache_estimator: str | None = None
     cache_speedup: float | None = None
     cache_params: dict[str, Any] = field(default_factory=dict)
+    input_reference: ReferenceImage | None = None
 
 
 #: The request's fields, each also a ``sglang generate`` flag (``cache_speedup`` is ``--cache-speedup``).
 REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(VideoCreateRequest))
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")
+# ``sglang generate`` flags and runtime params whose request field has another name.
+_FIELD_ALIASES = {"image": "input_reference"}
+
+
+def as_request_param(param: str | None) -> str | None:
+    """The request field a runtime refusal's ``param`` is (``image`` -> ``input_reference``)."""
+    return _FIELD_ALIASES.get(param, param) if param is not None else None
 
 
 def as_request_fields(message: str) -> str:
@@ -84,15 +103,10 @@ def as_request_fields(message: str) -> str:
     for the CLI, and a client of this API sets fields. Flags of the operator (``--max-steps``,
     ``--cache-calibration``) stay as they are: they are the server's to set, not the client's."""
     def field_name(match: re.Match[str]) -> str:
-        name = match.group(1).replace("-", "_")
+        name = as_request_param(match.group(1).replace("-", "_"))
         return name if name in REQUEST_FIELDS else match.group(0)
 
     return _FLAG.sub(field_name, message)
-
-
-_UNSUPPORTED = {
-    "input_reference": "input_reference is not supported: this server does text-to-video only",
-}
 
 
 # --------------------------------------------------------------------------- bodies
@@ -137,7 +151,8 @@ def form_to_fields(items: Iterable[tuple[str, Any]], max_depth: int = DEFAULT_MA
 
     Top-level values stay strings (the field parsers convert them); values inside nested fields
     are decoded as JSON scalars ("true", "0.5", "null"), since nothing else says their type.
-    Uploaded files are refused: text-to-video takes none.
+    One uploaded file is taken, as ``input_reference`` (its bytes); a file under any other name is
+    refused. Reads the upload: call it off the event loop.
     """
     fields: dict[str, Any] = {}
     for key, value in items:
@@ -146,9 +161,14 @@ def form_to_fields(items: Iterable[tuple[str, Any]], max_depth: int = DEFAULT_MA
             raise InvalidRequestError(f"malformed form field name {brief(key)}", param=brief(key, quoted=False))
         root, rest = match.group(1), match.group(2)
         if not isinstance(value, str):
-            raise InvalidRequestError(
-                _UNSUPPORTED.get(root, f"field {root!r} is a file upload; this server takes none"), param=root
-            )
+            if key != "input_reference":
+                raise InvalidRequestError(f"field {brief(key)} is a file upload; this server takes a file only "
+                                          "as input_reference", param=root)
+            if root in fields:
+                raise InvalidRequestError(f"parameter {root!r} was given more than once", param=root)
+            value.file.seek(0)
+            fields[root] = value.file.read()
+            continue
         parts = re.findall(r"\[([^\[\]]*)\]", rest)
         check_form_depth(key, parts, max_depth, root)
         if not parts:
@@ -206,16 +226,17 @@ def _form_scalar(text: str) -> Any:
 
 # --------------------------------------------------------------------------- field parsing
 def parse_create_request(
-    fields: Mapping[str, Any], max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    fields: Mapping[str, Any], max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> VideoCreateRequest:
     """Check names and types of every field; ranges the model and the server's limits decide are
-    checked later. ``max_json_depth`` bounds ``cache_params`` sent as a JSON string."""
+    checked later. ``max_json_depth`` bounds ``cache_params`` sent as a JSON string; an
+    ``input_reference`` is decoded here, within ``max_image_bytes`` and ``max_image_pixels``
+    (CPU-bound for a large image: call it off the event loop)."""
     if not isinstance(fields, Mapping):
         raise InvalidRequestError("the request body must be a JSON object or a form", param=None)
     known = {f.name for f in dataclasses.fields(VideoCreateRequest)}
     for name in fields:
-        if name in _UNSUPPORTED:
-            raise InvalidRequestError(_UNSUPPORTED[name], param=name)
         if name not in known:
             raise InvalidRequestError(
                 f"unknown parameter {name!r}; this server takes: {', '.join(sorted(known))}", param=name
@@ -243,7 +264,13 @@ def parse_create_request(
         cache_estimator=_optional_str(fields, "cache_estimator"),
         cache_speedup=_as_float(fields.get("cache_speedup"), "cache_speedup"),
         cache_params=_as_object(fields.get("cache_params"), "cache_params", max_json_depth),
+        input_reference=_as_image(fields.get("input_reference"), max_image_bytes, max_image_pixels),
     )
+
+
+def _as_image(value: Any, max_bytes: int, max_pixels: int) -> ReferenceImage | None:
+    data = reference_bytes(value)
+    return None if data is None else decode_image(data, max_bytes, max_pixels)
 
 
 def parse_size(value: str) -> tuple[int, int]:
@@ -464,6 +491,7 @@ def build_sampling_params(
     """
     if request.seconds is not None and request.num_frames is not None:
         raise InvalidRequestError("give either seconds or num_frames, not both", param="seconds")
+    check_image_for_model(request.input_reference is not None, generator)
     width, height = request.size if request.size is not None else (None, None)
     params = SamplingParams(
         prompt=request.prompt,
@@ -477,6 +505,7 @@ def build_sampling_params(
         num_frames=request.num_frames,
         fps=request.fps,
         cache=build_cache_params(request),
+        image=request.input_reference.image if request.input_reference is not None else None,
     )
     if limits is not None:
         limits.check(params, request.seconds)
@@ -489,6 +518,31 @@ def build_sampling_params(
     if limits is not None:
         limits.check(validated, request.seconds)
     return validated
+
+
+def takes_an_image(generator: Any) -> bool:
+    """Whether the served model makes video from a first frame (``ModelInfo.image_to_video``)."""
+    info = getattr(getattr(generator, "pipeline", None), "model_info", None)
+    return bool(getattr(info, "image_to_video", False))
+
+
+def default_request(generator: Any) -> SamplingParams:
+    """The request that sets nothing, validated: the model's defaults, which the scaled limits
+    start from. An image-to-video model is given a blank first frame, as its validation wants one."""
+    image = Image.new("RGB", (16, 16)) if takes_an_image(generator) else None
+    return generator.validate(SamplingParams(prompt="x", image=image))
+
+
+def check_image_for_model(has_image: bool, generator: Any) -> None:
+    """An image sent to a text-to-video model, or none to an image-to-video one: a 400 naming
+    ``input_reference``, checked here so the server refuses it whatever the pipeline checks."""
+    if has_image and not takes_an_image(generator):
+        raise InvalidRequestError("this model makes video from text only and takes no input_reference; send the "
+                                  "request without it", param="input_reference")
+    if not has_image and takes_an_image(generator):
+        raise InvalidRequestError("this model makes video from an image: send the first frame as input_reference "
+                                  "(a PNG, JPEG or WebP file, or {\"image_url\": \"data:image/png;base64,...\"})",
+                                  param="input_reference")
 
 
 def _validate(generator: Any, params: SamplingParams, request: VideoCreateRequest) -> SamplingParams:

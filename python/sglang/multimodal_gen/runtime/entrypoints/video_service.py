@@ -13,6 +13,7 @@ A DELETE of a running video answers at once and the worker stops at its next ste
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import queue
@@ -28,8 +29,14 @@ from typing import Any
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import UserError
 from sglang.multimodal_gen.runtime.entrypoints.access import ResponseHygiene
+from sglang.multimodal_gen.runtime.entrypoints.input_reference import ReferenceImage
 from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore, Retention, VideoJob
-from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import APIError, VideoError, VideoObject
+from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import (
+    APIError,
+    InputReferenceInfo,
+    VideoError,
+    VideoObject,
+)
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
 from sglang.multimodal_gen.runtime.entrypoints.video_api import brief, format_seconds
 from sglang.multimodal_gen.runtime.utils.video_io import encode_mp4
@@ -218,17 +225,35 @@ class VideoService:
             return DEFAULT_RETRY_AFTER_S
         return max(1, min(60, math.ceil(sum(self._durations) / len(self._durations))))
 
-    def submit(self, params: SamplingParams) -> VideoJob:
-        job = VideoJob(id=f"video_{uuid.uuid4().hex}", model=self.model_name, params=params,
-                       created_at=int(time.time()))
-        with self._lock:
+    def submit(self, params: SamplingParams, image: ReferenceImage | None = None) -> VideoJob:
+        """Queue a validated request. Its ``image`` (the decoded ``input_reference``) is written
+        under the data folder first and the job records its file; the job's stored params hold no
+        image, the worker reads the file back. Blocking (fsyncs): call it off the event loop."""
+        job = VideoJob(id=f"video_{uuid.uuid4().hex}", model=self.model_name,
+                       params=dataclasses.replace(params, image=None), created_at=int(time.time()))
+        store = self._store()
+        if image is not None:
             self._refuse_if_stopping()
             try:
-                added = self._store().add(job, max_queued=self.config.max_queued_videos)
-            except sqlite3.OperationalError as exc:
-                raise _storage_error(exc) from None
-            if not added:
-                raise self._queue_full()
+                job.input_reference = store.write_image(job.id, image)
+            except OSError as exc:
+                logger.error("cannot store the input_reference of a new video: %s", exc)
+                raise APIError(507, f"the server cannot store the input_reference image now "
+                               f"({exc.strerror or type(exc).__name__}); retry later",
+                               code="storage_failed", type="server_error") from None
+        added = False
+        try:
+            with self._lock:
+                self._refuse_if_stopping()
+                try:
+                    added = self._store().add(job, max_queued=self.config.max_queued_videos)
+                except sqlite3.OperationalError as exc:
+                    raise _storage_error(exc) from None
+                if not added:
+                    raise self._queue_full()
+        finally:
+            if not added and job.input_reference is not None:
+                store.remove_image(job.input_reference)
         self._queue.put(job.id)
         logger.info("queued %s", job.id)
         return job
@@ -335,6 +360,7 @@ class VideoService:
             cache_stats=job.cache_stats,
             inference_time_s=round(sum(job.timings.values()), 4) if job.timings else None,
             timings={k: round(v, 4) for k, v in job.timings.items()} if job.timings else None,
+            input_reference=InputReferenceInfo(**job.input_reference.public()) if job.input_reference else None,
         )
 
     # ----------------------------------------------------------------------------- the worker
@@ -386,10 +412,19 @@ class VideoService:
                 except sqlite3.Error as exc:  # progress is informative: a busy database must not fail the video
                     logger.warning("could not record the progress of %s: %s", job.id, exc)
 
+        try:
+            params = dataclasses.replace(job.params, image=store.read_image(job))
+        except (OSError, ValueError) as exc:  # ValueError: a file changed since, or refused when read again
+            logger.error("the input_reference of %s cannot be read: %s", job.id, exc)
+            self._finish(job, error=VideoError(
+                code="input_reference_missing", type="server_error",
+                message="the input_reference image of this video is gone from the server's data folder or was "
+                        "changed there; create the video again"))
+            return
         logger.info("generating %s", job.id)
         started = time.monotonic()
         try:
-            result = self.generator.generate(job.params, progress=progress)
+            result = self.generator.generate(params, progress=progress)
             if cancel.is_set():
                 raise _Cancelled
             content = encode_mp4(result.frames, result.params.fps, tmp_dir=store.videos_dir)
