@@ -34,7 +34,13 @@ def load_image(image: Any) -> Image.Image:
     file (turned upright by its EXIF orientation, then converted to RGB), so a path and the image
     that function returns for it make the same video; a PIL image is only converted to RGB."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        if image.mode == "RGB":
+            return image
+        try:
+            return image.convert("RGB")
+        except _UNREADABLE as exc:
+            raise InvalidRequestError(f"image of mode {image.mode} cannot be converted to RGB ({exc})",
+                                      param="image") from None
     path = _image_path(image)
     try:
         with Image.open(path) as opened:
