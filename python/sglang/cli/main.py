@@ -203,13 +203,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def check_image_for_folder(model_path: str | None, image: Any) -> None:
     """An image-to-video model without ``--image``, or a text-to-video one with it, is refused from
     the folder's model_index.json, before its weights load."""
+    from sglang.multimodal_gen.runtime.stages.input_validation import check_image_for_model
+
+    check_image_for_model(image, folder_is_image_to_video(model_path))
+
+
+def folder_is_image_to_video(model_path: str | None) -> bool:
+    """Whether the model folder holds an image-to-video model, read from its model_index.json alone."""
     from sglang.multimodal_gen.configs.models import read_model_info
     from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH
     from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
-    from sglang.multimodal_gen.runtime.stages.input_validation import check_image_for_model
 
-    info = read_model_info(resolve_model_path(str(model_path or BUILTIN_MODEL_PATH)))
-    check_image_for_model(image, info.image_to_video)
+    return read_model_info(resolve_model_path(str(model_path or BUILTIN_MODEL_PATH))).image_to_video
 
 
 def parse_step_list(value: str | None) -> list[int]:
@@ -227,21 +232,39 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from sglang.multimodal_gen.runtime.entrypoints.calibrate import (
         calibrate,
         check_calibration_output,
-        read_prompts_file,
+        read_prompt_lines,
+        split_prompt_lines,
     )
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
+    from sglang.multimodal_gen.runtime.stages.input_validation import check_image_for_model
 
-    prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
-    if not prompts:
+    flag_prompts = list(args.prompt or [])
+    file_lines = read_prompt_lines(args.prompts_file) if args.prompts_file else []
+    if not flag_prompts and not file_lines:
         raise UserError("give at least one --prompt or a --prompts-file")
+    if args.image is not None and not flag_prompts:
+        raise UserError("--image is the first frame of each --prompt; a prompts file names its own images "
+                        "(IMAGE_PATH<TAB>caption on each line)")
     planner_steps = parse_step_list(args.planner_steps)
     template = sampling_params_from_args(args)
+    # Seeds as calibrate() draws them: the --prompt ones first, then the file's.
     check_before_load(args, [dataclasses.replace(template, prompt=prompt, seed=template.seed + index)
-                             for index, prompt in enumerate(prompts)])  # seeds as calibrate() draws them
+                             for index, prompt in enumerate(flag_prompts)])
     check_calibration_output(args.output)
+    image_to_video = folder_is_image_to_video(args.model_path)
+    file_prompts, file_images = (split_prompt_lines(args.prompts_file, file_lines, image_to_video) if file_lines
+                                 else ([], []))
+    if flag_prompts:
+        check_image_for_model(args.image, image_to_video)
+    prompts = flag_prompts + file_prompts
+    images = [args.image] * len(flag_prompts) + file_images if image_to_video else None
+    first_seed = template.seed + len(flag_prompts)  # the file's images were checked with their lines
+    check_before_load(args, [dataclasses.replace(template, prompt=prompt, image=None, seed=first_seed + index)
+                             for index, prompt in enumerate(file_prompts)])
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
                                               **memory_kwargs(args))
-    result = calibrate(generator, prompts, template, args.output, show_progress=True, planner_steps=planner_steps)
+    result = calibrate(generator, prompts, template, args.output, show_progress=True, planner_steps=planner_steps,
+                       images=images)
     parts = result.experts.items() if result.experts else [("", result)]
     for expert, part in parts:
         label = f"{expert.replace('_', '-')} expert, " if expert else ""
@@ -282,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_level_arg(calibrate)
     add_model_args(calibrate)
     calibrate.add_argument("--prompt", action="append", help="a calibration prompt (repeatable)")
-    calibrate.add_argument("--prompts-file", default=None, help="file with one prompt per line")
+    calibrate.add_argument("--prompts-file", default=None,
+                           help="file with one prompt per line; for an image-to-video model each line is "
+                                "IMAGE_PATH<TAB>caption (a relative path from the file's folder)")
+    calibrate.add_argument("--image", default=None, metavar="PATH",
+                           help="image-to-video models: the first frame of every --prompt (the prompts file "
+                                "names its own images)")
     add_sampling_args(calibrate, writes_video=False)
     calibrate.add_argument("--output", required=True, help="calibration .json to write (a .png plot goes beside it)")
     calibrate.add_argument("--planner-steps", default=None,

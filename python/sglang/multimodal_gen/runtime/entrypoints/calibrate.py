@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
@@ -13,12 +13,17 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, plot_magnitude_ratios
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
-from sglang.multimodal_gen.runtime.stages.input_validation import check_prompt
+from sglang.multimodal_gen.runtime.stages.input_validation import check_image_for_model, check_prompt
+from sglang.multimodal_gen.runtime.utils.image_io import check_image
 from sglang.multimodal_gen.runtime.utils.video_io import check_writable_file
 
+_SPACES = " \r\n\f\v"
 
-def read_prompts_file(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+
+def read_prompt_lines(path: str | Path) -> list[tuple[int, str]]:
+    """The prompts file's lines that hold a prompt, with their 1-based line numbers (blank lines and
+    lines starting with '#' are skipped): read before the model is looked at, parsed once its kind
+    is known (:func:`split_prompt_lines`)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -29,10 +34,55 @@ def read_prompts_file(path: str | Path) -> list[str]:
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(f"prompts file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
                                   param="prompts_file") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
+    # Tabs are kept at the ends: "IMAGE_PATH<TAB>" is an image-to-video line without its caption.
+    numbered = [(number, line.strip(_SPACES)) for number, line in enumerate(lines, start=1)
+                if line.strip() and not line.lstrip().startswith("#")]
+    if not numbered:
         raise InvalidRequestError(f"prompts file {path} holds no prompts", param="prompts_file")
-    return prompts
+    return numbered
+
+
+def split_prompt_lines(path: str | Path, lines: Sequence[tuple[int, str]],
+                       image_to_video: bool) -> tuple[list[str], list[Path] | None]:
+    """The prompts and, for an image-to-video model, their first frames: such a model reads
+    ``IMAGE_PATH<TAB>caption`` on each line (a relative path from the file's folder), a
+    text-to-video model a caption without a tab. Each image's header is read here, so a missing or
+    unreadable one is named with its line before any generation."""
+    path = Path(path)
+    prompts, images = [], []
+    for number, line in lines:
+        where = f"prompts file {path} line {number}"
+        if not image_to_video:
+            if "\t" in line:
+                raise InvalidRequestError(
+                    f"{where} holds a tab (IMAGE_PATH<TAB>caption, the image-to-video format), but this model "
+                    "makes videos from text alone; give one caption per line", param="prompts_file")
+            prompts.append(line)
+            continue
+        image_text, tab, caption = line.partition("\t")
+        if not tab:
+            raise InvalidRequestError(
+                f"{where} has no tab: an image-to-video model needs IMAGE_PATH<TAB>caption on each line",
+                param="prompts_file")
+        image_text, caption = image_text.strip(), caption.strip()
+        if not image_text or not caption:
+            missing = "image path before" if not image_text else "caption after"
+            raise InvalidRequestError(f"{where} has no {missing} the tab (IMAGE_PATH<TAB>caption)",
+                                      param="prompts_file")
+        image = Path(image_text).expanduser()
+        image = image if image.is_absolute() else path.parent / image
+        try:
+            check_image(image)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"{where}: {exc}", param="prompts_file") from None
+        prompts.append(caption)
+        images.append(image)
+    return prompts, (images if image_to_video else None)
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """A text-to-video model's prompts file: one prompt per line (see :func:`read_prompt_lines`)."""
+    return split_prompt_lines(path, read_prompt_lines(path), image_to_video=False)[0]
 
 
 def check_calibration_output(output: str | Path) -> Path:
@@ -65,6 +115,7 @@ def calibrate(
     output: str | Path,
     show_progress: bool = False,
     planner_steps: Sequence[int] = (),
+    images: Sequence[Any] | None = None,
 ) -> CalibrationResult:
     """Run each prompt uncached (seed ``template.seed + index``), save the averaged result and its plot.
 
@@ -75,17 +126,29 @@ def calibrate(
     prompts and seeds, uncached), for requests at those step counts. Nothing else runs but 5
     uncached steps that time what a skipped step still costs: the planner fits its forecasts from
     the recorded outputs, so a calibration costs about its uncached runs.
+
+    ``images``: an image-to-video model's first frames (PIL images or paths), one per prompt;
+    without them every run takes ``template.image``. The step costs are timed on the first.
     """
     output = check_calibration_output(output)
     for prompt in prompts:
         check_prompt(prompt)
+    if images is None:
+        images = [template.image] * len(prompts)
+    elif len(images) != len(prompts):
+        raise InvalidRequestError(f"calibrate got {len(images)} images for {len(prompts)} prompts; give one "
+                                  "image per prompt", param="images")
+    for image in images:  # before the first run, not after some of them
+        check_image_for_model(image, generator.pipeline.model_info.image_to_video)
+        check_image(image)
     planner_steps = check_planner_steps(planner_steps)
 
     def run_all(steps: int | None, label: str):
         runs, resolved = [], None
         for index, prompt in enumerate(tqdm(prompts, desc=label, unit="prompt", disable=not show_progress)):
             params = dataclasses.replace(
-                template, prompt=prompt, seed=template.seed + index, cache=CacheParams(), output_path=None,
+                template, prompt=prompt, image=images[index], seed=template.seed + index, cache=CacheParams(),
+                output_path=None,
                 **({} if steps is None else {"num_inference_steps": steps}),
             )
             result = generator.generate(params, show_progress_bar=show_progress, calibrate=True)
@@ -109,7 +172,7 @@ def calibrate(
         size=[resolved.num_frames, resolved.height, resolved.width],
     )
     calibration.skipped_step_cost = generator.measure_step_costs(
-        dataclasses.replace(template, prompt=prompts[0])).to_dict()
+        dataclasses.replace(template, prompt=prompts[0], image=images[0])).to_dict()
     for steps in planner_steps:
         if steps != calibration.num_inference_steps:
             extra_runs, _ = run_all(steps, f"planner tables, {steps} steps")
