@@ -145,7 +145,7 @@ def split_budget(steps: Mapping[str, int], passes: int) -> dict[str, int]:
 
     Splitting by the planner's predicted error instead was measured on ``wan2.2-t2v-tiny`` and
     dropped: the high-noise expert's forecasts look cheap where sigma moves little, so at 3x it got
-    3 of its 13 steps, and the videos lost 2.7 dB mean and 1.5 dB worst against this split
+    3 of its 13 steps, and the videos lost 3.5 dB mean and 1.5 dB worst against this split
     (docs/benchmarks.md, "Two experts")."""
     if passes < len(steps):
         raise CacheConfigError(
