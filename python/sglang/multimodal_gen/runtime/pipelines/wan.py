@@ -47,6 +47,14 @@ def wan_i2v_cache_model_key(params: SamplingParams) -> str:
     return "wan21_i2v_14b_720p" if short_side >= _I2V_720P_MIN_SHORT_SIDE else "wan21_i2v_14b_480p"
 
 
+def wan_geometry(transformer, vae) -> VideoGeometry:
+    """What a Wan video's size must respect: the VAE's spatial stride times the patch, and its
+    temporal stride (Wan2.1: 16 pixels and 4k+1 frames; Wan2.2's VAE: 32 pixels)."""
+    patch = transformer.config.patch_size
+    spatial_multiple = vae.config.scale_factor_spatial * max(patch[1], patch[2])
+    return VideoGeometry(spatial_multiple=spatial_multiple, temporal_stride=vae.config.scale_factor_temporal)
+
+
 class WanT2VPipeline(Pipeline):
     """``offload_idle_expert`` (a two-expert folder): ``transformer_2`` stays on the host at load
     and the two experts trade places at the switch (:class:`ExpertOffload`), so the device holds
@@ -75,10 +83,8 @@ class WanT2VPipeline(Pipeline):
             experts = ExpertSwitch(WanDiTAdapter(self.transformer_2, model_info.expand_timesteps), boundary, offload)
             self.expert_schedule = lambda n: experts.schedule_for(scheduler, n)
 
-        patch = transformer.config.patch_size
-        spatial = vae.config.scale_factor_spatial
-        temporal = vae.config.scale_factor_temporal
-        self.geometry = VideoGeometry(spatial_multiple=spatial * max(patch[1], patch[2]), temporal_stride=temporal)
+        self.geometry = wan_geometry(transformer, vae)
+        spatial, temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
         self.stages = [
             InputValidationStage(
                 model_info.sampling_defaults,
@@ -114,10 +120,8 @@ class WanI2VPipeline(Pipeline):
         self.vae = vae
         self.image_encoder = image_encoder
 
-        patch = transformer.config.patch_size
-        spatial = vae.config.scale_factor_spatial
-        temporal = vae.config.scale_factor_temporal
-        self.geometry = VideoGeometry(spatial_multiple=spatial * max(patch[1], patch[2]), temporal_stride=temporal)
+        self.geometry = wan_geometry(transformer, vae)
+        spatial, temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
         self.stages = [
             InputValidationStage(
                 model_info.sampling_defaults,
