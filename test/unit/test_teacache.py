@@ -260,6 +260,9 @@ def test_no_skip_reason_is_none_in_calibration_mode():
 def test_presets_record_their_calibration_step_count_and_own_coefficients_do_not():
     assert teacache().config.calibration_steps == 50
     assert teacache(level="fast", steps=20).config.calibration_steps == 50
+    # Wan2.1's image-to-video presets were tuned at the release's I2V default, 40 steps.
+    i2v = build_cache(CacheParams("teacache"), 40, "wan21_i2v_14b_480p")
+    assert i2v.config.calibration_steps == 40 and i2v.step_ratio == 1.0
     own = build_cache(CacheParams("teacache", options={"coefficients": [1.0, 0.0]}), 20, "wan21_t2v_1.3b")
     assert own.config.calibration_steps is None and own.threshold == own.config.threshold
     stated = build_cache(CacheParams("teacache", options={"coefficients": [1.0, 0.0], "calibration_steps": 40}),

@@ -18,7 +18,7 @@ TeaCache4HunyuanVideo/teacache_sample_video.py, ``teacache_forward``):
 - Warm-up and end windows are counted in denoising steps of this request, so they do not depend
   on how many CFG branches the request has.
 - Not in the release: at a step count other than the one the polynomial and threshold were fitted
-  at (``calibration_steps``, 50 for the presets) the threshold is scaled by
+  at (``calibration_steps``: 50 for the presets, 40 for the image-to-video ones) the threshold is scaled by
   ``calibration_steps / steps``; at that step count itself nothing changes.
 
 On Wan2.1 both indicators depend on the timestep only, so TeaCache's decisions there follow the
@@ -79,7 +79,8 @@ class TeaCacheConfig:
             mode 0). Lower is faster.
         calibration_steps (`int`, *optional*):
             The step count `coefficients` and `threshold` were fitted and tuned at: 50 for the
-            published presets, a calibration file's own `num_inference_steps`. A request with
+            published text-to-video presets, 40 for Wan2.1's image-to-video ones (the release's
+            defaults), a calibration file's own `num_inference_steps`. A request with
             another step count compares the accumulated change with
             `threshold * calibration_steps / num_inference_steps`: each of its steps spans that
             many calibration steps, so it gets that much more of the budget. At fewer steps than
@@ -288,7 +289,7 @@ class TeaCache(TimestepCache):
         if preset is not None:
             kwargs["coefficients"] = preset["coefficients"]
             kwargs["threshold"] = preset[level]
-            kwargs["calibration_steps"] = PRESET_CALIBRATION_STEPS
+            kwargs["calibration_steps"] = preset_calibration_steps(key)
         elif key in preset_table() and "coefficients" not in overrides:
             raise CacheConfigError(
                 f"teacache has no published coefficients for model {model_key!r} with indicator {indicator!r} "
@@ -330,9 +331,16 @@ def teacache_passes(changes: Sequence[float], threshold: float, warmup_steps: in
 
 
 # --------------------------------------------------------------------------- presets
-# The step count every published polynomial and threshold was fitted and tuned at: the release
-# scripts' defaults (Wan2.1 T2V sample_steps 50, HunyuanVideo infer_steps 50).
+# The step count the published polynomials and thresholds were fitted and tuned at: the release
+# scripts' defaults (Wan2.1's generate.py: sample_steps 50 for text to video, 40 for image to
+# video; HunyuanVideo infer_steps 50).
 PRESET_CALIBRATION_STEPS = 50
+I2V_PRESET_CALIBRATION_STEPS = 40
+
+
+def preset_calibration_steps(model_key: str) -> int:
+    """The step count a preset's threshold was tuned at (the request's is scaled from it)."""
+    return I2V_PRESET_CALIBRATION_STEPS if "_i2v_" in model_key else PRESET_CALIBRATION_STEPS
 # (warmup_steps, end_steps) of each release mode, in denoising steps.
 _WINDOWS = {"modulated_input": (1, 1), "timestep_projection": (5, 0)}
 # model key -> indicator -> (coefficient key in the shipped JSON, slow threshold, fast threshold).
