@@ -19,14 +19,13 @@ docs/reference-model.md ("The two-expert model").
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from sglang.multimodal_gen.tools.reference_architectures import encode_umt5
 from sglang.multimodal_gen.tools.synthetic_videos import WORLDS, sample_batch
 from sglang.multimodal_gen.tools.tiny_models import WAN_COMPONENTS, write_model_index
 from sglang.multimodal_gen.tools.train_reference import cosine_lr, ema_update, shifted_sigmas
-from sglang.multimodal_gen.tools.training_checkpoint import TrainingCheckpoint
+from sglang.multimodal_gen.tools.training_checkpoint import TrainingCheckpoint, fine_tune_main
 
 logger = logging.getLogger("train_experts")
 
@@ -281,23 +280,8 @@ def train_experts(output: Path, cfg: ExpertTrainConfig, checkpoint_dir: Path | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, type=Path, help="folder to write the two-expert diffusers layout to")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="keep the latents and the fine-tuning state here")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    for field in fields(ExpertTrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
-                            help=f"default {field.default}")
-    args = parser.parse_args(argv)
-    if args.checkpoint_every < 1:
-        parser.error("--checkpoint-every must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    torch.set_num_threads(args.threads)
-    cfg = ExpertTrainConfig(**{f.name: getattr(args, f.name) for f in fields(ExpertTrainConfig)})
-    train_experts(args.output, cfg, args.checkpoint_dir, args.resume, args.checkpoint_every)
-    return 0
+    return fine_tune_main(__doc__.split("\n\n")[0], ExpertTrainConfig, train_experts, "folder to write the two-expert diffusers layout to", checkpoint_every=500,
+                          argv=argv)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ previous checkpoint whole.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -82,3 +85,30 @@ def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def fine_tune_main(description: str, config_class: type, train: Callable[..., Any], output_help: str,
+                   checkpoint_every: int, argv: list[str] | None = None) -> int:
+    """The command line of a fine-tuning script (``train_experts``, ``train_i2v``): ``--output``,
+    ``--threads``, checkpointing and ``--resume``, and one flag per field of ``config_class``; calls
+    ``train(output, config, checkpoint_dir, resume, checkpoint_every)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output", required=True, type=Path, help=output_help)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="keep the inputs and the training state here")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                        help=f"steps between checkpoints (default {checkpoint_every})")
+    for field in fields(config_class):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                            help=f"default {field.default}")
+    args = parser.parse_args(argv)
+    if args.checkpoint_every < 1:
+        parser.error("--checkpoint-every must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    config = config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
+    train(args.output, config, args.checkpoint_dir, args.resume, args.checkpoint_every)
+    return 0
