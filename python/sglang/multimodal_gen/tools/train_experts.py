@@ -46,26 +46,33 @@ EXPERT_FOLDERS: dict[str, str] = {"high_noise": "transformer", "low_noise": "tra
 
 
 @dataclass
-class ExpertTrainConfig:
-    """Every knob of an expert fine-tuning run; the defaults make the shipped ``wan2.2-t2v-tiny``."""
+class FineTuneConfig:
+    """What every fine-tuning run from a trained Wan model sets (``train_experts``, ``train_i2v``)."""
 
     seed: int = 0
-    # The trained Wan model (built-in name or folder) both experts start from.
+    # The trained Wan model (built-in name or folder) the run starts from.
     source: str = "wan2.1-t2v-tiny-hard"
-    # Wan2.2 T2V-A14B's boundary: timesteps >= 875 of 1000 go to the high-noise expert.
-    boundary_ratio: float = 0.875
     world: str = "hard-cued"
     num_videos: int = 2000
-    # Steps per expert; a lower learning rate than training from scratch, so each expert stays
-    # close to the shared model outside what its range teaches it.
-    steps: int = 3000
+    steps: int = 4000
     batch: int = 16
+    # A lower learning rate than training from scratch, so the model stays close to the source
+    # outside what the new task teaches it.
     lr: float = 3e-4
     warmup: int = 100
     weight_decay: float = 0.01
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     log_every: int = 500
+
+
+@dataclass
+class ExpertTrainConfig(FineTuneConfig):
+    """Every knob of an expert fine-tuning run; the defaults make the shipped ``wan2.2-t2v-tiny``
+    (``steps`` per expert)."""
+
+    # Wan2.2 T2V-A14B's boundary: timesteps >= 875 of 1000 go to the high-noise expert.
+    boundary_ratio: float = 0.875
 
 
 def boundary_quantile(boundary_ratio: float, shift: float) -> float:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sglang.multimodal_gen.configs.models import WAN_I2V_TEXT_LENGTH
 from sglang.multimodal_gen.tools.tiny_models import TINY_CLIP_VISION, WAN_COMPONENTS, write_model_index
-from sglang.multimodal_gen.tools.train_experts import SourceModel, caption_embeddings, load_source
+from sglang.multimodal_gen.tools.train_experts import FineTuneConfig, SourceModel, caption_embeddings, load_source
 from sglang.multimodal_gen.tools.train_reference import cosine_lr, ema_update, shifted_sigmas
 from sglang.multimodal_gen.tools.synthetic_videos import WORLDS, sample_batch
 from sglang.multimodal_gen.tools.training_checkpoint import TrainingCheckpoint, fine_tune_main
@@ -50,23 +50,12 @@ HELDOUT_SEED = 1234
 
 
 @dataclass
-class I2VTrainConfig:
+class I2VTrainConfig(FineTuneConfig):
     """Every knob of an I2V fine-tuning run; the defaults make the shipped ``wan2.1-i2v-tiny``."""
 
-    seed: int = 0
-    # The trained Wan T2V model (built-in name or folder) the transformer starts from.
-    source: str = "wan2.1-t2v-tiny-hard"
-    world: str = "hard-cued"
-    num_videos: int = 2000
     # About 75 minutes on one CPU thread at the measured 1.77 it/s (batch 16), after about 10
     # minutes of encoding the videos.
     steps: int = 8000
-    batch: int = 16
-    lr: float = 3e-4
-    warmup: int = 100
-    weight_decay: float = 0.01
-    ema_decay: float = 0.998
-    caption_dropout: float = 0.1
     log_every: int = 250
 
 
