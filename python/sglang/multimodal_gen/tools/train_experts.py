@@ -287,8 +287,8 @@ def train_experts(output: Path, cfg: ExpertTrainConfig, checkpoint_dir: Path | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    return fine_tune_main(__doc__.split("\n\n")[0], ExpertTrainConfig, train_experts, "folder to write the two-expert diffusers layout to", checkpoint_every=500,
-                          argv=argv)
+    return fine_tune_main(__doc__.split("\n\n")[0], ExpertTrainConfig, train_experts,
+                          output_help="folder to write the two-expert diffusers layout to", checkpoint_every=500, argv=argv)
 
 
 if __name__ == "__main__":

@@ -277,8 +277,8 @@ def train_i2v(output: Path, cfg: I2VTrainConfig, checkpoint_dir: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    return fine_tune_main(__doc__.split("\n\n")[0], I2VTrainConfig, train_i2v, "folder to write the I2V diffusers layout to", checkpoint_every=250,
-                          argv=argv)
+    return fine_tune_main(__doc__.split("\n\n")[0], I2VTrainConfig, train_i2v,
+                          output_help="folder to write the I2V diffusers layout to", checkpoint_every=250, argv=argv)
 
 
 if __name__ == "__main__":
