@@ -217,3 +217,13 @@ def hunyuan_generator(tiny_hunyuan_dir):
 
     return DiffGenerator.from_pretrained(str(tiny_hunyuan_dir), device="cpu")
 
+
+
+@pytest.fixture
+def restore_threads():
+    """The training scripts set torch's thread count for the whole process; give the rest of the suite its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

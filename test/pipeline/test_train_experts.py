@@ -17,13 +17,6 @@ from sglang.multimodal_gen.tools import train_experts
 SMOKE = ["--num-videos", "4", "--steps", "2", "--batch", "2", "--warmup", "1", "--log-every", "1"]
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
 def test_each_expert_draws_noise_levels_on_its_side_of_the_boundary(shift):
     gen = torch.Generator().manual_seed(0)

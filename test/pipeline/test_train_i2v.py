@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from PIL import Image
 
@@ -16,13 +15,6 @@ from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 from sglang.multimodal_gen.tools import train_i2v
 
 SMOKE = ["--num-videos", "2", "--steps", "2", "--batch", "2", "--warmup", "1", "--log-every", "1"]
-
-
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @torch.no_grad()

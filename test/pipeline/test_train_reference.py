@@ -22,14 +22,6 @@ SMOKE = ["--vae-steps", "3", "--vae-full-clips-from", "2", "--vae-batch", "2", "
          "--dit-steps", "3", "--dit-batch", "2", "--dit-warmup", "1", "--log-every", "2"]
 
 
-@pytest.fixture
-def restore_threads():
-    """The script sets torch's thread count for the whole process; give the rest of the suite its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_few_step_training_writes_a_loadable_pipeline_and_reusing_its_vae_reproduces_it(tmp_path, caplog, restore_threads):
     caplog.set_level(logging.INFO, logger="train_reference")
     full = tmp_path / "full"
