@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from sglang.multimodal_gen.runtime.cache.stats import CacheStats
+from sglang.multimodal_gen.runtime.cache.stats import BranchStats, CacheStats
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
 
@@ -71,7 +71,7 @@ class ExpertCaches:
         for cache in self.caches.values():
             cache.reset()
         self._stats = CacheStats(strategy=self.name, num_inference_steps=self.num_inference_steps,
-                                 branches={b: type(s)() for b, s in next(iter(self.caches.values())).stats.branches.items()},
+                                 branches={b: BranchStats() for b in self.branches},
                                  asked_speedup=self.asked_speedup, step_experts=list(self.schedule))
 
     # ------------------------------------------------------------------ the stage's calls

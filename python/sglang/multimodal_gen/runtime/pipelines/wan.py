@@ -10,6 +10,8 @@ conditioning (CLIP embedding, VAE-encoded condition and mask) made after the tex
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sglang.multimodal_gen.configs.models import WAN_I2V_PIPELINE, ModelInfo
@@ -81,7 +83,9 @@ class WanT2VPipeline(Pipeline):
                 self.transformer_2.to(device)
             boundary = model_info.boundary_ratio * scheduler.config.num_train_timesteps
             experts = ExpertSwitch(WanDiTAdapter(self.transformer_2, model_info.expand_timesteps), boundary, offload)
-            self.expert_schedule = lambda n: experts.schedule_for(scheduler, n)
+            # Asked at validation and again by the generator per request: the same few step counts.
+            schedules = functools.lru_cache(maxsize=32)(lambda n: tuple(experts.schedule_for(scheduler, n)))
+            self.expert_schedule = lambda n: list(schedules(n))
 
         self.geometry = wan_geometry(transformer, vae)
         spatial, temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
