@@ -7,6 +7,7 @@
     python benchmark/frontier.py --budget time                    # each speedup asked in time, as users ask
     python benchmark/frontier.py --model-path hunyuanvideo-t2v-tiny --output benchmark/results/frontier-hunyuan.json
     python benchmark/frontier.py --model-path wan2.2-t2v-tiny --steps 40   # two experts: adds the boundary-blind planner
+    python benchmark/frontier.py --model-path wan2.1-i2v-tiny --output benchmark/results/frontier-i2v.json  # image to video
 
 For each held-out prompt and seed: the uncached run (50 steps unless ``--steps``) is the reference;
 every method of ``frontier_configs.METHODS`` is asked for 1.5x, 2x, 2.5x and 3x (``round(steps /
@@ -46,13 +47,18 @@ from frontier_configs import (  # noqa: E402
     FrontierMethod,
     Request,
     model_prompts,
+    prompt_images,
 )
 from frontier_report import markdown_table, plot_frontier, summarise  # noqa: E402
 from metrics import psnr, ssim  # noqa: E402
 from threshold_search import nearest_threshold  # noqa: E402
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
-from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate, read_prompts_file  # noqa: E402
+from sglang.multimodal_gen.runtime.entrypoints.calibrate import (  # noqa: E402
+    calibrate,
+    read_prompt_lines,
+    split_prompt_lines,
+)
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, budget_passes  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
 
@@ -122,14 +128,17 @@ def boundary_blind(gen: DiffGenerator) -> Iterator[None]:
 
 def blind_calibration(gen: DiffGenerator, steps: int, folder: Path) -> Path:
     """A calibration of the whole run as if one transformer ran it, on the model's calibration prompts."""
-    prompts = read_prompts_file(Path(gen.pipeline.model_info.path) / "calibration_prompts.txt")
+    info = gen.pipeline.model_info
+    path = Path(info.path) / "calibration_prompts.txt"
+    prompts, images = split_prompt_lines(path, read_prompt_lines(path), info.image_input)
     output = folder / "boundary-blind.json"
     with boundary_blind(gen):
-        calibrate(gen, prompts, SamplingParams(prompt=prompts[0], num_inference_steps=steps), output)
+        calibrate(gen, prompts, SamplingParams(prompt=prompts[0], num_inference_steps=steps), output, images=images)
     return output
 
 
-def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: int, prompts: list[str]) -> dict:
+def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: int, prompts: list[str],
+                    images: dict[str, Path]) -> dict:
     """``{strategy: {speedup: (threshold, mean passes on the tuning prompts)}}`` for the methods that
     need one; found once per strategy (with ``reuse``: the estimator barely moves the passes)."""
     tuned: dict[str, dict[float, tuple[float, float]]] = {}
@@ -141,13 +150,13 @@ def tune_thresholds(gen: DiffGenerator, methods: list[FrontierMethod], steps: in
                 continue
             base = dataclasses.replace(request.cache, estimator=None)
             tuned.setdefault(strategy, {})[speedup] = nearest_threshold(
-                gen, base, budget_passes(steps, speedup), steps, prompts)
+                gen, base, budget_passes(steps, speedup), steps, prompts, images)
     return tuned
 
 
 def run_method(
     gen: DiffGenerator, peer: DiffusersTaylorSeer | None, method: FrontierMethod, speedup: float, steps: int,
-    prompt: str, seed: int, tuned: dict, budget: str, blind_file: Path | None = None,
+    prompt: str, seed: int, tuned: dict, budget: str, blind_file: Path | None = None, image: Path | None = None,
 ) -> tuple[np.ndarray, int, float | None]:
     """Frames, passes per branch and (our pipeline only) denoising seconds of one method at one speedup.
     ``budget``: ``passes`` counts skipped steps as free (every budgeted method runs ``round(steps /
@@ -162,7 +171,7 @@ def run_method(
         return (*peer.run(prompt, seed, steps, request.taylorseer), None)
     if request.boundary_blind:
         request = dataclasses.replace(request, cache=dataclasses.replace(request.cache, calibration_file=str(blind_file)))
-    params = SamplingParams(prompt=prompt, seed=seed, num_inference_steps=request.num_inference_steps)
+    params = SamplingParams(prompt=prompt, seed=seed, num_inference_steps=request.num_inference_steps, image=image)
     if request.cache is not None:
         params = dataclasses.replace(params, cache=request.cache)
     with boundary_blind(gen) if request.boundary_blind else contextlib.nullcontext():
@@ -195,8 +204,10 @@ def main() -> None:
         parser.error(f"unknown method(s) {unknown}; choose from: {'; '.join(m.name for m in METHODS)}")
     gen = DiffGenerator.from_pretrained(args.model_path, device="cpu", cache_calibration=args.calibration)
     two_experts = gen.pipeline.expert_schedule is not None
-    # diffusers' TaylorSeer hook caches one transformer; the blind planner compares only where there are two.
-    applies = {"diffusers taylorseer": not two_experts, "planner, boundary-blind": two_experts}
+    images = prompt_images(Path(gen.pipeline.model_info.path))
+    # diffusers' TaylorSeer hook caches one transformer (the harness runs its text-to-video
+    # pipelines); the blind planner compares only where there are two.
+    applies = {"diffusers taylorseer": not two_experts and not images, "planner, boundary-blind": two_experts}
     methods = [m for m in METHODS if (chosen is None and applies.get(m.name, True)) or (chosen and m.name in chosen)]
     if any(m.name == "planner, boundary-blind" for m in methods) and not two_experts:
         parser.error("'planner, boundary-blind' compares caching across the switch of a two-expert model")
@@ -205,11 +216,12 @@ def main() -> None:
         prompts, tuning_prompts = prompts[:1], tuning_prompts[:1]
     samples = [(p, s) for p in prompts for s in range(1 if args.quick else args.seeds)]
     steps = args.steps
-    defaults = gen.validate(SamplingParams(prompt=prompts[0], num_inference_steps=steps))
+    first = SamplingParams(prompt=prompts[0], num_inference_steps=steps, image=images.get(prompts[0]))
+    defaults = gen.validate(first)
     peer = DiffusersTaylorSeer(gen, defaults) if any(
         m.name == "diffusers taylorseer" for m in methods) else None
-    gen.generate(SamplingParams(prompt=prompts[0], num_inference_steps=steps))  # warm-up, not measured
-    tuned = tune_thresholds(gen, methods, steps, tuning_prompts)
+    gen.generate(first)  # warm-up, not measured
+    tuned = tune_thresholds(gen, methods, steps, tuning_prompts, images)
     scratch = Path(tempfile.mkdtemp(prefix="frontier-"))
     blind_file = blind_calibration(gen, steps, scratch) if any(m.name == "planner, boundary-blind" for m in methods) else None
     for strategy, by_speedup in tuned.items():
@@ -218,13 +230,14 @@ def main() -> None:
     rows: list[dict] = []
     bar = tqdm(total=len(samples) * (1 + len(methods) * len(SPEEDUPS)), desc="frontier", unit="run")
     for prompt, seed in samples:
-        uncached = gen.generate(SamplingParams(prompt=prompt, seed=seed, num_inference_steps=steps))
+        uncached = gen.generate(SamplingParams(prompt=prompt, seed=seed, num_inference_steps=steps,
+                                               image=images.get(prompt)))
         reference = uncached.frames
         bar.update()
         for method in methods:
             for speedup in SPEEDUPS:
                 frames, passes, seconds = run_method(gen, peer, method, speedup, steps, prompt, seed, tuned,
-                                                     args.budget, blind_file)
+                                                     args.budget, blind_file, images.get(prompt))
                 rows.append(dict(method=method.name, speedup=speedup, prompt=prompt, seed=seed, passes=passes,
                                  psnr=psnr(frames, reference), ssim=ssim(frames, reference), seconds=seconds,
                                  uncached_seconds=uncached.timings["denoising"]))

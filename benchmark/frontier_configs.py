@@ -6,7 +6,9 @@ speedup into (``request``), and its plot style; add a method by adding a ``Front
 ``METHODS``. ``taylorseer`` runs in diffusers' own pipeline of the model's family (``WanPipeline`` or
 ``HunyuanVideoPipeline``, the harness's ``DiffusersTaylorSeer``), the others in our pipeline.
 ``planner, boundary-blind`` is for two-expert models (Wan2.2): the planner with one state across
-the switch, the comparison that shows what keeping the state per expert is worth.
+the switch, the comparison that shows what keeping the state per expert is worth. On an
+image-to-video model every request takes the first frame its prompts file gives its caption
+(:func:`prompt_images`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams
+from sglang.multimodal_gen.configs.models import IMAGE_REQUIRED, read_model_info
 from sglang.multimodal_gen.runtime.cache.base import budget_passes
+from sglang.multimodal_gen.runtime.entrypoints.calibrate import read_prompt_lines, split_prompt_lines
 from sglang.multimodal_gen.tools.adherence import listed_held_out, model_world
 from sglang.multimodal_gen.tools.synthetic_videos import HELD_OUT, WORLDS
 
@@ -32,11 +36,34 @@ TUNING_SCENE_INDICES = (7, 160, 250)
 
 def model_prompts(model_folder: Path) -> tuple[list[str], list[str]]:
     """The scored and the tuning captions for a model: its folder's ``heldout_prompts.txt`` when it
-    has one (else :data:`PROMPTS`), and training captions of the world it was trained on."""
+    has one (else :data:`PROMPTS`), and training captions of the world it was trained on (an
+    image-to-video model's: the first of its ``calibration_prompts.txt``, which have first frames)."""
     listed = listed_held_out(Path(model_folder))
     scored = PROMPTS if listed is None else [scene.caption for scene in listed]
+    images = prompt_images(Path(model_folder))
+    if images:
+        calibration = read_i2v_prompts(Path(model_folder) / "calibration_prompts.txt")
+        return scored, [caption for caption, _ in calibration[:len(TUNING_SCENE_INDICES)]]
     train_scenes = WORLDS[model_world(Path(model_folder))].train_scenes
     return scored, [train_scenes[i].caption for i in TUNING_SCENE_INDICES]
+
+
+def read_i2v_prompts(path: Path) -> list[tuple[str, Path]]:
+    """``(caption, image)`` of each ``IMAGE_PATH<TAB>caption`` line of an image-to-video prompts file."""
+    captions, images = split_prompt_lines(path, read_prompt_lines(path), IMAGE_REQUIRED)
+    return list(zip(captions, images))
+
+
+def prompt_images(model_folder: Path) -> dict[str, Path]:
+    """An image-to-video model's first frame of each caption its ``heldout_prompts.txt`` and
+    ``calibration_prompts.txt`` list; empty for a text-to-video model. Requests take
+    ``image=prompt_images(...).get(caption)``."""
+    if not read_model_info(Path(model_folder)).image_to_video:
+        return {}
+    images: dict[str, Path] = {}
+    for name in ("heldout_prompts.txt", "calibration_prompts.txt"):
+        images.update(read_i2v_prompts(Path(model_folder) / name))
+    return images
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The I2V fine-tuning script, run for a few steps: the new transformer starts as the T2V model
 behaves, and the folder it writes is a Wan2.1 I2V folder the runtime runs from an image, with
-held-out prompts in the ``IMAGE_PATH<TAB>caption`` format."""
+held-out and calibration prompts in the ``IMAGE_PATH<TAB>caption`` format."""
 
 from __future__ import annotations
 
@@ -43,10 +43,11 @@ def test_few_step_run_writes_an_i2v_folder_that_generates_from_an_image(tmp_path
     assert info.text_max_length == 512
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "WanImageToVideoPipeline"
     assert json.loads((out / "training_summary.json").read_text())["config"]["steps"] == 2
+    calibration = (out / "calibration_prompts.txt").read_text().splitlines()
     lines = (out / "heldout_prompts.txt").read_text().splitlines()
-    assert lines
+    assert lines and calibration and not set(lines) & set(calibration)
     images = []
-    for line in lines:
+    for line in lines + calibration:
         path, tab, caption = line.partition("\t")
         assert tab and caption.strip() and (out / path).is_file()
         images.append(out / path)

@@ -227,7 +227,7 @@ def test_a_version_1_database_gains_the_column(tmp_path):
 class ImageToVideoStub(StubGenerator):
     """The stub model, made an image-to-video one: it records the image each run was given."""
 
-    pipeline = SimpleNamespace(model_info=SimpleNamespace(image_to_video=True))
+    pipeline = SimpleNamespace(model_info=SimpleNamespace(image_input="required"))
 
     def __init__(self) -> None:
         super().__init__()

@@ -12,8 +12,8 @@ from typing import Any
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", default=None,
                         help="diffusers-layout model folder, hub id, or a built-in model's name: wan2.1-t2v-tiny "
-                             "(the default), wan2.1-t2v-tiny-hard, wan2.2-t2v-tiny (two experts) or "
-                             "hunyuanvideo-t2v-tiny")
+                             "(the default), wan2.1-t2v-tiny-hard, wan2.2-t2v-tiny (two experts), wan2.1-i2v-tiny "
+                             "(image to video) or hunyuanvideo-t2v-tiny")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
 

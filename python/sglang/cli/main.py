@@ -205,16 +205,17 @@ def check_image_for_folder(model_path: str | None, image: Any) -> None:
     the folder's model_index.json, before its weights load."""
     from sglang.multimodal_gen.runtime.stages.input_validation import check_image_for_model
 
-    check_image_for_model(image, folder_is_image_to_video(model_path))
+    check_image_for_model(image, folder_image_input(model_path))
 
 
-def folder_is_image_to_video(model_path: str | None) -> bool:
-    """Whether the model folder holds an image-to-video model, read from its model_index.json alone."""
+def folder_image_input(model_path: str | None) -> str:
+    """Whether the folder's model takes a first frame (``ModelInfo.image_input``), read from its
+    model_index.json alone."""
     from sglang.multimodal_gen.configs.models import read_model_info
     from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH
     from sglang.multimodal_gen.runtime.models.loader import resolve_model_path
 
-    return read_model_info(resolve_model_path(str(model_path or BUILTIN_MODEL_PATH))).image_to_video
+    return read_model_info(resolve_model_path(str(model_path or BUILTIN_MODEL_PATH))).image_input
 
 
 def parse_step_list(value: str | None) -> list[int]:
@@ -229,6 +230,7 @@ def parse_step_list(value: str | None) -> list[int]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from sglang.multimodal_gen.configs.models import NO_IMAGE
     from sglang.multimodal_gen.runtime.entrypoints.calibrate import (
         calibrate,
         check_calibration_output,
@@ -251,13 +253,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_before_load(args, [dataclasses.replace(template, prompt=prompt, seed=template.seed + index)
                              for index, prompt in enumerate(flag_prompts)])
     check_calibration_output(args.output)
-    image_to_video = folder_is_image_to_video(args.model_path)
-    file_prompts, file_images = (split_prompt_lines(args.prompts_file, file_lines, image_to_video) if file_lines
+    image_input = folder_image_input(args.model_path)
+    file_prompts, file_images = (split_prompt_lines(args.prompts_file, file_lines, image_input) if file_lines
                                  else ([], []))
     if flag_prompts:
-        check_image_for_model(args.image, image_to_video)
+        check_image_for_model(args.image, image_input)
     prompts = flag_prompts + file_prompts
-    images = [args.image] * len(flag_prompts) + file_images if image_to_video else None
+    images = [args.image] * len(flag_prompts) + file_images if image_input != NO_IMAGE else None
     first_seed = template.seed + len(flag_prompts)  # the file's images were checked with their lines
     check_before_load(args, [dataclasses.replace(template, prompt=prompt, image=None, seed=first_seed + index)
                              for index, prompt in enumerate(file_prompts)])
@@ -291,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="what the video shows")
     add_sampling_args(generate)
     generate.add_argument("--image", default=None, metavar="PATH",
-                          help="image-to-video models (Wan2.1 I2V): the first frame, an image file PIL reads; it is "
-                               "stretched to --height x --width")
+                          help="image-to-video models (Wan2.1 I2V, Wan2.2 I2V-A14B; optional for TI2V-5B): the first "
+                               "frame, an image file PIL reads; it is stretched to --height x --width")
     generate.add_argument("--output-path", default=None,
                           help="where to save: .mp4 (default outputs/<prompt>_<seed>.mp4) or .npy (float frames)")
     add_cache_args(generate)

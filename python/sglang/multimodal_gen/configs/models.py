@@ -7,8 +7,8 @@ built-in model does), may declare the prompt length its text path was trained wi
 (``text_max_length``, default: the family's, as diffusers' pipelines pad to it), and may pass
 ``pipeline_options`` to its family's pipeline (HunyuanVideo: ``{"prompt_template": {"crop_start":
 N}}`` for a tokenizer other than the published one). Within a family the ``_class_name`` also
-picks the pipeline (Wan: ``WanPipeline`` text to video, ``WanImageToVideoPipeline`` Wan2.1 image
-to video).
+says whether a first frame is wanted (Wan: ``WanPipeline`` text to video, ``WanImageToVideoPipeline``
+image to video; a Wan2.2 TI2V-5B folder makes either).
 """
 
 from __future__ import annotations
@@ -74,6 +74,16 @@ WAN21_I2V_DEFAULTS: dict[str, Any] = dict(WAN_DEFAULTS)
 #: cuts the image tokens off the cross-attention context at ``length - 512``.
 WAN_I2V_TEXT_LENGTH = 512
 WAN_I2V_PIPELINE = "WanImageToVideoPipeline"
+#: Wan2.2 I2V-A14B's (the Wan2.2 release's ``i2v_A14B`` config): 40 steps, guidance 3.5 for both
+#: experts (switching at ``boundary_ratio`` 0.9, which its model_index.json sets), 1280x720 as the
+#: release's default size; frames and fps as Wan2.1's.
+WAN22_I2V_DEFAULTS: dict[str, Any] = {
+    **WAN_DEFAULTS, "num_inference_steps": 40, "guidance_scale": 3.5, "guidance_scale_2": 3.5, "height": 720,
+    "width": 1280,
+}
+
+#: ``ModelInfo.image_input``: whether a request gives a first frame.
+NO_IMAGE, IMAGE_OPTIONAL, IMAGE_REQUIRED = "none", "optional", "required"
 
 MODEL_FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
@@ -116,9 +126,11 @@ class ModelInfo:
     timestep is at least ``boundary_ratio * num_train_timesteps``, ``transformer_2`` the rest, as
     diffusers' ``WanPipeline`` chooses); ``None`` for one transformer. ``expand_timesteps`` is set
     for a Wan2.2 TI2V-5B folder: its transformer takes a timestep per token, not per video.
-    ``image_to_video``: the model makes a video from a first frame and a caption (it takes
-    ``SamplingParams.image``); text-to-video models refuse an image. ``diffusers_pipeline`` is
-    model_index.json's ``_class_name``, which picks the family's pipeline.
+    ``image_input`` says whether a request gives a first frame (``SamplingParams.image``):
+    ``"required"`` for an image-to-video model (a ``WanImageToVideoPipeline`` folder), ``"optional"``
+    for Wan2.2 TI2V-5B loaded as ``WanPipeline`` (text to video without one, image to video with
+    one), ``"none"`` for text-to-video models, which refuse an image. ``diffusers_pipeline`` is
+    model_index.json's ``_class_name``.
     """
 
     path: Path
@@ -131,12 +143,17 @@ class ModelInfo:
     num_attention_heads: int | None = None
     boundary_ratio: float | None = None
     expand_timesteps: bool = False
-    image_to_video: bool = False
+    image_input: str = NO_IMAGE
     diffusers_pipeline: str = ""
 
     @property
     def two_experts(self) -> bool:
         return self.boundary_ratio is not None
+
+    @property
+    def image_to_video(self) -> bool:
+        """Every request gives a first frame."""
+        return self.image_input == IMAGE_REQUIRED
 
 
 def _transformer_config(path: Path) -> dict[str, Any]:
@@ -183,13 +200,14 @@ def read_model_info(path: Path) -> ModelInfo:
     boundary_ratio = _wan22_boundary_ratio(index, index_file) if family.name == "wan" else None
     expand_timesteps = family.name == "wan" and _wan22_expand_timesteps(index, index_file, boundary_ratio)
     image_to_video = class_name == WAN_I2V_PIPELINE
+    image_input = IMAGE_REQUIRED if image_to_video else IMAGE_OPTIONAL if expand_timesteps else NO_IMAGE
     defaults = family.sampling_defaults
-    if image_to_video:
-        defaults = WAN21_I2V_DEFAULTS
-    elif boundary_ratio is not None:
-        defaults = WAN22_TWO_EXPERT_DEFAULTS
-    elif expand_timesteps:
+    if expand_timesteps:
         defaults = WAN22_TI2V_DEFAULTS
+    elif boundary_ratio is not None:
+        defaults = WAN22_I2V_DEFAULTS if image_to_video else WAN22_TWO_EXPERT_DEFAULTS
+    elif image_to_video:
+        defaults = WAN21_I2V_DEFAULTS
     calibration = overrides.get("cache_calibration_file")
     text_max_length = overrides.get("text_max_length", family.text_max_length)
     if isinstance(text_max_length, bool) or not isinstance(text_max_length, int) or text_max_length < 1:
@@ -197,7 +215,7 @@ def read_model_info(path: Path) -> ModelInfo:
             f"{path / OVERRIDES_FILE}: text_max_length must be a whole number of tokens >= 1, got {text_max_length!r}"
         )
     if image_to_video:
-        _check_wan21_i2v(path, index, boundary_ratio, expand_timesteps, text_max_length)
+        _check_wan_i2v(path, index, boundary_ratio, expand_timesteps, text_max_length)
     return ModelInfo(
         path=path,
         family=family,
@@ -209,7 +227,7 @@ def read_model_info(path: Path) -> ModelInfo:
         num_attention_heads=_attention_heads(path),
         boundary_ratio=boundary_ratio,
         expand_timesteps=expand_timesteps,
-        image_to_video=image_to_video,
+        image_input=image_input,
         diffusers_pipeline=class_name,
     )
 
@@ -251,31 +269,35 @@ def _wan22_expand_timesteps(index: dict[str, Any], index_file: Path, boundary_ra
     return expand
 
 
-def _check_wan21_i2v(path: Path, index: dict[str, Any], boundary_ratio: float | None, expand_timesteps: bool,
-                     text_max_length: int) -> None:
-    """A ``WanImageToVideoPipeline`` folder is run as Wan2.1 I2V: one transformer fed the CLIP
-    embedding of the first frame (``image_dim``) and 16 noise + 4 mask + 16 condition channels.
-    The other checkpoints diffusers runs with that class are refused in one line: Wan2.2 I2V-A14B
-    (two experts, no image encoder), Wan2.2 TI2V-5B's image mode (``expand_timesteps``) and Wan2.1
-    FLF2V (a first and a last frame: ``pos_embed_seq_len``)."""
+def wan_image_encoder_wanted(path: Path) -> bool:
+    """Whether a Wan image-to-video transformer takes the CLIP embedding of the first frame
+    (``image_dim``: Wan2.1 I2V); Wan2.2's image-to-video models take the frame as latents only."""
+    return _transformer_config(path).get("image_dim") is not None
+
+
+def _check_wan_i2v(path: Path, index: dict[str, Any], boundary_ratio: float | None, expand_timesteps: bool,
+                   text_max_length: int) -> None:
+    """The ``WanImageToVideoPipeline`` checkpoints, told apart as that pipeline tells them:
+    Wan2.1 I2V (one transformer with ``image_dim``, fed the CLIP embedding of the first frame and
+    16 noise + 4 mask + 16 condition channels), Wan2.2 I2V-A14B (two experts, no image encoder, the
+    same 36 channels) and Wan2.2 TI2V-5B (``expand_timesteps``: the first latent frame replaced by
+    the image's). Wan2.1 FLF2V (a first and a last frame: ``pos_embed_seq_len``) and a folder
+    missing what its kind needs are refused in one line."""
     where = path / "model_index.json"
-    if boundary_ratio is not None:
-        raise ModelNotFoundError(f"{where}: Wan2.2 I2V-A14B (two experts) is not supported yet; Wan2.1 I2V folders "
-                                 "(one transformer and a CLIP image_encoder) are")
-    if expand_timesteps:
-        raise ModelNotFoundError(f"{where}: image to video with expand_timesteps (Wan2.2 TI2V-5B) is not supported "
-                                 "yet; load the folder as WanPipeline for text to video")
+    config = _transformer_config(path)
+    if config.get("pos_embed_seq_len") is not None:
+        raise ModelNotFoundError(f"{path}: first-and-last-frame models (Wan2.1 FLF2V, pos_embed_seq_len) are not "
+                                 "supported; Wan2.1 I2V, Wan2.2 I2V-A14B and TI2V-5B are")
+    if not config or config.get("image_dim") is None:
+        if boundary_ratio is None and not expand_timesteps:
+            raise ModelNotFoundError(
+                f"{path / 'transformer' / 'config.json'} sets no image_dim: the transformer takes no image "
+                "embedding, so it is not a Wan2.1 I2V transformer (nor Wan2.2's: two experts or expand_timesteps)")
+        return
     missing = [name for name in ("image_encoder", "image_processor") if not _is_component(index.get(name))]
     if missing:
         raise ModelNotFoundError(f"{where} names no {' or '.join(missing)}: a Wan2.1 I2V folder has the CLIP "
                                  "image_encoder and image_processor that embed the first frame")
-    config = _transformer_config(path)
-    if config and config.get("image_dim") is None:
-        raise ModelNotFoundError(f"{path / 'transformer' / 'config.json'} sets no image_dim: the transformer takes no "
-                                 "image embedding, so it is not a Wan2.1 I2V transformer")
-    if config.get("pos_embed_seq_len") is not None:
-        raise ModelNotFoundError(f"{path}: first-and-last-frame models (Wan2.1 FLF2V, pos_embed_seq_len) are not "
-                                 "supported; Wan2.1 I2V is")
     if text_max_length != WAN_I2V_TEXT_LENGTH:
         raise ModelNotFoundError(
             f"{path / OVERRIDES_FILE}: text_max_length must be {WAN_I2V_TEXT_LENGTH} for image to video, got "

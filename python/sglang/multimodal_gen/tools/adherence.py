@@ -183,11 +183,13 @@ def model_world(model_path: Path) -> str:
 
 
 def listed_held_out(model_path: Path) -> list[Scene] | None:
-    """The scenes of the model folder's ``heldout_prompts.txt``, ``None`` if it has none."""
+    """The scenes of the model folder's ``heldout_prompts.txt``, ``None`` if it has none (an
+    image-to-video model's lines, ``IMAGE_PATH<TAB>caption``, give their captions)."""
     listed = Path(model_path) / "heldout_prompts.txt"
     if not listed.is_file():
         return None
-    return [parse_caption(line) for line in listed.read_text().splitlines() if line.strip()]
+    lines = listed.read_text().splitlines()
+    return [parse_caption(line.rpartition("\t")[2]) for line in lines if line.strip()]
 
 
 def held_out_scenes(model_path: Path, world: str) -> list[Scene]:

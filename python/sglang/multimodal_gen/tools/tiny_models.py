@@ -223,6 +223,26 @@ def build_tiny_wan21_i2v(output_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_wan22_i2v(output_dir: str | Path, seed: int = 0, boundary_ratio: float = 0.9) -> Path:
+    """A tiny Wan2.2 I2V-A14B-style folder, as ``Wan-AI/Wan2.2-I2V-A14B-Diffusers`` lays it out: two
+    transformers of other random weights taking 36 channels (16 noise + 4 mask + 16 condition
+    latents) and no image embedding, ``boundary_ratio`` 0.9, no image encoder or processor
+    (``[null, null]``), and ``WanImageToVideoPipeline`` in model_index.json."""
+    from diffusers import WanTransformer3DModel
+
+    latent = TINY_WAN_VAE["z_dim"]
+    out = build_tiny_wan(output_dir, seed=seed, transformer_config=dict(in_channels=2 * latent + 4,
+                                                                        out_channels=latent))
+    first = WanTransformer3DModel.from_pretrained(out / "transformer")
+    torch.manual_seed(seed + 1)
+    WanTransformer3DModel(**first.config).save_pretrained(out / "transformer_2", safe_serialization=True)
+    components = {**WAN_COMPONENTS, "transformer_2": ["diffusers", "WanTransformer3DModel"],
+                  "image_encoder": [None, None], "image_processor": [None, None]}
+    write_model_index(out, "WanImageToVideoPipeline", dict(sorted(components.items())),
+                      extra={"boundary_ratio": boundary_ratio, "expand_timesteps": False})
+    return out
+
+
 def save_wan_components(out: Path, text_encoder, transformer, vae, scheduler_config: dict[str, Any] | None = None
                         ) -> None:
     """Save the model components, the UniPC flow scheduler (``scheduler_config`` over

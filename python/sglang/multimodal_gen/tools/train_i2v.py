@@ -38,15 +38,16 @@ from sglang.multimodal_gen.configs.models import WAN_I2V_TEXT_LENGTH
 from sglang.multimodal_gen.tools.tiny_models import TINY_CLIP_VISION, WAN_COMPONENTS, write_model_index
 from sglang.multimodal_gen.tools.train_experts import FineTuneConfig, SourceModel, caption_embeddings, load_source
 from sglang.multimodal_gen.tools.train_reference import cosine_lr, ema_update, shifted_sigmas
-from sglang.multimodal_gen.tools.synthetic_videos import WORLDS, sample_batch
+from sglang.multimodal_gen.tools.synthetic_videos import WORLDS, parse_caption, sample_batch
 from sglang.multimodal_gen.tools.training_checkpoint import TrainingCheckpoint, fine_tune_main
 
 logger = logging.getLogger("train_i2v")
 
 # Noise channels (the VAE's z_dim) plus the 4-channel mask and the condition latents.
 MASK_CHANNELS = 4
-# Seed of the renders of the held-out first frames, so the shipped PNGs are reproducible.
+# Seeds of the renders of the shipped first frames (held-out and calibration scenes).
 HELDOUT_SEED = 1234
+CALIBRATION_SEED = 4321
 
 
 @dataclass
@@ -212,18 +213,29 @@ def train(source: SourceModel, cfg: I2VTrainConfig, latents: torch.Tensor, input
     return ema.eval(), float(np.mean(recent))
 
 
-def write_heldout(output: Path, cfg: I2VTrainConfig) -> None:
-    """Each held-out scene's first frame (rendered with a fixed seed) as ``heldout/NNN.png`` and
-    ``heldout_prompts.txt`` lines ``heldout/NNN.png<TAB>caption``, the I2V prompts-file format."""
-    world = WORLDS[cfg.world]
-    rng = np.random.default_rng(HELDOUT_SEED)
-    (output / "heldout").mkdir(parents=True, exist_ok=True)
+def write_prompt_images(output: Path, name: str, scenes, seed: int, world_name: str) -> None:
+    """Each scene's first frame (rendered with a fixed seed, so the PNGs are reproducible) as
+    ``NAME/NNN.png`` and ``NAME_prompts.txt`` lines ``NAME/NNN.png<TAB>caption``, the I2V
+    prompts-file format."""
+    world = WORLDS[world_name]
+    rng = np.random.default_rng(seed)
+    (output / name).mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, scene in enumerate(world.held_out):
+    for i, scene in enumerate(scenes):
         frames = world.render(scene, rng)
-        Image.fromarray(frames[0]).save(output / "heldout" / f"{i:03d}.png")
-        lines.append(f"heldout/{i:03d}.png\t{scene.caption}\n")
-    (output / "heldout_prompts.txt").write_text("".join(lines))
+        Image.fromarray(frames[0]).save(output / name / f"{i:03d}.png")
+        lines.append(f"{name}/{i:03d}.png\t{scene.caption}\n")
+    (output / f"{name}_prompts.txt").write_text("".join(lines))
+
+
+def write_prompts(output: Path, source: SourceModel, cfg: I2VTrainConfig) -> None:
+    """``heldout_prompts.txt`` (the world's held-out scenes, never trained on) and
+    ``calibration_prompts.txt`` (the source model's calibration captions, training scenes), each
+    with its first frames."""
+    write_prompt_images(output, "heldout", WORLDS[cfg.world].held_out, HELDOUT_SEED, cfg.world)
+    captions = (source.folder / "calibration_prompts.txt").read_text().splitlines()
+    scenes = [parse_caption(caption) for caption in captions if caption.strip()]
+    write_prompt_images(output, "calibration", scenes, CALIBRATION_SEED, cfg.world)
 
 
 def save_folder(output: Path, source: SourceModel, image: ImageSide, transformer: torch.nn.Module,
@@ -243,7 +255,7 @@ def save_folder(output: Path, source: SourceModel, image: ImageSide, transformer
     # The transformer splits the image tokens from the last 512 (the text), as diffusers does.
     source_config["text_max_length"] = WAN_I2V_TEXT_LENGTH
     (output / "sglang_config.json").write_text(json.dumps(source_config, indent=2) + "\n")
-    write_heldout(output, cfg)
+    write_prompts(output, source, cfg)
 
 
 def train_i2v(output: Path, cfg: I2VTrainConfig, checkpoint_dir: Path | None = None, resume: bool = False,

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from sglang.multimodal_gen.configs.models import IMAGE_REQUIRED, NO_IMAGE
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
@@ -43,27 +44,29 @@ def read_prompt_lines(path: str | Path) -> list[tuple[int, str]]:
 
 
 def split_prompt_lines(path: str | Path, lines: Sequence[tuple[int, str]],
-                       image_to_video: bool) -> tuple[list[str], list[Path] | None]:
-    """The prompts and, for an image-to-video model, their first frames: such a model reads
-    ``IMAGE_PATH<TAB>caption`` on each line (a relative path from the file's folder), a
-    text-to-video model a caption without a tab. Each image's header is read here, so a missing or
-    unreadable one is named with its line before any generation."""
+                       image_input: str) -> tuple[list[str], list[Path | None] | None]:
+    """The prompts and, for a model that takes a first frame (``ModelInfo.image_input``), their
+    images: an image-to-video model reads ``IMAGE_PATH<TAB>caption`` on each line (a relative path
+    from the file's folder), a text-to-video model a caption without a tab, and Wan2.2 TI2V-5B
+    either (a line without a tab is text to video: its image is ``None``). Each image's header is
+    read here, so a missing or unreadable one is named with its line before any generation."""
     path = Path(path)
     prompts, images = [], []
     for number, line in lines:
         where = f"prompts file {path} line {number}"
-        if not image_to_video:
-            if "\t" in line:
-                raise InvalidRequestError(
-                    f"{where} holds a tab (IMAGE_PATH<TAB>caption, the image-to-video format), but this model "
-                    "makes videos from text alone; give one caption per line", param="prompts_file")
-            prompts.append(line)
-            continue
         image_text, tab, caption = line.partition("\t")
-        if not tab:
+        if image_input == NO_IMAGE and tab:
             raise InvalidRequestError(
-                f"{where} has no tab: an image-to-video model needs IMAGE_PATH<TAB>caption on each line",
-                param="prompts_file")
+                f"{where} holds a tab (IMAGE_PATH<TAB>caption, the image-to-video format), but this model "
+                "makes videos from text alone; give one caption per line", param="prompts_file")
+        if not tab:
+            if image_input == IMAGE_REQUIRED:
+                raise InvalidRequestError(
+                    f"{where} has no tab: an image-to-video model needs IMAGE_PATH<TAB>caption on each line",
+                    param="prompts_file")
+            prompts.append(line)
+            images.append(None)
+            continue
         image_text, caption = image_text.strip(), caption.strip()
         if not image_text or not caption:
             missing = "image path before" if not image_text else "caption after"
@@ -77,12 +80,12 @@ def split_prompt_lines(path: str | Path, lines: Sequence[tuple[int, str]],
             raise InvalidRequestError(f"{where}: {exc}", param="prompts_file") from None
         prompts.append(caption)
         images.append(image)
-    return prompts, (images if image_to_video else None)
+    return prompts, (None if image_input == NO_IMAGE else images)
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
     """A text-to-video model's prompts file: one prompt per line (see :func:`read_prompt_lines`)."""
-    return split_prompt_lines(path, read_prompt_lines(path), image_to_video=False)[0]
+    return split_prompt_lines(path, read_prompt_lines(path), NO_IMAGE)[0]
 
 
 def check_calibration_output(output: str | Path) -> Path:
@@ -139,7 +142,7 @@ def calibrate(
         raise InvalidRequestError(f"calibrate got {len(images)} images for {len(prompts)} prompts; give one "
                                   "image per prompt", param="images")
     for image in images:  # before the first run, not after some of them
-        check_image_for_model(image, generator.pipeline.model_info.image_to_video)
+        check_image_for_model(image, generator.pipeline.model_info.image_input)
         check_image(image)
     planner_steps = check_planner_steps(planner_steps)
 

@@ -97,10 +97,9 @@ def resolve_offload_idle_expert(offload_idle_expert: bool, info: ModelInfo, devi
 
 
 def pipeline_class(info: ModelInfo) -> type[Pipeline]:
-    """The pipeline of a model folder: its family module's ``PIPELINE_CLASSES`` entry for the
-    folder's ``_class_name`` (Wan: text or image to video), else the family's ``PIPELINE_CLASS``."""
-    module = importlib.import_module(info.family.pipeline_module)
-    return getattr(module, "PIPELINE_CLASSES", {}).get(info.diffusers_pipeline, module.PIPELINE_CLASS)
+    """The pipeline of a model folder: its family module's ``PIPELINE_CLASS`` (which reads the
+    folder's kind, text or image to video, from ``info``)."""
+    return importlib.import_module(info.family.pipeline_module).PIPELINE_CLASS
 
 
 def denoising_stage(pipeline: Pipeline) -> DenoisingStage:

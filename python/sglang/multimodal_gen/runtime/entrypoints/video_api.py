@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 
 from PIL import Image
 
+from sglang.multimodal_gen.configs.models import IMAGE_REQUIRED, NO_IMAGE
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
@@ -520,26 +521,26 @@ def build_sampling_params(
     return validated
 
 
-def takes_an_image(generator: Any) -> bool:
-    """Whether the served model makes video from a first frame (``ModelInfo.image_to_video``)."""
+def image_input(generator: Any) -> str:
+    """Whether the served model's requests give a first frame (``ModelInfo.image_input``)."""
     info = getattr(getattr(generator, "pipeline", None), "model_info", None)
-    return bool(getattr(info, "image_to_video", False))
+    return getattr(info, "image_input", NO_IMAGE)
 
 
 def default_request(generator: Any) -> SamplingParams:
     """The request that sets nothing, validated: the model's defaults, which the scaled limits
     start from. An image-to-video model is given a blank first frame, as its validation wants one."""
-    image = Image.new("RGB", (16, 16)) if takes_an_image(generator) else None
+    image = Image.new("RGB", (16, 16)) if image_input(generator) == IMAGE_REQUIRED else None
     return generator.validate(SamplingParams(prompt="x", image=image))
 
 
 def check_image_for_model(has_image: bool, generator: Any) -> None:
     """An image sent to a text-to-video model, or none to an image-to-video one: a 400 naming
     ``input_reference``, checked here so the server refuses it whatever the pipeline checks."""
-    if has_image and not takes_an_image(generator):
+    if has_image and image_input(generator) == NO_IMAGE:
         raise InvalidRequestError("this model makes video from text only and takes no input_reference; send the "
                                   "request without it", param="input_reference")
-    if not has_image and takes_an_image(generator):
+    if not has_image and image_input(generator) == IMAGE_REQUIRED:
         raise InvalidRequestError("this model makes video from an image: send the first frame as input_reference "
                                   "(a PNG, JPEG or WebP file, or {\"image_url\": \"data:image/png;base64,...\"})",
                                   param="input_reference")

@@ -91,7 +91,13 @@ class WanDiTAdapter(DiTAdapter):
     channels) before the patch embedding, and ``encoder_hidden_states_image``, the CLIP
     embedding, which goes through ``condition_embedder.image_embedder`` and comes before the
     projected prompt in the cross-attention context, as in ``WanTransformer3DModel.forward``.
-    The prediction has the noise latents' 16 channels.
+    The prediction has the noise latents' 16 channels. Wan2.2 I2V-A14B's experts take the same 36
+    channels without an image embedding.
+
+    Wan2.2 TI2V-5B's image mode: ``embed`` takes ``first_frame_latents``, the image's latent
+    frame, and puts it in place of the first latent frame (diffusers blends
+    ``(1 - mask) * condition + mask * latents`` with a 0/1 mask: the same values), whose tokens
+    take timestep 0 (:meth:`token_timesteps`).
 
     Under Ulysses sequence parallelism (the sp group of ``parallel_state`` has more than one rank)
     ``embed`` returns this rank's shard of the image tokens (and of the rotary embedding),
@@ -132,15 +138,18 @@ class WanDiTAdapter(DiTAdapter):
             constants["image_states"] = model.condition_embedder.image_embedder(encoder_hidden_states_image)
         return constants
 
-    def token_timesteps(self, timestep: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
+    def token_timesteps(self, timestep: torch.Tensor, latent_shape: Sequence[int], still_frames: int = 0
+                        ) -> torch.Tensor:
         """The timestep of every token, ``(batch, tokens)`` in float32, from one per video: as
-        diffusers' ``WanPipeline`` builds it under ``expand_timesteps``, a mask of ones over the
-        patch grid (latent frames x height / p_h x width / p_w) times the step's timestep. Without
-        an image to condition on every token takes its video's timestep."""
+        diffusers builds it under ``expand_timesteps``, a mask over the patch grid (latent frames x
+        height / p_h x width / p_w) times the step's timestep. The mask is one everywhere but on
+        the tokens of the first ``still_frames`` latent frames, which are zero: those of the
+        image that TI2V-5B's image mode holds fixed (``WanImageToVideoPipeline``)."""
         _, _, frames, height, width = latent_shape
         p_t, p_h, p_w = self.transformer.config.patch_size
-        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
-        mask = torch.ones(1, tokens, dtype=torch.float32, device=timestep.device)
+        tokens_per_frame = (height // p_h) * (width // p_w)
+        mask = torch.ones(1, (frames // p_t) * tokens_per_frame, dtype=torch.float32, device=timestep.device)
+        mask[:, :still_frames * tokens_per_frame] = 0.0
         return mask * timestep[:, None]
 
     def embed(
@@ -153,20 +162,28 @@ class WanDiTAdapter(DiTAdapter):
         encoder_hidden_states_image: torch.Tensor | None = None,
         image_states: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
+        first_frame_latents: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, WanStepContext]:
         """``rotary_emb``, ``text_states`` and ``image_states``: :meth:`request_constants`, computed
         here when not given. ``timestep``: one per batch item, or with ``expand_timesteps`` one per
-        token. ``encoder_hidden_states_image`` and ``condition``: image to video (class docstring)."""
+        token. ``encoder_hidden_states_image``, ``condition`` and ``first_frame_latents``: image to
+        video (class docstring)."""
         model = self.transformer
         per_video = timestep
         if condition is not None:
             latents = torch.cat([latents, condition.to(latents.dtype)], dim=1)
+        still_frames = 0
+        if first_frame_latents is not None:
+            if not self.expand_timesteps:
+                raise ValueError("first_frame_latents is TI2V-5B's image mode, a transformer with expand_timesteps")
+            still_frames = first_frame_latents.shape[2]
+            latents = torch.cat([first_frame_latents.to(latents.dtype), latents[:, :, still_frames:]], dim=2)
         if timestep.ndim != 1 and not (self.expand_timesteps and timestep.ndim == 2):
             raise ValueError("WanDiTAdapter takes one timestep per batch item (one per token only with "
                              "expand_timesteps, Wan2.2 TI2V)")
         if self.expand_timesteps and timestep.ndim == 1:
-            timestep = self.token_timesteps(timestep, latents.shape)
+            timestep = self.token_timesteps(timestep, latents.shape, still_frames)
         self._ulysses.follow_sp_group()
         if rotary_emb is None:
             rotary_emb = model.rope(latents)

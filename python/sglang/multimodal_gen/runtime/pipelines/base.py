@@ -36,8 +36,9 @@ class Req:
     """The state of one generation as it moves through the stages.
 
     ``prompt_embeds`` maps each CFG branch to its text embeddings; ``conditioning`` maps a branch to
-    any further model inputs (attention masks, pooled embeddings, embedded guidance) that the
-    denoising stage passes to the adapter's ``embed`` as keyword arguments. Wan has none.
+    any further model inputs (attention masks, pooled embeddings, embedded guidance, an image's
+    embedding and latents) that the denoising stage passes to the adapter's ``embed`` as keyword
+    arguments.
     """
 
     params: SamplingParams
@@ -54,6 +55,9 @@ class Req:
     timings: dict[str, float] = field(default_factory=dict)
     #: What a step costs outside the blocks, measured by an uncached denoising loop (else None).
     step_costs: StepCosts | None = None
+    #: Latents the video's first latent frames are held to (Wan2.2 TI2V-5B's image): decoding
+    #: puts them back over what the scheduler made of those frames.
+    pinned_latents: torch.Tensor | None = None
 
 
 @dataclass

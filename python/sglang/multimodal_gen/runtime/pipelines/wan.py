@@ -1,12 +1,14 @@
-"""Wan text-to-video: validation -> T5 text encoding -> latents -> denoising -> VAE decoding.
+"""Wan: validation -> T5 text encoding -> [first frame] -> latents -> denoising -> VAE decoding.
 
-Wan2.1 runs one transformer; a Wan2.2 T2V-A14B folder two experts (``transformer`` for high noise,
+One pipeline for every Wan folder diffusers' ``WanPipeline`` and ``WanImageToVideoPipeline`` run:
+Wan2.1 runs one transformer; Wan2.2 A14B folders two experts (``transformer`` for high noise,
 ``transformer_2`` for low noise, split at ``boundary_ratio``: ``models/experts.py``); a Wan2.2
 TI2V-5B folder one transformer fed a timestep per token (``expand_timesteps``, in the adapter) with
 the Wan2.2 VAE (48 latent channels, 16x spatial), whose sizes the stages read from the configs.
-
-Wan2.1 image-to-video (``WanImageToVideoPipeline`` folders): the same stages with the first frame's
-conditioning (CLIP embedding, VAE-encoded condition and mask) made after the text's."""
+Image to video (``ModelInfo.image_input``) adds the first frame's conditioning after the text's:
+Wan2.1 I2V's CLIP embedding and condition channels, Wan2.2 I2V-A14B's condition channels, TI2V-5B's
+pinned first latent frame (:class:`WanImageConditioningStage`).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import functools
 
 import torch
 
-from sglang.multimodal_gen.configs.models import WAN_I2V_PIPELINE, ModelInfo
+from sglang.multimodal_gen.configs.models import NO_IMAGE, ModelInfo, wan_image_encoder_wanted
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.models.experts import HIGH_NOISE, LOW_NOISE, ExpertOffload, ExpertSwitch
 from sglang.multimodal_gen.runtime.models.loader import load_component
@@ -57,10 +59,13 @@ def wan_geometry(transformer, vae) -> VideoGeometry:
     return VideoGeometry(spatial_multiple=spatial_multiple, temporal_stride=vae.config.scale_factor_temporal)
 
 
-class WanT2VPipeline(Pipeline):
-    """``offload_idle_expert`` (a two-expert folder): ``transformer_2`` stays on the host at load
-    and the two experts trade places at the switch (:class:`ExpertOffload`), so the device holds
-    one expert's weights, not both."""
+class WanPipeline(Pipeline):
+    """The VAE and, for Wan2.1 I2V, the CLIP image encoder run in fp32 (the Wan model cards load
+    both so); text encoder and transformers in ``dtype``.
+
+    ``offload_idle_expert`` (a two-expert folder): ``transformer_2`` stays on the host at load and
+    the two experts trade places at the switch (:class:`ExpertOffload`), so the device holds one
+    expert's weights, not both."""
 
     def __init__(self, model_info: ModelInfo, device: torch.device, dtype: torch.dtype,
                  offload_idle_expert: bool = False) -> None:
@@ -73,75 +78,55 @@ class WanT2VPipeline(Pipeline):
         scheduler = load_component(path, "scheduler")
         self.transformer = transformer
         self.vae = vae
-        experts = None
-        if model_info.two_experts:  # Wan2.2 T2V-A14B: transformer_2 is the low-noise expert
-            self.transformer_2 = load_component(path, "transformer_2", dtype)
-            offload = None
-            if offload_idle_expert:
-                offload = ExpertOffload({HIGH_NOISE: transformer, LOW_NOISE: self.transformer_2}, device)
-            else:
-                self.transformer_2.to(device)
-            boundary = model_info.boundary_ratio * scheduler.config.num_train_timesteps
-            experts = ExpertSwitch(WanDiTAdapter(self.transformer_2, model_info.expand_timesteps), boundary, offload)
-            # Asked at validation and again by the generator per request: the same few step counts.
-            schedules = functools.lru_cache(maxsize=32)(lambda n: tuple(experts.schedule_for(scheduler, n)))
-            self.expert_schedule = lambda n: list(schedules(n))
-
+        experts = self._load_low_noise_expert(scheduler, offload_idle_expert) if model_info.two_experts else None
         self.geometry = wan_geometry(transformer, vae)
         spatial, temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
+        if model_info.cache_model_key:
+            cache_model_key = model_info.cache_model_key
+        elif model_info.image_to_video and not model_info.two_experts:
+            cache_model_key = wan_i2v_cache_model_key
+        else:
+            cache_model_key = wan_cache_model_key(transformer.config)
         self.stages = [
-            InputValidationStage(
-                model_info.sampling_defaults,
-                self.geometry,
-                model_info.cache_model_key or wan_cache_model_key(transformer.config),
-                expert_schedule=self.expert_schedule,
-            ),
+            InputValidationStage(model_info.sampling_defaults, self.geometry, cache_model_key,
+                                 expert_schedule=self.expert_schedule, image_input=model_info.image_input),
             T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
-            LatentPreparationStage(scheduler, transformer.config.in_channels, spatial, temporal, device),
+        ]
+        if model_info.image_input != NO_IMAGE:
+            self.stages.append(self._image_conditioning_stage(vae, device, dtype))
+        self.stages += [
+            # The noise has the VAE's channels (an I2V transformer takes 20 more: mask and condition).
+            LatentPreparationStage(scheduler, vae.config.z_dim, spatial, temporal, device),
             DenoisingStage(WanDiTAdapter(transformer, model_info.expand_timesteps), dtype, experts=experts),
             WanDecodingStage(vae),
         ]
 
+    def _load_low_noise_expert(self, scheduler, offload_idle_expert: bool) -> ExpertSwitch:
+        """``transformer_2`` and the switch at ``boundary_ratio`` (Wan2.2 A14B)."""
+        model_info = self.model_info
+        self.transformer_2 = load_component(model_info.path, "transformer_2", self.dtype)
+        offload = None
+        if offload_idle_expert:
+            offload = ExpertOffload({HIGH_NOISE: self.transformer, LOW_NOISE: self.transformer_2}, self.device)
+        else:
+            self.transformer_2.to(self.device)
+        boundary = model_info.boundary_ratio * scheduler.config.num_train_timesteps
+        experts = ExpertSwitch(WanDiTAdapter(self.transformer_2, model_info.expand_timesteps), boundary, offload)
+        # Asked at validation and again by the generator per request: the same few step counts.
+        schedules = functools.lru_cache(maxsize=32)(lambda n: tuple(experts.schedule_for(scheduler, n)))
+        self.expert_schedule = lambda n: list(schedules(n))
+        return experts
 
-class WanI2VPipeline(Pipeline):
-    """Wan2.1 image to video, as diffusers' ``WanImageToVideoPipeline`` runs it: the first frame's
-    CLIP embedding and VAE-encoded condition (:class:`WanImageConditioningStage`) enter the
-    transformer at every step beside the prompt and the noise latents. The image encoder runs in
-    fp32 like the VAE (the Wan2.1 I2V model card loads both so); text encoder and transformer in
-    ``dtype``."""
-
-    def __init__(self, model_info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(model_info, device, dtype)
-        path = model_info.path
-        tokenizer = load_component(path, "tokenizer")
-        text_encoder = load_component(path, "text_encoder", dtype).to(device)
-        image_processor = load_component(path, "image_processor")
-        image_encoder = load_component(path, "image_encoder", torch.float32).to(device)
-        transformer = load_component(path, "transformer", dtype).to(device)
-        vae = load_component(path, "vae", torch.float32).to(device)
-        scheduler = load_component(path, "scheduler")
-        self.transformer = transformer
-        self.vae = vae
-        self.image_encoder = image_encoder
-
-        self.geometry = wan_geometry(transformer, vae)
-        spatial, temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
-        self.stages = [
-            InputValidationStage(
-                model_info.sampling_defaults,
-                self.geometry,
-                model_info.cache_model_key or wan_i2v_cache_model_key,
-                image_to_video=True,
-            ),
-            T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
-            WanImageConditioningStage(image_processor, image_encoder, vae, device, dtype, self.geometry),
-            # The noise has the VAE's channels; the transformer takes 20 more (mask and condition).
-            LatentPreparationStage(scheduler, vae.config.z_dim, spatial, temporal, device),
-            DenoisingStage(WanDiTAdapter(transformer), dtype),
-            WanDecodingStage(vae),
-        ]
+    def _image_conditioning_stage(self, vae, device: torch.device, dtype: torch.dtype) -> WanImageConditioningStage:
+        """The first frame's stage; with the CLIP image encoder where the transformer takes its
+        embedding (Wan2.1 I2V)."""
+        path = self.model_info.path
+        image_processor = image_encoder = None
+        if wan_image_encoder_wanted(path):
+            image_processor = load_component(path, "image_processor")
+            image_encoder = self.image_encoder = load_component(path, "image_encoder", torch.float32).to(device)
+        return WanImageConditioningStage(vae, device, dtype, self.geometry, image_processor, image_encoder,
+                                         first_frame_only=self.model_info.expand_timesteps)
 
 
-PIPELINE_CLASS = WanT2VPipeline
-#: The pipeline of each model_index.json ``_class_name`` of the family (PIPELINE_CLASS otherwise).
-PIPELINE_CLASSES: dict[str, type[Pipeline]] = {"WanPipeline": WanT2VPipeline, WAN_I2V_PIPELINE: WanI2VPipeline}
+PIPELINE_CLASS = WanPipeline

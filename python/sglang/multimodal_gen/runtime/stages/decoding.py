@@ -8,7 +8,9 @@ from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req
 
 
 class WanDecodingStage(PipelineStage):
-    """Undo Wan's per-channel latent normalisation, decode, map [-1, 1] to [0, 1]."""
+    """Undo Wan's per-channel latent normalisation, decode, map [-1, 1] to [0, 1]. Pinned latents
+    (``Req.pinned_latents``, TI2V-5B's image) first replace the frames they cover, as diffusers'
+    ``WanImageToVideoPipeline`` does after its loop; the result's latents are those."""
 
     name = "decoding"
 
@@ -19,6 +21,9 @@ class WanDecodingStage(PipelineStage):
         self.inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
 
     def __call__(self, req: Req) -> Req:
+        if req.pinned_latents is not None:
+            pinned = req.pinned_latents.to(req.latents.device, req.latents.dtype)
+            req.latents = torch.cat([pinned, req.latents[:, :, pinned.shape[2]:]], dim=2)
         vae_param = next(self.vae.parameters())
         latents = req.latents.to(vae_param.device, vae_param.dtype)
         mean = self.latents_mean.to(latents.device, latents.dtype)

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+from sglang.multimodal_gen.configs.models import IMAGE_REQUIRED, NO_IMAGE
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
@@ -31,8 +32,8 @@ class InputValidationStage(PipelineStage):
         expert_schedule: A Wan2.2 two-expert model: the expert of every step of a request of ``n``
             steps (its cache keeps one instance per expert, ``cache/experts.py``); such a model
             takes ``guidance_scale_2`` (the low-noise expert's), one-transformer models refuse it.
-        image_to_video: The model makes a video from a first frame (``SamplingParams.image``,
-            required); a text-to-video model (False) refuses an image.
+        image_input: Whether a request gives a first frame (``SamplingParams.image``):
+            ``ModelInfo.image_input``; a text-to-video model refuses an image.
     """
 
     name = "input_validation"
@@ -44,10 +45,10 @@ class InputValidationStage(PipelineStage):
         cache_model_key: str | Callable[[SamplingParams], str],
         cfg: bool = True,
         expert_schedule: Callable[[int], list[str]] | None = None,
-        image_to_video: bool = False,
+        image_input: str = NO_IMAGE,
     ) -> None:
         self.defaults = defaults
-        self.image_to_video = image_to_video
+        self.image_input = image_input
         self.geometry = geometry
         self.cache_model_key = cache_model_key
         self.cfg = cfg
@@ -56,7 +57,7 @@ class InputValidationStage(PipelineStage):
 
     def __call__(self, req: Req) -> Req:
         params = req.params
-        check_image_for_model(params.image, self.image_to_video)
+        check_image_for_model(params.image, self.image_input)
         if not self.two_experts and params.guidance_scale_2 is not None:
             raise InvalidRequestError(
                 "guidance_scale_2 sets the low-noise expert's guidance of a Wan2.2 two-expert model; this model "
@@ -118,17 +119,18 @@ def check_prompt(prompt: object) -> None:
     _require_utf8(prompt, "prompt")
 
 
-def check_image_for_model(image: object, image_to_video: bool) -> None:
-    """An image-to-video model needs the first frame, a text-to-video model takes none: one line
-    either way, before any model work (the CLI asks it before loading the model too)."""
-    if image_to_video and image is None:
+def check_image_for_model(image: object, image_input: str) -> None:
+    """An image-to-video model needs the first frame, a text-to-video model takes none (``image_input``:
+    ``ModelInfo.image_input``): one line either way, before any model work (the CLI asks it before
+    loading the model too)."""
+    if image_input == IMAGE_REQUIRED and image is None:
         raise InvalidRequestError(
             "this image-to-video model makes a video from a first frame: pass the image (--image PATH on the "
             "command line)", param="image")
-    if not image_to_video and image is not None:
+    if image_input == NO_IMAGE and image is not None:
         raise InvalidRequestError(
             "this model makes videos from text alone and takes no image; drop the image, or load an "
-            "image-to-video model (Wan2.1 I2V, e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)", param="image")
+            "image-to-video model (Wan2.1 I2V, Wan2.2 I2V-A14B or TI2V-5B)", param="image")
 
 
 def check_negative_prompt(negative_prompt: object) -> None:
