@@ -4,6 +4,7 @@ latent frame pinned to the image's, its tokens at timestep 0), with their defaul
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
@@ -175,3 +176,27 @@ def test_caches_run_per_expert_on_a14b_i2v(a14b_generators):
     experts = result.cache_stats.experts()
     assert set(experts) == {HIGH_NOISE, LOW_NOISE}
     assert result.cache_stats.total_skipped >= 1 and np.isfinite(result.frames).all()
+
+
+def test_calibrating_a14b_i2v_and_ti2v_from_prompts_files(tiny_wan22_i2v_dir, tiny_wan22_ti2v_dir, tmp_path):
+    """`sglang calibrate` on I2V-A14B records per expert from IMAGE_PATH<TAB>caption lines, and the
+    file drives a planner speedup; on TI2V-5B caption lines and image lines mix."""
+    from sglang.cli.main import main
+
+    _image(3).save(tmp_path / "first.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"first.png\t{PROMPT}\n")
+    out = tmp_path / "a14b.json"
+    size = ["--height", "32", "--width", "48", "--num-frames", "5", "--num-inference-steps", "8"]
+    assert main(["calibrate", "--model-path", str(tiny_wan22_i2v_dir), "--prompts-file", str(prompts),
+                 "--output", str(out), *size]) == 0
+    calibration = json.loads(out.read_text())
+    assert set(calibration["experts"]) == {HIGH_NOISE, LOW_NOISE}
+    generator = DiffGenerator.from_pretrained(str(tiny_wan22_i2v_dir), device="cpu", cache_calibration=str(out))
+    result = generator.generate(SamplingParams(prompt=PROMPT, image=_image(4), cache=CacheParams(
+        strategy="planner", speedup=2.0), **{**A14B_REQUEST, "num_inference_steps": 8}))
+    assert result.cache_stats.total_skipped >= 4
+    prompts.write_text(f"first.png\t{PROMPT}\n{PROMPT}\n")
+    assert main(["calibrate", "--model-path", str(tiny_wan22_ti2v_dir), "--prompts-file", str(prompts),
+                 "--output", str(tmp_path / "ti2v.json"), "--height", "64", "--width", "96", "--num-frames", "5",
+                 "--num-inference-steps", "4"]) == 0

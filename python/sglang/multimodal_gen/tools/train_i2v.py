@@ -123,20 +123,20 @@ def encode_videos(source: SourceModel, image: ImageSide, cfg: I2VTrainConfig
     embeddings as :class:`WanImageConditioningStage` makes them (the encoders are frozen)."""
     from sglang.multimodal_gen.runtime.stages.image_conditioning import WanImageConditioningStage
 
-    stage = WanImageConditioningStage(image.image_processor, image.image_encoder, source.vae, torch.device("cpu"),
-                                      torch.float32, geometry=None)
+    stage = WanImageConditioningStage(source.vae, torch.device("cpu"), torch.float32, geometry=None,
+                                      image_processor=image.image_processor, image_encoder=image.image_encoder)
     rng = np.random.default_rng(cfg.seed + 3)
     latents, captions, conditions, image_embeds = [], [], [], []
     chunk = min(16, cfg.num_videos)
     for _ in tqdm(range(0, cfg.num_videos, chunk), desc="encode", file=sys.stdout, mininterval=15):
         videos, scenes = sample_batch(rng, chunk, WORLDS[cfg.world].train_scenes, world=cfg.world)
-        latents.append((source.vae.encode(torch.from_numpy(videos)).latent_dist.mode() - stage.latents_mean)
-                       * stage.inverse_std)
+        latents.append(stage.encode_video(torch.from_numpy(videos)))
         captions += [s.caption for s in scenes]
         _, _, frames, height, width = videos.shape
         for video in videos:
             first = first_frame(video)
-            conditions.append(stage.encode_condition(first, height, width, frames))
+            frame = stage.video_processor.preprocess(first, height=height, width=width)
+            conditions.append(stage.encode_condition(frame, frames))
             image_embeds.append(stage.encode_image(first))
     n = cfg.num_videos
     return (torch.cat(latents)[:n], captions[:n],
