@@ -6,8 +6,8 @@ Over the real server (the session's, serving the built-in text-to-video model): 
 saying the model makes video from text, and every hostile image, URL or data URL is a 400 naming
 ``input_reference``, with no traceback in the log. The path of a job that has an image runs in
 process with a stub image-to-video generator, and the decoding and storage helpers on their own;
-over the real server it runs with the tiny Wan2.1 I2V folder where test/conftest.py has one
-(``tiny_wan21_i2v_dir``), and is skipped, saying so, where it does not.
+over the real server it runs on the built-in ``wan2.1-i2v-tiny``, the openai client uploading a
+first frame from a file, and the video read back starts with that frame.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import sqlite3
 import struct
 import time
@@ -30,6 +29,8 @@ from typing import Iterator
 
 import conftest as shared
 import httpx
+import imageio.v3 as iio
+import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -42,6 +43,7 @@ from sglang.multimodal_gen.runtime.entrypoints.input_reference import decode_ima
 from sglang.multimodal_gen.runtime.entrypoints.job_store import DB_NAME, JobStore, Retention, VideoJob
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import VideoError
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import DEFAULT_MAX_IMAGE_BYTES, RequestLimits
+from sglang.multimodal_gen.runtime.models.loader import BUILTIN_MODELS_DIR
 
 from .conftest import SMALL, serve, wait_finished
 from .test_worker import StubGenerator
@@ -50,8 +52,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 PROMPT = "a red circle moving left on a blue background"
 MAX_BYTES, MAX_PIXELS = 1 << 20, 4096 * 4096
-# Whether test/conftest.py builds a tiny image-to-video folder (it comes with the I2V pipeline).
-HAS_I2V_MODEL = hasattr(shared, "tiny_wan21_i2v_dir")
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -399,26 +399,34 @@ def test_refused_images_log_no_traceback(http, server_log):
 
 
 # --------------------------------------------------------------------------- the real server (image to video)
-@pytest.mark.skipif(not HAS_I2V_MODEL, reason="needs the tiny Wan2.1 I2V folder (tiny_wan21_i2v_dir in "
-                                              "test/conftest.py), which comes with the image-to-video pipeline")
-def test_image_to_video_over_the_server(request, tmp_path_factory):
-    # The folder at a small default size: the server times a few uncached steps at it on start.
-    folder = tmp_path_factory.mktemp("i2v-small") / "tiny-wan21-i2v"
-    shutil.copytree(request.getfixturevalue("tiny_wan21_i2v_dir"), folder)
-    overrides = folder / "sglang_config.json"
-    config = json.loads(overrides.read_text()) if overrides.exists() else {}
-    config["sampling_defaults"] = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2}
-    overrides.write_text(json.dumps(config))
+I2V_MODEL = BUILTIN_MODELS_DIR / "wan2.1-i2v-tiny"
+
+
+def test_image_to_video_over_the_server(tmp_path_factory, tmp_path):
+    """The built-in I2V model served for real: the openai client uploads a held-out first frame
+    from a file, the job completes, the mp4 read back starts with that frame (at least 20 dB),
+    the Video object shows the image, which is stored with the job and removed with it; a
+    request without an image is a 400."""
+    first_line = (I2V_MODEL / "heldout_prompts.txt").read_text().splitlines()[0]
+    image_path, _, caption = first_line.partition("\t")
+    png = (I2V_MODEL / image_path).read_bytes()
     log = tmp_path_factory.mktemp("i2v-server") / "server.log"
-    with serve(log, "--model-path", str(folder)) as url, httpx.Client(base_url=url, timeout=30.0) as http:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-local", max_retries=0, timeout=30.0)
-        created = client.videos.create(prompt=PROMPT, input_reference=("frame.png", PNG, "image/png"),
-                                       extra_body={"num_inference_steps": 2, "num_frames": 5})
-        video = wait_finished(http, created.id)
+    with serve(log, "--model-path", "wan2.1-i2v-tiny") as url, httpx.Client(base_url=url, timeout=30.0) as http:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-local", max_retries=0, timeout=60.0)
+        with open(I2V_MODEL / image_path, "rb") as upload:
+            created = client.videos.create(prompt=caption, input_reference=upload,
+                                           extra_body={"num_inference_steps": 20})
+        video = wait_finished(http, created.id, timeout=120.0)
         assert video["status"] == "completed", video["error"]
-        assert video["input_reference"] == {"width": 48, "height": 32, "sha256": hashlib.sha256(PNG).hexdigest()}
+        assert video["input_reference"] == {"width": 64, "height": 64, "sha256": hashlib.sha256(png).hexdigest()}
+        mp4 = tmp_path / "i2v.mp4"
+        client.videos.download_content(created.id).write_to_file(mp4)
+        frames = iio.imread(mp4, index=None)
+        first = np.asarray(Image.open(I2V_MODEL / image_path).convert("RGB"), dtype=np.float32) / 255
+        assert frames.shape == (17, 64, 64, 3)
+        assert shared.psnr_db(frames[0].astype(np.float32) / 255, first) >= 20.0
         images = next(log.parent.glob("data-*")) / "images"
-        assert [p.read_bytes() for p in images.iterdir()] == [PNG]
+        assert [p.read_bytes() for p in images.iterdir()] == [png]
         client.videos.delete(created.id)
         assert list(images.iterdir()) == []
         missing = http.post("/v1/videos", json={"prompt": PROMPT})
