@@ -91,7 +91,8 @@ def test_a_built_in_model_is_chosen_by_its_folder_name_and_a_wrong_name_lists_th
     assert main(["generate", "--model-path", "hunyuan-tiny", "--prompt", "a cat"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: model folder hunyuan-tiny does not exist "
-                   "(built-in models: hunyuanvideo-t2v-tiny, wan2.1-t2v-tiny, wan2.1-t2v-tiny-hard, wan2.2-t2v-tiny)")
+                   "(built-in models: hunyuanvideo-t2v-tiny, wan2.1-i2v-tiny, wan2.1-t2v-tiny, wan2.1-t2v-tiny-hard, "
+                   "wan2.2-t2v-tiny)")
 
 
 def test_console_script_runs_builtin_model(tmp_path):

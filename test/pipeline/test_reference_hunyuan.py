@@ -49,7 +49,8 @@ def uncached(reference) -> np.ndarray:
 
 
 def test_it_ships_beside_the_wan_model_small_trained_and_selected_by_name(reference):
-    assert builtin_model_names() == ["hunyuanvideo-t2v-tiny", "wan2.1-t2v-tiny", "wan2.1-t2v-tiny-hard", "wan2.2-t2v-tiny"]
+    assert builtin_model_names() == ["hunyuanvideo-t2v-tiny", "wan2.1-i2v-tiny", "wan2.1-t2v-tiny",
+                                     "wan2.1-t2v-tiny-hard", "wan2.2-t2v-tiny"]
     info = reference.pipeline.model_info
     assert info.path == FOLDER and info.family.name == "hunyuan" and info.text_max_length == 16
     assert info.sampling_defaults == dict(num_inference_steps=50, guidance_scale=2.0, height=64, width=64,
