@@ -279,3 +279,15 @@ def test_a_720p_folder_sets_its_size_and_so_gets_the_720p_presets(tiny_wan21_i2v
     (folder / "sglang_config.json").write_text(json.dumps({"sampling_defaults": {"height": 720, "width": 1280}}))
     params = SamplingParams(prompt=PROMPT).with_defaults(read_model_info(folder).sampling_defaults)
     assert wan_i2v_cache_model_key(params) == "wan21_i2v_14b_720p"
+
+
+def test_without_torchvision_the_image_processor_loads_as_its_pil_twin(tiny_wan21_i2v_dir):
+    """transformers falls back to CLIPImageProcessorPil without torchvision and warns on every
+    load; the loader names that class directly (same preprocessing, no warning)."""
+    import importlib.util
+
+    from sglang.multimodal_gen.runtime.models.loader import load_component
+
+    processor = load_component(tiny_wan21_i2v_dir, "image_processor")
+    expected = "CLIPImageProcessor" if importlib.util.find_spec("torchvision") else "CLIPImageProcessorPil"
+    assert type(processor).__name__ == expected

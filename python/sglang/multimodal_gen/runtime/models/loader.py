@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -69,7 +70,7 @@ def load_component(model_dir: Path, name: str, torch_dtype: torch.dtype | None =
     module = importlib.import_module(library)
     if library == "transformers":
         module.utils.logging.disable_progress_bar()
-    cls = getattr(module, class_name, None)
+    cls = getattr(module, _without_torchvision(module, class_name), None)
     if cls is None:
         raise ModelNotFoundError(f"component {name}: {library} has no class {class_name!r} (too old a version?)")
     sub = model_dir / name
@@ -89,6 +90,16 @@ def load_component(model_dir: Path, name: str, torch_dtype: torch.dtype | None =
     if isinstance(component, torch.nn.Module):
         component.eval().requires_grad_(False)
     return component
+
+
+def _without_torchvision(module: Any, class_name: str) -> str:
+    """An image processor's class (Wan2.1 I2V's ``CLIPImageProcessor``) where torchvision is not
+    installed: its PIL twin, which transformers falls back to anyway, named directly so that
+    asking for the class does not print transformers' fallback warning on every load."""
+    twin = f"{class_name}Pil"
+    if importlib.util.find_spec("torchvision") is None and twin in dir(module):
+        return twin
+    return class_name
 
 
 def _is_byte_level_llama_tokenizer(class_name: str, folder: Path) -> bool:
