@@ -22,15 +22,16 @@ EVERY_OTHER = CacheParams(strategy="even", retention_ratio=0.0)
 @pytest.fixture(scope="module")
 def wan22_dir(tmp_path_factory):
     """The tiny two-expert folder with 4 heads (Ulysses over 2 ranks needs an even count)."""
-    from diffusers import WanTransformer3DModel
-
-    from sglang.multimodal_gen.tools.tiny_models import WAN_COMPONENTS, build_tiny_wan, write_model_index
+    from sglang.multimodal_gen.tools.tiny_models import (
+        WAN_COMPONENTS,
+        build_tiny_wan,
+        save_low_noise_expert,
+        write_model_index,
+    )
 
     folder = build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan22-4heads", seed=0,
                             transformer_config={"num_attention_heads": 4, "attention_head_dim": 16})
-    torch.manual_seed(1)
-    config = WanTransformer3DModel.load_config(folder / "transformer")
-    WanTransformer3DModel.from_config(config).save_pretrained(folder / "transformer_2")
+    save_low_noise_expert(folder, seed=0)
     write_model_index(folder, components={**WAN_COMPONENTS, "transformer_2": ["diffusers", "WanTransformer3DModel"]},
                       extra={"boundary_ratio": 0.875})
     return folder

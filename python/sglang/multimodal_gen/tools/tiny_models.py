@@ -153,16 +153,21 @@ def build_tiny_wan(
     return out
 
 
+def save_low_noise_expert(out: Path, seed: int) -> None:
+    """``transformer_2``: the folder's transformer config with other random weights (seed + 1)."""
+    from diffusers import WanTransformer3DModel
+
+    config = WanTransformer3DModel.load_config(out / "transformer")
+    torch.manual_seed(seed + 1)
+    WanTransformer3DModel.from_config(config).save_pretrained(out / "transformer_2", safe_serialization=True)
+
+
 def build_tiny_wan22_two_experts(output_dir: str | Path, seed: int = 0, boundary_ratio: float = 0.875) -> Path:
     """A tiny Wan2.2 T2V-A14B-style folder: the tiny Wan2.1 pipeline plus a second transformer of
     other random weights (``transformer_2``, the low-noise expert) and ``boundary_ratio`` in
     model_index.json, as ``Wan-AI/Wan2.2-T2V-A14B-Diffusers`` lays them out."""
-    from diffusers import WanTransformer3DModel
-
     out = build_tiny_wan(output_dir, seed=seed)
-    first = WanTransformer3DModel.from_pretrained(out / "transformer")
-    torch.manual_seed(seed + 1)
-    WanTransformer3DModel(**first.config).save_pretrained(out / "transformer_2", safe_serialization=True)
+    save_low_noise_expert(out, seed)
     write_model_index(out, components={**WAN_COMPONENTS, "transformer_2": ["diffusers", "WanTransformer3DModel"]},
                       extra={"boundary_ratio": boundary_ratio})
     return out
@@ -228,14 +233,10 @@ def build_tiny_wan22_i2v(output_dir: str | Path, seed: int = 0, boundary_ratio: 
     transformers of other random weights taking 36 channels (16 noise + 4 mask + 16 condition
     latents) and no image embedding, ``boundary_ratio`` 0.9, no image encoder or processor
     (``[null, null]``), and ``WanImageToVideoPipeline`` in model_index.json."""
-    from diffusers import WanTransformer3DModel
-
     latent = TINY_WAN_VAE["z_dim"]
     out = build_tiny_wan(output_dir, seed=seed, transformer_config=dict(in_channels=2 * latent + 4,
                                                                         out_channels=latent))
-    first = WanTransformer3DModel.from_pretrained(out / "transformer")
-    torch.manual_seed(seed + 1)
-    WanTransformer3DModel(**first.config).save_pretrained(out / "transformer_2", safe_serialization=True)
+    save_low_noise_expert(out, seed)
     components = {**WAN_COMPONENTS, "transformer_2": ["diffusers", "WanTransformer3DModel"],
                   "image_encoder": [None, None], "image_processor": [None, None]}
     write_model_index(out, "WanImageToVideoPipeline", dict(sorted(components.items())),

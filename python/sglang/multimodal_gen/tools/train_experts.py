@@ -37,7 +37,7 @@ from sglang.multimodal_gen.tools.reference_architectures import encode_umt5
 from sglang.multimodal_gen.tools.synthetic_videos import WORLDS, sample_batch
 from sglang.multimodal_gen.tools.tiny_models import WAN_COMPONENTS, write_model_index
 from sglang.multimodal_gen.tools.train_reference import cosine_lr, ema_update, shifted_sigmas
-from sglang.multimodal_gen.tools.training_checkpoint import TrainingCheckpoint, fine_tune_main
+from sglang.multimodal_gen.tools.training_checkpoint import TrainingCheckpoint, encoded_once, fine_tune_main
 
 logger = logging.getLogger("train_experts")
 
@@ -243,21 +243,12 @@ def save_folder(output: Path, source: SourceModel, experts: dict[str, torch.nn.M
 
 def train_experts(output: Path, cfg: ExpertTrainConfig, checkpoint_dir: Path | None = None, resume: bool = False,
                   checkpoint_every: int = 500) -> dict:
-    if cfg.world not in WORLDS:
-        raise SystemExit(f"--world {cfg.world}: not one of {', '.join(WORLDS)}")
     if not 0 < cfg.boundary_ratio < 1:
         raise SystemExit(f"--boundary-ratio {cfg.boundary_ratio}: must lie strictly between 0 and 1")
-    if resume and checkpoint_dir is None:
-        raise SystemExit("--resume needs --checkpoint-dir")
     start = time.time()
     source = load_source(cfg)
     checkpoint = TrainingCheckpoint(checkpoint_dir, cfg, resume) if checkpoint_dir is not None else None
-    if checkpoint is not None and checkpoint.has_latents():
-        latents, captions, _ = checkpoint.load_latents()
-    else:
-        latents, captions = encode_videos(source, cfg)
-        if checkpoint is not None:
-            checkpoint.save_latents(latents, captions, {})
+    latents, captions, _ = encoded_once(checkpoint, lambda: (*encode_videos(source, cfg), {}))
     embeddings, caption_ids = caption_embeddings(source, captions)
     saved = checkpoint.load_dit() if checkpoint else None
     done: dict = dict(saved["done"]) if saved is not None else {}

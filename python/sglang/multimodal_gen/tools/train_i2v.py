@@ -39,7 +39,7 @@ from sglang.multimodal_gen.tools.tiny_models import TINY_CLIP_VISION, WAN_COMPON
 from sglang.multimodal_gen.tools.train_experts import FineTuneConfig, SourceModel, caption_embeddings, load_source
 from sglang.multimodal_gen.tools.train_reference import cosine_lr, ema_update, shifted_sigmas
 from sglang.multimodal_gen.tools.synthetic_videos import WORLDS, parse_caption, sample_batch
-from sglang.multimodal_gen.tools.training_checkpoint import TrainingCheckpoint, fine_tune_main
+from sglang.multimodal_gen.tools.training_checkpoint import TrainingCheckpoint, encoded_once, fine_tune_main
 
 logger = logging.getLogger("train_i2v")
 
@@ -260,20 +260,11 @@ def save_folder(output: Path, source: SourceModel, image: ImageSide, transformer
 
 def train_i2v(output: Path, cfg: I2VTrainConfig, checkpoint_dir: Path | None = None, resume: bool = False,
               checkpoint_every: int = 250) -> dict:
-    if cfg.world not in WORLDS:
-        raise SystemExit(f"--world {cfg.world}: not one of {', '.join(WORLDS)}")
-    if resume and checkpoint_dir is None:
-        raise SystemExit("--resume needs --checkpoint-dir")
     start = time.time()
     source = load_source(cfg)
     image = new_image_side(cfg)
     checkpoint = TrainingCheckpoint(checkpoint_dir, cfg, resume) if checkpoint_dir is not None else None
-    if checkpoint is not None and checkpoint.has_latents():
-        latents, captions, inputs = checkpoint.load_latents()
-    else:
-        latents, captions, inputs = encode_videos(source, image, cfg)
-        if checkpoint is not None:
-            checkpoint.save_latents(latents, captions, inputs)
+    latents, captions, inputs = encoded_once(checkpoint, lambda: encode_videos(source, image, cfg))
     embeddings, caption_ids = caption_embeddings(source, captions)
     train_start = time.time()
     transformer, loss = train(source, cfg, latents, inputs, embeddings, caption_ids, checkpoint, checkpoint_every)

@@ -87,6 +87,17 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def encoded_once(checkpoint: TrainingCheckpoint | None, encode: Callable[[], tuple]) -> tuple:
+    """``(latents, captions, inputs)``: the checkpoint's, or ``encode()``'s, kept in the checkpoint
+    so a resumed run trains on the same encoded videos."""
+    if checkpoint is not None and checkpoint.has_latents():
+        return checkpoint.load_latents()
+    encoded = encode()
+    if checkpoint is not None:
+        checkpoint.save_latents(*encoded)
+    return encoded
+
+
 def fine_tune_main(description: str, config_class: type, train: Callable[..., Any], output_help: str,
                    checkpoint_every: int, argv: list[str] | None = None) -> int:
     """The command line of a fine-tuning script (``train_experts``, ``train_i2v``): ``--output``,
@@ -105,6 +116,12 @@ def fine_tune_main(description: str, config_class: type, train: Callable[..., An
     args = parser.parse_args(argv)
     if args.checkpoint_every < 1:
         parser.error("--checkpoint-every must be at least 1")
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("--resume needs --checkpoint-dir")
+    from sglang.multimodal_gen.tools.synthetic_videos import WORLDS
+
+    if getattr(args, "world", None) is not None and args.world not in WORLDS:
+        parser.error(f"--world {args.world}: not one of {', '.join(WORLDS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     import torch
 
