@@ -40,8 +40,7 @@ def model_prompts(model_folder: Path) -> tuple[list[str], list[str]]:
     image-to-video model's: the first of its ``calibration_prompts.txt``, which have first frames)."""
     listed = listed_held_out(Path(model_folder))
     scored = PROMPTS if listed is None else [scene.caption for scene in listed]
-    images = prompt_images(Path(model_folder))
-    if images:
+    if read_model_info(Path(model_folder)).image_to_video:
         calibration = read_i2v_prompts(Path(model_folder) / "calibration_prompts.txt")
         return scored, [caption for caption, _ in calibration[:len(TUNING_SCENE_INDICES)]]
     train_scenes = WORLDS[model_world(Path(model_folder))].train_scenes

@@ -269,12 +269,6 @@ def _wan22_expand_timesteps(index: dict[str, Any], index_file: Path, boundary_ra
     return expand
 
 
-def wan_image_encoder_wanted(path: Path) -> bool:
-    """Whether a Wan image-to-video transformer takes the CLIP embedding of the first frame
-    (``image_dim``: Wan2.1 I2V); Wan2.2's image-to-video models take the frame as latents only."""
-    return _transformer_config(path).get("image_dim") is not None
-
-
 def _check_wan_i2v(path: Path, index: dict[str, Any], boundary_ratio: float | None, expand_timesteps: bool,
                    text_max_length: int) -> None:
     """The ``WanImageToVideoPipeline`` checkpoints, told apart as that pipeline tells them:

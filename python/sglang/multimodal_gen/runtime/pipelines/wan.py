@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from sglang.multimodal_gen.configs.models import NO_IMAGE, ModelInfo, wan_image_encoder_wanted
+from sglang.multimodal_gen.configs.models import NO_IMAGE, ModelInfo
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.models.experts import HIGH_NOISE, LOW_NOISE, ExpertOffload, ExpertSwitch
 from sglang.multimodal_gen.runtime.models.loader import load_component
@@ -93,7 +93,7 @@ class WanPipeline(Pipeline):
             T5TextEncodingStage(tokenizer, text_encoder, model_info.text_max_length, device, dtype),
         ]
         if model_info.image_input != NO_IMAGE:
-            self.stages.append(self._image_conditioning_stage(vae, device, dtype))
+            self.stages.append(self._image_conditioning_stage())
         self.stages += [
             # The noise has the VAE's channels (an I2V transformer takes 20 more: mask and condition).
             LatentPreparationStage(scheduler, vae.config.z_dim, spatial, temporal, device),
@@ -117,16 +117,16 @@ class WanPipeline(Pipeline):
         self.expert_schedule = lambda n: list(schedules(n))
         return experts
 
-    def _image_conditioning_stage(self, vae, device: torch.device, dtype: torch.dtype) -> WanImageConditioningStage:
+    def _image_conditioning_stage(self) -> WanImageConditioningStage:
         """The first frame's stage; with the CLIP image encoder where the transformer takes its
         embedding (Wan2.1 I2V)."""
         path = self.model_info.path
         image_processor = image_encoder = None
-        if wan_image_encoder_wanted(path):
+        if self.transformer.config.image_dim is not None:  # Wan2.1 I2V; Wan2.2's take the frame as latents only
             image_processor = load_component(path, "image_processor")
-            image_encoder = self.image_encoder = load_component(path, "image_encoder", torch.float32).to(device)
-        return WanImageConditioningStage(vae, device, dtype, self.geometry, image_processor, image_encoder,
-                                         first_frame_only=self.model_info.expand_timesteps)
+            image_encoder = self.image_encoder = load_component(path, "image_encoder", torch.float32).to(self.device)
+        return WanImageConditioningStage(self.vae, self.device, self.dtype, self.geometry, image_processor,
+                                         image_encoder, first_frame_only=self.model_info.expand_timesteps)
 
 
 PIPELINE_CLASS = WanPipeline
