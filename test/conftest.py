@@ -3,14 +3,16 @@ model loaded once), how the suite splits over pytest-xdist workers, and the time
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
+import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -217,6 +219,42 @@ def hunyuan_generator(tiny_hunyuan_dir):
 
     return DiffGenerator.from_pretrained(str(tiny_hunyuan_dir), device="cpu")
 
+
+
+POSTGRES_ENV = "SGLANG_TEST_POSTGRES_URL"
+
+
+@contextlib.contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """The URL of a new, empty database on the PostgreSQL server ``SGLANG_TEST_POSTGRES_URL``
+    names (``scripts/test_postgres.sh start`` runs one; ``.ci/run`` does), dropped afterwards.
+    Without the variable the test is skipped, or fails under CI (``CI=true``): there a missing
+    database is a broken setup, not a choice."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        message = f"{POSTGRES_ENV} is not set; start a database with scripts/test_postgres.sh"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    import psycopg
+
+    name = f"sglang_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A new PostgreSQL database for one test (see :func:`fresh_postgres_database`)."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -60,8 +60,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self) -> str:
-        """Start it and wait for /health; its base URL (no /v1)."""
+    def start(self, wait: bool = True) -> str:
+        """Start it and (unless ``wait`` is false: then call :meth:`wait_ready`) wait for /health;
+        its base URL (no /v1)."""
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "sglang.cli.main", "--log-level", "info", "serve",
@@ -70,8 +71,13 @@ class ServerProcess:
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(command, cwd=REPO, env=self.env or server_env(), stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=self.preexec)
-        _wait_healthy(self.url, self.proc, self.log)
+        if wait:
+            self.wait_ready()
         return self.url
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        _wait_healthy(self.url, self.proc, self.log)
 
     def signal(self, sig: int, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for the exit; its return code (``-sig`` when the signal ended it)."""

@@ -40,7 +40,8 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig, create_app
 from sglang.multimodal_gen.runtime.entrypoints.input_reference import decode_image, reference_bytes
-from sglang.multimodal_gen.runtime.entrypoints.job_store import DB_NAME, JobStore, Retention, VideoJob
+from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore, Retention, VideoJob
+from sglang.multimodal_gen.runtime.entrypoints.sqlite_store import DB_NAME, SqliteJobStore
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import VideoError
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import DEFAULT_MAX_IMAGE_BYTES, RequestLimits
 from sglang.multimodal_gen.runtime.models.loader import BUILTIN_MODELS_DIR
@@ -164,7 +165,7 @@ def _job(store: JobStore, job_id: str, data: bytes = PNG) -> VideoJob:
 
 
 def test_a_stored_image_survives_a_restart_and_goes_with_its_job(tmp_path):
-    store = JobStore.open(tmp_path)
+    store = SqliteJobStore.open(tmp_path)
     kept = _job(store, "video_kept")
     _job(store, "video_deleted")
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["video_deleted.png", "video_kept.png"]
@@ -173,8 +174,8 @@ def test_a_stored_image_survives_a_restart_and_goes_with_its_job(tmp_path):
     (tmp_path / "images" / "video_stray.png").write_bytes(PNG)  # a crash between the write and the row
     store.close()
 
-    store = JobStore.open(tmp_path)
-    report = store.recover()
+    store = SqliteJobStore.open(tmp_path)
+    report = store.recover("local")
     assert report.restarted == ["video_kept"] and report.removed_files == 1
     job = store.get("video_kept")
     assert job.input_reference == kept.input_reference and job.params.image is None
@@ -186,7 +187,7 @@ def test_a_stored_image_survives_a_restart_and_goes_with_its_job(tmp_path):
 
 
 def test_a_changed_or_missing_file_is_not_read(tmp_path):
-    store = JobStore.open(tmp_path)
+    store = SqliteJobStore.open(tmp_path)
     job = _job(store, "video_a")
     (tmp_path / "images" / "video_a.png").write_bytes(encode(frame(), "JPEG"))
     with pytest.raises(ValueError, match="sha256 differs"):
@@ -198,7 +199,7 @@ def test_a_changed_or_missing_file_is_not_read(tmp_path):
 
 
 def test_retention_removes_the_image_with_the_job(tmp_path):
-    store = JobStore.open(tmp_path, Retention(max_count=1))
+    store = SqliteJobStore.open(tmp_path, Retention(max_count=1))
     for job_id in ("video_1", "video_2"):
         _job(store, job_id)
         store.fail(job_id, VideoError(code="generation_failed", message="x"))
@@ -208,7 +209,7 @@ def test_retention_removes_the_image_with_the_job(tmp_path):
 
 
 def test_a_version_1_database_gains_the_column(tmp_path):
-    store = JobStore.open(tmp_path)
+    store = SqliteJobStore.open(tmp_path)
     store.close()
     conn = sqlite3.connect(tmp_path / DB_NAME)
     conn.executescript("ALTER TABLE jobs DROP COLUMN input_reference; PRAGMA user_version = 1;")
@@ -216,7 +217,7 @@ def test_a_version_1_database_gains_the_column(tmp_path):
                  "'{\"prompt\": \"p\"}', 1)")
     conn.commit()
     conn.close()
-    store = JobStore.open(tmp_path)
+    store = SqliteJobStore.open(tmp_path)
     assert store.get("video_old").input_reference is None
     _job(store, "video_new")
     assert store.get("video_new").input_reference is not None

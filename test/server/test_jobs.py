@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig, create_app
-from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore, VideoJob
+from sglang.multimodal_gen.runtime.entrypoints.job_store import VideoJob
+from sglang.multimodal_gen.runtime.entrypoints.sqlite_store import SqliteJobStore
 
 from .test_worker import StubGenerator, _wait
 
@@ -199,7 +200,7 @@ def test_restart_in_process_keeps_videos(stub, tmp_path):
         done = client.post("/v1/videos", json={"prompt": "kept", "seed": 4}).json()
         done = _wait(client, done["id"])
         content = client.get(f"/v1/videos/{done['id']}/content").content
-    store = JobStore.open(tmp_path / "data")  # as if killed with a job still queued
+    store = SqliteJobStore.open(tmp_path / "data")  # as if killed with a job still queued
     store.add(VideoJob(id="video_lost", model="stub", params=store.get(done["id"]).params, created_at=0))
     store.close()
     with _client(stub, tmp_path) as client:
@@ -216,7 +217,7 @@ MISSING_MODEL = "/no/such-model"
 def test_a_data_dir_in_use_is_refused_before_the_model_is_looked_at(tmp_path, capsys):
     from sglang.cli.main import main
 
-    store = JobStore.open(tmp_path / "data")
+    store = SqliteJobStore.open(tmp_path / "data")
     try:
         assert main(["serve", "--model-path", MISSING_MODEL, "--port", "0", "--data-dir", str(tmp_path / "data")]) == 2
     finally:

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore
+from sglang.multimodal_gen.runtime.entrypoints.sqlite_store import SqliteJobStore
 
 from .conftest import SMALL, ServerProcess
 
@@ -100,9 +100,9 @@ def test_sigterm_refuses_beyond_the_queue_marks_unfinished_jobs_and_exits(tmp_pa
     text = log.read_text()
     assert "Traceback" not in text
     assert f"stopped: running {running.id}, 2 queued marked failed (server_stopped)" in text
-    store = JobStore.open(data)  # what the next start reads
+    store = SqliteJobStore.open(data)  # what the next start reads
     try:
-        assert store.recover().restarted == []
+        assert store.recover("local").restarted == []
         for video in (running, *queued):
             job = store.get(video.id)
             assert job.status == "failed" and job.error.code == "server_stopped"

@@ -26,7 +26,8 @@ from fastapi.testclient import TestClient
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig, create_app
-from sglang.multimodal_gen.runtime.entrypoints.job_store import DB_NAME, JobStore, VideoJob
+from sglang.multimodal_gen.runtime.entrypoints.job_store import VideoJob
+from sglang.multimodal_gen.runtime.entrypoints.sqlite_store import DB_NAME, SqliteJobStore
 
 from .conftest import SMALL, ServerProcess, server_env
 from .test_worker import StubGenerator
@@ -37,7 +38,7 @@ FILE_LIMIT = 512 * 1024  # RLIMIT_FSIZE of the module's server: its "disk" is fu
 # --------------------------------------------------------------------------- a damaged database: startup
 def _damaged_database(folder: Path) -> Path:
     """A job database of a few dozen pages whose pages past the first are overwritten."""
-    store = JobStore.open(folder)
+    store = SqliteJobStore.open(folder)
     for index in range(40):
         store.add(VideoJob(id=f"video_{index}", model="m", params=SamplingParams(prompt="p" * 2000), created_at=1))
     store.close()
@@ -112,7 +113,7 @@ def test_a_full_disk_is_507_storage_failed(limited_server):
 def test_a_write_that_raises_leaves_no_video_file(tmp_path):
     """A full disk part-way through the mp4 (RLIMIT_FSIZE: the write raises EFBIG): no file stays,
     neither the temporary one nor a partial video under the final name."""
-    store = JobStore.open(tmp_path)
+    store = SqliteJobStore.open(tmp_path)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 from sglang.cli.args import (
@@ -19,6 +21,8 @@ from sglang.cli.args import (
     speed_kwargs,
 )
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from sglang.multimodal_gen.runtime.entrypoints.video_service import ServerConfig
@@ -55,6 +59,24 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     jobs.add_argument("--max-queued-videos", type=_whole_number(1), default=64,
                       help="videos that may wait behind the running one; more is a 429 with Retry-After "
                            "(default 64)")
+    replicas = serve.add_argument_group(
+        "several replicas", "servers sharing one queue through PostgreSQL (docs/api.md#several-replicas); the queue "
+                            "and retention flags above must then be the same on every replica")
+    replicas.add_argument("--job-store", default=None, metavar="URL",
+                          help="the jobs' database: sqlite:///relative/path or sqlite:////absolute/path (one server), "
+                               "or postgresql://user:password@host:port/database (replicas share its queue) (default: "
+                               "the SGLANG_JOB_STORE_URL environment variable, which keeps a password out of `ps`; "
+                               "unset: sqlite, jobs.sqlite3 under --data-dir)")
+    replicas.add_argument("--video-store", default=None, metavar="DIR",
+                          help="folder of the mp4s and input images, shared by the replicas (e.g. a network file "
+                               "system) (default: --data-dir)")
+    replicas.add_argument("--replica-id", default=None, metavar="ID",
+                          help="this server's id in the job store: what it claimed is recovered by it alone at its "
+                               "next start (default: HOSTNAME:PORT)")
+    replicas.add_argument("--job-lease-seconds", type=_seconds, default=30.0, metavar="S",
+                          help="a running job stays this replica's this long without a renewal (renewed every "
+                               "third of it, at most every 5 s); the job of a replica silent for longer is failed "
+                               "replica_lost (default 30)")
     serve.set_defaults(func=cmd_serve)
     return serve
 
@@ -115,6 +137,17 @@ def _hours(text: str) -> float:
     return hours
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}; use e.g. 30 or 2.5") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number > 0, got {text}")
+    return seconds
+
+
 def _whole_number(minimum: int, zero_means: str = "") -> Callable[[str], int]:
     """argparse type: a whole number >= ``minimum``; ``zero_means`` says what 0 does where it is allowed."""
     note = f" (0: {zero_means})" if zero_means else ""
@@ -132,10 +165,12 @@ def _whole_number(minimum: int, zero_means: str = "") -> Callable[[str], int]:
 
 
 def server_config(args: argparse.Namespace) -> "ServerConfig":
-    """The operator's settings from the command line (and ``SGLANG_API_KEY``, which ``--api-key`` overrides)."""
+    """The operator's settings from the command line (and ``SGLANG_API_KEY`` and
+    ``SGLANG_JOB_STORE_URL``, which ``--api-key`` and ``--job-store`` override)."""
     from sglang.multimodal_gen.runtime.entrypoints.access import resolve_api_key
-    from sglang.multimodal_gen.runtime.entrypoints.video_service import ServerConfig
     from sglang.multimodal_gen.runtime.entrypoints.job_store import default_data_dir
+    from sglang.multimodal_gen.runtime.entrypoints.store_url import ENV_VAR, default_replica_id
+    from sglang.multimodal_gen.runtime.entrypoints.video_service import ServerConfig
 
     return ServerConfig(
         host=args.host,
@@ -146,21 +181,29 @@ def server_config(args: argparse.Namespace) -> "ServerConfig":
         max_stored_videos=args.max_stored_videos or None,
         max_queued_videos=args.max_queued_videos,
         limits=limits_from_args(args),
+        job_store=args.job_store or os.environ.get(ENV_VAR) or None,
+        video_store=args.video_store,
+        replica_id=args.replica_id or default_replica_id(args.port),
+        job_lease_seconds=args.job_lease_seconds,
     )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from sglang.multimodal_gen.runtime.cache.calibration import load_calibration
+    from sglang.multimodal_gen.runtime.entrypoints.store_url import redact_url
     from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
     from sglang.multimodal_gen.runtime.entrypoints.http_server import check_listen_address, run_server
-    from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore
 
     # What can be checked without the model first: a load can take minutes.
     config = server_config(args)
     check_listen_address(args.host, args.port)
     if args.cache_calibration is not None:
         load_calibration(args.cache_calibration)
-    JobStore.check(config.data_dir)  # in use by another server, not writable, newer schema
+    # In use by another server, not writable, a newer schema, unreachable, other queue settings.
+    config.open_store(config.data_dir).close()
+    store = redact_url(config.job_store) if config.job_store else f"SQLite under {config.data_dir}"
+    logger.info("job store: %s; videos in %s; replica %s", store, config.video_store or config.data_dir,
+                config.replica_id)
     parallel = parallel_kwargs(args)
     generator = DiffGenerator.from_pretrained(
         args.model_path, device=args.device, dtype=args.dtype, cache_calibration=args.cache_calibration, **parallel,

@@ -40,6 +40,7 @@ from sglang.multimodal_gen.runtime.entrypoints.form_bodies import (
     parse_urlencoded,
 )
 from sglang.multimodal_gen.runtime.entrypoints.input_reference import ReferenceImage
+from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStoreError
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import (
     APIError,
     ErrorInfo,
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 # What GET /v1/videos/{id} suggests to pollers (the openai client reads this header).
 POLL_AFTER_MS = 200
 DEFAULT_LIST_LIMIT = 20
+# Retry-After of a 503 while the job store cannot be reached.
+STORE_RETRY_AFTER_S = 5
 MAX_LIST_LIMIT = 100
 # --------------------------------------------------------------------------- the app
 def _error_response(status_code: int, info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -172,6 +175,18 @@ def create_app(generator: Any, model_name: str, config: ServerConfig | None = No
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc.status_code, exc.info, exc.headers)
+
+    @app.exception_handler(JobStoreError)
+    async def _store_error(request: Request, exc: JobStoreError) -> JSONResponse:
+        """A full disk under the job store is a 507 ``storage_failed`` (the code a job gets when its
+        mp4 cannot be written); a database that cannot be reached a 503. One log line, no traceback."""
+        logger.error("the job store failed on %s %s: %s", request.method, request.url.path, exc)
+        if exc.full:
+            return _error_response(507, ErrorInfo(message=f"the server cannot store videos now ({exc}); retry later",
+                                                  type="server_error", code="storage_failed"))
+        return _error_response(503, ErrorInfo(message="the server cannot reach its job store now; retry later",
+                                              type="server_error", code="job_store_unavailable"),
+                               headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,12 +1,14 @@
 """The video jobs of ``sglang serve``: the operator's settings, the job service and its worker.
 
 One worker thread runs the queue a generation at a time, since the accelerator is the bottleneck
-and the model holds one set of weights. Every state change goes to the :class:`JobStore` under
-``--data-dir`` when it happens, so completed videos survive a crash or restart; what was queued
-or running then is failed (``server_restarted``). Finished videos expire by age and count
-(``expires_at``). A create beyond ``max_queued_videos`` waiting is a 429 with ``Retry-After``.
-A DELETE of a running video answers at once and the worker stops at its next step. The HTTP app
-(``http_server.py``) only parses, validates and reports.
+and the model holds one set of weights. Every state change goes to the :class:`JobStore` (SQLite
+under ``--data-dir``, or a PostgreSQL database that replicas share) when it happens, so completed
+videos survive a crash or restart; what this server was running then is failed
+(``server_restarted``). Finished videos expire by age and count (``expires_at``). A create beyond
+``max_queued_videos`` waiting is a 429 with ``Retry-After``. A DELETE of a running video answers
+at once and the worker stops at its next step; with a shared store, the replica running it stops
+when its :class:`LeaseKeeper` next looks. The HTTP app (``http_server.py``) only parses,
+validates and reports.
 """
 
 
@@ -16,21 +18,22 @@ import collections
 import dataclasses
 import logging
 import math
-import queue
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import UserError
 from sglang.multimodal_gen.runtime.entrypoints.access import ResponseHygiene
 from sglang.multimodal_gen.runtime.entrypoints.input_reference import ReferenceImage
-from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore, Retention, VideoJob
+from sglang.multimodal_gen.runtime.entrypoints.job_store import JobStore, JobStoreError, Retention, VideoJob
+from sglang.multimodal_gen.runtime.entrypoints.lease import LeaseKeeper
+from sglang.multimodal_gen.runtime.entrypoints.open_store import open_job_store
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import (
     APIError,
     InputReferenceInfo,
@@ -38,6 +41,8 @@ from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import (
     VideoObject,
 )
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
+from sglang.multimodal_gen.runtime.entrypoints.sqlite_store import DB_NAME
+from sglang.multimodal_gen.runtime.entrypoints.store_url import default_replica_id, parse_job_store_url
 from sglang.multimodal_gen.runtime.entrypoints.video_api import brief, format_seconds
 from sglang.multimodal_gen.runtime.utils.video_io import encode_mp4
 
@@ -52,6 +57,9 @@ DEFAULT_RETRY_AFTER_S = 5
 DEFAULT_MAX_QUEUED_VIDEOS = 64
 DEFAULT_VIDEO_RETENTION_HOURS = 24.0
 DEFAULT_MAX_STORED_VIDEOS = 1000
+DEFAULT_JOB_LEASE_S = 30.0
+# How often an idle worker looks for jobs that other replicas queued (a shared store).
+SHARED_POLL_S = 0.5
 
 
 @dataclass
@@ -77,6 +85,14 @@ class ServerConfig:
             video finishes. ``None``: no limit.
         max_queued_videos: Videos that may wait behind the running one; a create beyond it is a
             429 with ``Retry-After``.
+        job_store: The jobs' database URL (``store_url.py``); ``None``: SQLite,
+            ``jobs.sqlite3`` under ``data_dir``. Left out of ``repr`` (a password).
+        video_store: Folder of the mp4 and image files; ``None``: ``data_dir``. Replicas of a
+            shared job store share it.
+        replica_id: This server's id in the job store (what it claimed is recovered by it alone);
+            ``None``: ``host:pid``. ``sglang serve`` passes ``host:port``.
+        job_lease_seconds: How long a claimed job stays this server's without a renewal (it
+            renews a third of the way); a replica silent for longer loses it (``replica_lost``).
     """
 
     host: str = "127.0.0.1"
@@ -87,17 +103,39 @@ class ServerConfig:
     video_retention_hours: float | None = DEFAULT_VIDEO_RETENTION_HOURS
     max_stored_videos: int | None = DEFAULT_MAX_STORED_VIDEOS
     max_queued_videos: int = DEFAULT_MAX_QUEUED_VIDEOS
+    job_store: str | None = field(default=None, repr=False)
+    video_store: str | None = None
+    replica_id: str | None = None
+    job_lease_seconds: float = DEFAULT_JOB_LEASE_S
 
     def __post_init__(self) -> None:
         if isinstance(self.max_queued_videos, bool) or not isinstance(self.max_queued_videos, int) \
                 or self.max_queued_videos < 1:
             raise UserError(f"max_queued_videos must be a whole number >= 1, got {self.max_queued_videos!r}")
+        if not (isinstance(self.job_lease_seconds, (int, float)) and 0 < self.job_lease_seconds < math.inf):
+            raise UserError(f"job_lease_seconds must be a number of seconds > 0, got {self.job_lease_seconds!r}")
         self.retention()  # raises for a bad retention
+        if self.job_store is not None:
+            parse_job_store_url(self.job_store)  # one line for a URL that names no store
+        if self.replica_id is None:
+            self.replica_id = default_replica_id(0)
 
     def retention(self) -> Retention:
         """What the job store keeps, from ``video_retention_hours`` and ``max_stored_videos``."""
         hours = self.video_retention_hours
         return Retention(max_age_s=None if hours is None else hours * 3600.0, max_count=self.max_stored_videos)
+
+    def shared_settings(self) -> dict[str, Any]:
+        """What every replica of one shared queue must set alike, by flag."""
+        return {"--max-queued-videos": self.max_queued_videos, "--video-retention-hours": self.video_retention_hours,
+                "--max-stored-videos": self.max_stored_videos}
+
+    def open_store(self, data_dir: str) -> JobStore:
+        """The job store these settings name (``data_dir`` standing in for an unset ``data_dir``),
+        opened for this replica; ``DataDirError`` (one line) when it cannot be used."""
+        url = self.job_store or f"sqlite:///{Path(data_dir) / DB_NAME}"
+        return open_job_store(url, self.video_store or data_dir, self.replica_id, self.shared_settings(),
+                              self.retention(), files_flag="--video-store" if self.video_store else "--data-dir")
 
 
 class _Cancelled(Exception):
@@ -111,6 +149,8 @@ class VideoService:
     what the worker and the requests do around the running job (claiming it, cancelling it,
     finishing it) and the queue bound; reads go to the store without it. The running job's
     progress is kept here and written to the store at most every ``PROGRESS_WRITE_INTERVAL_S``.
+    The worker takes the oldest queued job from the store when woken by a create here, or, with
+    a shared store, every ``SHARED_POLL_S`` (creates on other replicas).
     """
 
     def __init__(self, generator: Any, model_name: str, config: ServerConfig | None = None) -> None:
@@ -120,11 +160,13 @@ class VideoService:
         self.store: JobStore | None = None
         self._temp_dir: str | None = None
         self._lock = threading.Lock()
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._keeper: LeaseKeeper | None = None
         self._stopping = False
         # The running job: its id (None when idle), live progress, and why it is being stopped:
-        # None, "deleted" (DELETE: dropped once the worker lets go) or "stopping" (server_stopped).
+        # None, "deleted" (DELETE: dropped once the worker lets go), "stopping" (server_stopped)
+        # or "lost" (no longer this replica's: its lease ran out).
         self._current: str | None = None
         self._progress = 0
         self._cancel = threading.Event()
@@ -134,15 +176,15 @@ class VideoService:
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Open the store (taking its folder's lock), fail what a previous run left unfinished,
-        apply retention, start the worker."""
+        """Open the store (taking this server's locks), fail what this server left unfinished,
+        apply retention, start the worker (and, with a shared store, the lease keeper)."""
         if self._thread is not None:
             return
         folder = self.config.data_dir
         if folder is None:
             self._temp_dir = folder = tempfile.mkdtemp(prefix="sglang-videos-")
-        self.store = JobStore.open(folder, self.config.retention())
-        report = self.store.recover()
+        self.store = self.config.open_store(folder)
+        report = self.store.recover(self.config.replica_id)
         if report.restarted:
             logger.warning("%d video(s) queued or running when the server last stopped are now failed "
                            "(server_restarted): %s", len(report.restarted), ", ".join(report.restarted))
@@ -153,6 +195,10 @@ class VideoService:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="sglang-video-worker", daemon=True)
         self._thread.start()
+        if self.store.shared:
+            self._keeper = LeaseKeeper(self.store, self.config.replica_id, self.config.job_lease_seconds,
+                                       lambda: self._current, self._lost)
+            self._keeper.start()
 
     def begin_shutdown(self) -> None:
         """Refuse new videos (503) from now on; safe to call from a signal handler (no lock)."""
@@ -163,9 +209,10 @@ class VideoService:
         return self._stopping
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Stop taking work; mark the queued videos and the running one ``failed`` with code
-        ``server_stopped`` (the running one stops at its next step), then join the worker and
-        close the store. A running video that finishes before its next step stays completed."""
+        """Stop taking work; mark the running video ``failed`` with code ``server_stopped`` (it
+        stops at its next step), and the queued ones too unless other replicas share the queue;
+        then join the worker and close the store. A running video that finishes before its next
+        step stays completed."""
         if self.store is None:
             return
         error = VideoError(code="server_stopped", type="server_error",
@@ -177,13 +224,16 @@ class VideoService:
                 self._cancel_reason = "stopping"
                 self._cancel.set()
             try:
-                queued = self.store.fail_queued(error)
+                queued = [] if self.store.shared else self.store.fail_queued(error)
                 if running is not None:
                     self.store.fail(running, error)
-            except sqlite3.OperationalError as exc:  # a full disk: the next start fails them (server_restarted)
+            except JobStoreError as exc:  # a full disk: the next start fails them (server_restarted)
                 logger.error("could not mark the unfinished videos failed: %s; the next start will", exc)
                 queued = []
-        self._queue.put(None)
+        self._wake.set()
+        if self._keeper is not None:
+            self._keeper.stop()
+            self._keeper = None
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -245,16 +295,13 @@ class VideoService:
         try:
             with self._lock:
                 self._refuse_if_stopping()
-                try:
-                    added = self._store().add(job, max_queued=self.config.max_queued_videos)
-                except sqlite3.OperationalError as exc:
-                    raise _storage_error(exc) from None
+                added = self._store().add(job, max_queued=self.config.max_queued_videos)
                 if not added:
                     raise self._queue_full()
         finally:
             if not added and job.input_reference is not None:
                 store.remove_image(job.input_reference)
-        self._queue.put(job.id)
+        self._wake.set()
         logger.info("queued %s", job.id)
         return job
 
@@ -279,27 +326,39 @@ class VideoService:
 
     def delete(self, video_id: str) -> VideoJob:
         """Delete a video and its file. A queued one is never run. A running one is answered at
-        once: it shows as ``failed`` (code ``cancelled``) until the worker lets go at its next
-        step, and is then removed."""
+        once: it shows as ``failed`` (code ``cancelled``) until the worker running it (here, or on
+        another replica) lets go at its next step, and is then removed."""
+        error = VideoError(code="cancelled", message="deleted while running; it is removed once the worker "
+                                                     "stops at its next step")
         with self._lock:
             job = self.get(video_id)
             if video_id != self._current:
-                self._store().delete(video_id)
+                if self._store().remove(video_id, error) is None:  # deleted meanwhile by another replica
+                    raise APIError(404, f"no video with id {brief(video_id)}", param="video_id", code="not_found")
                 return job
             if self._cancel_reason != "deleted":
-                error = VideoError(code="cancelled", message="deleted while running; it is removed once the worker "
-                                                             "stops at its next step")
                 self._store().fail(video_id, error, cancelled=True)
                 self._cancel_reason = "deleted"
                 self._cancel.set()
         logger.info("%s deleted while running; cancelling", video_id)
         return job
 
+    def _lost(self, video_id: str, state: str) -> None:
+        """The lease keeper's report that the running job was deleted on another replica
+        (``cancelled``) or is no longer this replica's (``lost``): stop it at its next step."""
+        with self._lock:
+            if video_id != self._current or self._cancel_reason is not None:
+                return
+            self._cancel_reason = "deleted" if state == "cancelled" else "lost"
+            self._cancel.set()
+        logger.info("%s %s; stopping it", video_id,
+                    "deleted on another replica" if state == "cancelled" else "is no longer this replica's")
+
     def content(self, video_id: str) -> bytes:
         job = self.get(video_id)
         if job.status == "completed":
             try:
-                return self._store().video_path(job).read_bytes()
+                return self._store().read_video(job)
             except FileNotFoundError:  # deleted or expired since it was read
                 raise APIError(404, f"no video with id {brief(video_id)}", param="video_id", code="not_found") from None
         if job.status == "failed":
@@ -366,30 +425,32 @@ class VideoService:
     # ----------------------------------------------------------------------------- the worker
     def _work(self) -> None:
         sweep_s = _sweep_interval_s(self.config.retention())
-        while True:
+        wait_s = min(sweep_s, SHARED_POLL_S) if self._store().shared else sweep_s
+        purged = time.monotonic()
+        while not self._stopping:
             try:
-                job_id = self._queue.get(timeout=sweep_s)
-            except queue.Empty:
-                self._purge()
-                continue
-            if job_id is None:
-                return
-            try:
-                job = self._claim(job_id)
+                job = self._claim()
                 if job is not None:
                     self._run(job)
                     self._purge()
-            except sqlite3.OperationalError as exc:  # a full or failing disk: one line, the worker goes on
-                logger.error("the worker could not record %s in the job database: %s", job_id, exc)
+                    purged = time.monotonic()
+                    continue
+                if time.monotonic() - purged >= sweep_s:
+                    self._purge()
+                    purged = time.monotonic()
+            except JobStoreError as exc:  # a full or failing disk, the database away: one line, the worker goes on
+                logger.error("the worker could not use the job store: %s", exc)
             except Exception:  # the store failing (disk gone, closed at shutdown) must not end the worker silently
-                logger.exception("the worker failed on %s", job_id)
+                logger.exception("the worker failed")
+            self._wake.wait(wait_s)
+            self._wake.clear()
 
-    def _claim(self, job_id: str) -> VideoJob | None:
-        """queued -> in_progress, unless it was deleted (or failed at shutdown) meanwhile."""
+    def _claim(self) -> VideoJob | None:
+        """The oldest queued job -> in_progress, this replica's; ``None`` when none is queued."""
         with self._lock:
             if self._stopping:
                 return None
-            job = self._store().claim(job_id)
+            job = self._store().claim_next(self.config.replica_id, self.config.job_lease_seconds)
             if job is not None:
                 self._current, self._progress, self._cancel_reason = job.id, 0, None
                 self._cancel = threading.Event()
@@ -409,7 +470,7 @@ class VideoService:
                 written.update(progress=value, at=now)
                 try:
                     store.set_progress(job.id, value)
-                except sqlite3.Error as exc:  # progress is informative: a busy database must not fail the video
+                except JobStoreError as exc:  # progress is informative: a busy database must not fail the video
                     logger.warning("could not record the progress of %s: %s", job.id, exc)
 
         try:
@@ -427,7 +488,7 @@ class VideoService:
             result = self.generator.generate(params, progress=progress)
             if cancel.is_set():
                 raise _Cancelled
-            content = encode_mp4(result.frames, result.params.fps, tmp_dir=store.videos_dir)
+            content = encode_mp4(result.frames, result.params.fps, tmp_dir=store.files.scratch)
         except _Cancelled:
             logger.info("%s cancelled (%s)", job.id, self._cancel_reason)
             self._finish(job)
@@ -450,16 +511,21 @@ class VideoService:
     def _finish(self, job: VideoJob, error: VideoError | None = None, file: str | None = None,
                 cache_stats: dict[str, Any] | None = None, timings: dict[str, float] | None = None) -> None:
         """Record the outcome and let go of the job: a deleted one is removed (its file too), a
-        finished video is kept even when the server is stopping, a stopped one stays failed."""
+        finished video is kept even when the server is stopping, a stopped one stays failed, a
+        lost one (failed ``replica_lost`` by another replica) is left as it is."""
         with self._lock:
             reason, self._current = self._cancel_reason, None
             store = self._store()
             if reason == "deleted":
                 store.delete(job.id)
                 logger.info("%s removed: deleted while running", job.id)
-            elif file is not None:
-                store.complete(job.id, file, cache_stats, timings)
+            elif file is not None and reason != "lost" \
+                    and store.complete(job.id, file, cache_stats, timings, owner=self.config.replica_id):
                 logger.info("%s completed in %.2fs", job.id, sum((timings or {}).values()))
+            elif file is not None:
+                store.remove_video(file)
+                logger.warning("%s was made but is no longer this replica's (deleted, or its lease ran out); "
+                               "its file is removed", job.id)
             elif reason is None:
                 store.fail(job.id, error)
 
@@ -467,17 +533,6 @@ class VideoService:
         removed = self._store().purge()
         if removed:
             logger.info("retention removed %d video(s): %s", len(removed), ", ".join(removed))
-
-
-def _storage_error(exc: sqlite3.OperationalError) -> Exception:
-    """A full disk (or one failing to write) under the job database is a 507 ``storage_failed``,
-    the code a job gets when its mp4 cannot be written; other database errors stay what they are."""
-    name = getattr(exc, "sqlite_errorname", "")
-    if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
-        logger.error("cannot store a new video job: %s (%s)", exc, name)
-        return APIError(507, f"the server cannot store new videos now ({exc}); retry later",
-                        code="storage_failed", type="server_error")
-    return exc
 
 
 def _sweep_interval_s(retention: Retention) -> float:
