@@ -62,8 +62,10 @@ CREATE TABLE IF NOT EXISTS sglang_replicas (
 """
 
 # Replicas whose session still holds their id's advisory lock: the ones running now.
+# (pg_locks lists the locks of every database on the server; advisory locks are per database.)
 _LIVE = ("EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.classid = ?::oid "
-         "AND l.objid = r.lock_key::oid AND l.objsubid = 2)")
+         "AND l.objid = r.lock_key::oid AND l.objsubid = 2 "
+         "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))")
 
 
 def replica_lock_key(replica: str) -> int:
@@ -113,12 +115,17 @@ class PostgresJobStore(JobStore):
              retention: Retention | None = None, clock: Callable[[], float] = time.time) -> "PostgresJobStore":
         """Connect, create the tables if missing, take this replica's lock and check its settings
         against the live replicas'; ``DataDirError`` (one line) when any of it fails."""
+        import psycopg
+
         store = cls(url, files, replica, settings, retention, clock)
         files.open()
         try:
             store._identity = store._connect()
             store._create()
             store._register()
+        except (JobStoreError, psycopg.Error) as exc:  # reached, but refused (no right to create tables, ...)
+            store.close()
+            raise DataDirError(f"cannot use the job store {redact_url(url)}: {one_line(exc, url)}") from None
         except BaseException:
             store.close()
             raise
@@ -198,7 +205,7 @@ class PostgresJobStore(JobStore):
             conn = self._connect()
         try:
             yield conn
-        except psycopg.Error as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:  # not a bug here: the database's state
             raise JobStoreError(str(exc), full=isinstance(exc, psycopg.errors.DiskFull)) from exc
         finally:
             if conn.closed or conn.broken or self._closed.is_set():
