@@ -24,8 +24,10 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.base import COND, UNCOND, StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.cache import base as cache_base
+from sglang.multimodal_gen.runtime.cache.error_growth import ErrorGrowth, LatentProbe
 from sglang.multimodal_gen.runtime.distributed import parallel_state as ps
 from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroupError
+from sglang.multimodal_gen.runtime.entrypoints.calibrate import error_growth
 from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
 
 PROMPT = "a red circle moving left on a blue background"
@@ -121,6 +123,22 @@ def test_state_is_reset_per_request_on_every_rank(cfg_group, wan_generator):
     assert torch.equal(first.latents, again.latents)
     assert _steps(first) == _steps(again)
     assert torch.equal(other.latents, wan_generator.generate(_params(cache, seed=4, prompt="a green square")).latents)
+
+
+def test_the_error_growth_measured_on_two_ranks_is_the_single_process_one(cfg_group, wan_generator):
+    """Every rank perturbs its latents alike, so the ranks stay in step and measure what one
+    process measures."""
+    requests = [_params(CacheParams()), _params(CacheParams(), seed=4, prompt="a green square")]
+
+    def measured(generator: DiffGenerator) -> ErrorGrowth:
+        references = [LatentProbe(seed=index) for index in range(len(requests))]
+        for params, reference in zip(requests, references):
+            generator.generate(params, probe=reference)
+        return error_growth(generator, requests, references)
+
+    single = measured(wan_generator)
+    assert measured(cfg_group) == single
+    assert len(single.growth) == STEPS + 1 and single.growth[-1] == 1.0
 
 
 def test_a_single_branch_request_runs_on_both_ranks(cfg_group, wan_generator):

@@ -11,7 +11,10 @@ import pytest
 from sglang.cli.main import main
 from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
+from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, polynomial_fit_error
+from sglang.multimodal_gen.runtime.cache.error_growth import ErrorGrowth
+from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate
 from sglang.multimodal_gen.runtime.cache.teacache import preset_table
 
 SIZE = ["--height", "32", "--width", "32", "--num-frames", "5"]
@@ -40,6 +43,11 @@ def test_calibration_file_contents_and_plot(calibration_file):
         assert branch.mag_ratio[0] == 1.0 and all(r > 0 for r in branch.mag_ratio)
         assert any(d > 0 for d in branch.cosine_distance[1:])
     assert len(result.teacache_coefficients) == 5
+    # How an error grows, measured on both prompts (the default measures up to 4): one value per
+    # step and for the final latents, where it is 1.
+    growth = ErrorGrowth.from_dict(result.error_growth)
+    assert len(growth.sigmas) == STEPS + 1 and growth.sigmas[:-1] == pytest.approx(result.sigmas[:-1], rel=1e-5)
+    assert growth.sigmas[-1] == 0.0 and growth.growth[-1] == 1.0 and all(g > 0 for g in growth.growth)
     png = calibration_file.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -173,6 +181,22 @@ def test_builtin_model_teacache_default_preset_skips_at_20_steps(builtin_generat
     assert result.cache_stats.branches["cond"].num_skipped >= 1, result.cache_stats.summary()
     assert result.cache_stats.branches["uncond"].num_skipped >= 1
     assert result.cache.config.calibration_steps == 50 and result.cache.threshold == pytest.approx(0.05 * 50 / 20)
+
+
+def test_the_planner_weighs_its_gaps_by_the_calibrated_error_growth(wan_generator, calibration_file):
+    cache = CacheParams(strategy="planner", speedup=2.0, calibration_file=str(calibration_file))
+    params = SamplingParams(prompt=PROMPTS[1], seed=1, height=32, width=32, num_frames=5, num_inference_steps=STEPS,
+                            cache=cache)
+    planner = wan_generator.generate(params).cache
+    assert planner.config.growth == ErrorGrowth.from_dict(CalibrationResult.load(calibration_file).error_growth)
+
+
+def test_calibrating_without_the_growth_runs_nothing_more_and_a_bad_count_is_one_line(wan_generator, tmp_path):
+    template = SamplingParams(prompt=PROMPTS[0], height=32, width=32, num_frames=5, num_inference_steps=6)
+    result = calibrate(wan_generator, PROMPTS[:1], template, tmp_path / "flat.json", growth_prompts=0)
+    assert result.error_growth == {} and result.nearest_planner_table(6) is not None
+    with pytest.raises(InvalidRequestError, match="growth prompts must be a whole number >= 0, got -1"):
+        calibrate(wan_generator, PROMPTS[:1], template, tmp_path / "bad.json", growth_prompts=-1)
 
 
 def test_calibrated_blend_alpha_reaches_the_blend_estimator(wan_generator, calibration_file):

@@ -30,6 +30,7 @@ from sglang.multimodal_gen.runtime.cache import (
     build_cache,
 )
 from sglang.multimodal_gen.runtime.cache.budget import checked_budget_passes
+from sglang.multimodal_gen.runtime.cache.error_growth import ErrorGrowth
 from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagrange_weights
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
@@ -82,25 +83,27 @@ def forecast_rule(seen: list[int], k: int, residuals: np.ndarray, sigmas: list[f
 
 
 def direct_cost(runs: list[np.ndarray], sigmas: list[float], computed: list[int], estimator: str,
-                alpha: float) -> float:
+                alpha: float, growth: ErrorGrowth | None = None) -> float:
     """The planner's objective computed from the vectors themselves: per branch and gap,
-    ``|sum_k dt_k (e_k - r_k)|^2`` over the gap's skipped steps, summed over gaps and branches."""
+    ``|G sum_k dt_k (e_k - r_k)|^2`` over the gap's skipped steps (``G``: the growth at the sigma of
+    the step the gap ends at; 1 without ``growth``), summed over gaps and branches."""
     steps = len(runs[0])
     if not sigmas:
         sigmas = [1.0 - k / steps for k in range(steps + 1)]
+    grown = np.maximum((growth or ErrorGrowth()).at(sigmas), 1.0)
     total = 0.0
     for residuals in runs:
         seen: list[int] = []
         gap_error = np.zeros_like(residuals[0])
         for k in range(steps):
             if k in computed:
-                total += float(np.linalg.norm(gap_error)) ** 2
+                total += float(grown[k] * np.linalg.norm(gap_error)) ** 2
                 gap_error = np.zeros_like(residuals[0])
                 seen.append(k)
             else:
                 estimate = forecast_rule(seen, k, residuals, sigmas, estimator, alpha)
                 gap_error += abs(sigmas[k + 1] - sigmas[k]) * (estimate - residuals[k])
-        total += float(np.linalg.norm(gap_error)) ** 2
+        total += float(grown[steps] * np.linalg.norm(gap_error)) ** 2
     return total
 
 
@@ -151,20 +154,57 @@ def test_gap_cost_equals_the_direct_vector_computation(estimator, alpha, with_si
     assert costs.gap(0, 3, 4, estimator, alpha) == 0.0  # nothing skipped
 
 
+#: An error's growth falling from 9x at pure noise to 1x at the end, and shrinking a little just
+#: before it (which the planner counts as 1), measured at fewer sigmas than the schedules have (so
+#: the planner interpolates).
+STEEP_GROWTH = ErrorGrowth(sigmas=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0), growth=(1.0, 0.8, 1.5, 3.0, 6.0, 9.0))
+
+
+@pytest.mark.parametrize("growth", [None, STEEP_GROWTH], ids=["no-growth", "steep-growth"])
 @pytest.mark.parametrize("with_sigmas", [True, False], ids=["sigmas", "no-sigmas"])
 @pytest.mark.parametrize("estimator, alpha", ESTIMATORS, ids=[e for e, _ in ESTIMATORS])
 @pytest.mark.parametrize("steps, passes, max_skip, seed", [(8, 3, 3, 0), (9, 4, 2, 1), (10, 4, 4, 2), (10, 6, 6, 3)])
-def test_best_plan_is_the_brute_force_optimum(steps, passes, max_skip, seed, estimator, alpha, with_sigmas):
+def test_best_plan_is_the_brute_force_optimum(steps, passes, max_skip, seed, estimator, alpha, with_sigmas, growth):
     """Two branches with their own residuals; every feasible plan costed directly from the vectors."""
     runs = [residual_walk(steps, seed), residual_walk(steps, seed + 50)]
     sigmas = schedule(steps, seed) if with_sigmas else []
-    costs = [GapCosts(gram_of(r, window=steps), sigmas, steps) for r in runs]
+    costs = [GapCosts(gram_of(r, window=steps), sigmas, steps, growth) for r in runs]
     total, plan = best_plan(costs, passes, max_skip, estimator, alpha)
-    brute = min(direct_cost(runs, sigmas, p, estimator, alpha) for p in feasible_plans(steps, passes, max_skip))
+    brute = min(direct_cost(runs, sigmas, p, estimator, alpha, growth) for p in feasible_plans(steps, passes, max_skip))
     assert total == pytest.approx(brute, rel=1e-9)
     assert len(plan) == passes and plan[0] == 0 and plan == sorted(set(plan))
     assert plan in list(feasible_plans(steps, passes, max_skip))
-    assert direct_cost(runs, sigmas, plan, estimator, alpha) == pytest.approx(brute, rel=1e-9)
+    assert direct_cost(runs, sigmas, plan, estimator, alpha, growth) == pytest.approx(brute, rel=1e-9)
+
+
+def test_a_gap_costs_its_error_times_the_growth_where_it_ends():
+    """The growth at the sigma of the step after the gap multiplies the gap's error; a gap to the
+    end takes the growth at the last sigma (1: the error is in the video as it is)."""
+    steps = 10
+    residuals = residual_walk(steps, seed=4)
+    sigmas = schedule(steps, 4)
+    flat = GapCosts(gram_of(residuals, steps), sigmas, steps)
+    grown = GapCosts(gram_of(residuals, steps), sigmas, steps, STEEP_GROWTH)
+    for h, i, j in [(None, 0, 3), (1, 2, 5), (4, 6, 10)]:
+        expected = max(1.0, float(np.interp(sigmas[j], STEEP_GROWTH.sigmas, STEEP_GROWTH.growth)))
+        assert grown.gap(h, i, j, "forecast1") == pytest.approx(expected * flat.gap(h, i, j, "forecast1"), rel=1e-12)
+    assert grown.gap(4, 6, 10, "reuse") == pytest.approx(flat.gap(4, 6, 10, "reuse"))
+    # A flow that shrinks errors is weighed as one that keeps them.
+    shrinking = GapCosts(gram_of(residuals, steps), sigmas, steps, ErrorGrowth(sigmas=(0.0, 1.0), growth=(1.0, 0.2)))
+    assert shrinking.gap(1, 2, 5, "forecast1") == pytest.approx(flat.gap(1, 2, 5, "forecast1"), rel=1e-12)
+
+
+def test_a_steep_growth_moves_the_computed_steps_towards_high_noise():
+    """Where an error made early grows most, the plan computes more of the early steps than it
+    does without the growth, for the same budget."""
+    steps, passes = 24, 10
+    runs = [residual_walk(steps, seed) for seed in (5, 6)]
+    sigmas = [1.0 - k / steps for k in range(steps + 1)]
+    steep = ErrorGrowth(sigmas=(0.0, 0.5, 1.0), growth=(1.0, 1.0, 30.0))
+    early = [sum(1 for step in best_plan([GapCosts(gram_of(r, steps), sigmas, steps, growth) for r in runs], passes,
+                                         6, "forecast1")[1] if step < steps // 2)
+             for growth in (None, steep)]
+    assert early[1] > early[0]
 
 
 # --------------------------------------------------------------------------- resampling and the window

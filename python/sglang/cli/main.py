@@ -266,7 +266,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     generator = DiffGenerator.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
                                               **memory_kwargs(args))
     result = calibrate(generator, prompts, template, args.output, show_progress=True, planner_steps=planner_steps,
-                       images=images)
+                       images=images, **({} if args.growth_prompts is None else {"growth_prompts": args.growth_prompts}))
     parts = result.experts.items() if result.experts else [("", result)]
     for expert, part in parts:
         label = f"{expert.replace('_', '-')} expert, " if expert else ""
@@ -276,6 +276,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     steps = sorted({result.num_inference_steps, *planner_steps})
     per_expert = " per expert" if result.experts else ""
     print(f"  planner tables at {', '.join(map(str, steps))} steps{per_expert} (model outputs, {len(prompts)} prompts)")
+    growth = result.error_growth.get("growth")
+    if growth:
+        print(f"  error growth: an error made at the first step is {growth[0]:.1f}x as large at the end, one made "
+              f"halfway {growth[len(growth) // 2]:.1f}x (the planner weighs its skips by it)")
     print(f"saved {args.output} and {Path(args.output).with_suffix('.png')}")
     return 0
 
@@ -318,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--planner-steps", default=None,
                            help="comma-separated further step counts to record the budget planner's data at "
                                 "(e.g. 20,30), for --cache-speedup requests at those step counts")
+    calibrate.add_argument("--growth-prompts", type=int, default=None, metavar="N",
+                           help="measure how an error grows through the run on the first N prompts (one more "
+                                "run each, denoising only): what the budget planner weighs each skip by; 0 "
+                                "leaves it out (default 4)")
     add_memory_args(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)
 

@@ -104,6 +104,11 @@ class CalibrationResult:
     #: name; ``branches`` is then empty. Every expert's inner products are divided by the same
     #: per-prompt norm (the whole run's mean ``|v_t|^2``), so their tables share one unit.
     experts: dict[str, "CalibrationResult"] = field(default_factory=dict)
+    #: How much an error in the latents grows by the end of the run, against the sigma it enters at
+    #: (``ErrorGrowth.to_dict``), measured on a few prompts with one perturbed run each: the planner
+    #: weighs each skip's error by it. Empty in files written before it (every step weighs the same).
+    #: On a model with several experts each expert carries the whole run's curve.
+    error_growth: dict[str, list[float]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -23,7 +23,11 @@ a per-step summed cost misses and which is why, in an early experiment, it stopp
 final error beyond 2x. Different gaps, separated by a computed step, add in
 quadrature (``|E|^2``, as independent errors do), over branches too: measured against adding their
 norms (the triangle bound), this kept a better worst case on both trained models at 1.5x and
-2x. The plan minimises that total for exactly the requested passes, with at most
+2x. What the video shows is each gap's error after the rest of the run has carried it: the
+gap's cost is multiplied by the growth of an error entering the latents where the gap ends
+(``error_growth.py``, measured by ``sglang calibrate``; 3-17x at high noise, about 1.2x near the end
+on the trained models; a growth below 1 counts as 1), without which the planner took skips at high
+noise for cheap. The plan minimises that total for exactly the requested passes, with at most
 ``max_skip_steps`` skipped in a row.
 
 Which estimator: ``fitted``, unless the request names one. Its weight for each skipped step is
@@ -55,6 +59,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
+from sglang.multimodal_gen.runtime.cache.error_growth import ErrorGrowth
 from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA, ResidualEstimator
 from sglang.multimodal_gen.runtime.cache.registry import register_cache
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
@@ -105,6 +110,11 @@ class PlannerConfig:
             speedup, e.g. `{"1.5": "forecast1", "2": "blend"}` (the file supplies it); a request
             that names none takes the one measured at the nearest speedup. Empty: `blend` where the
             fitted alpha is positive, else `reuse`. Output tables use `fitted` instead.
+        error_growth (`dict[str, list[float]]`):
+            How much an error in the latents grows by the end of the run, against sigma
+            (`ErrorGrowth.to_dict`, measured by `sglang calibrate`): each gap's error is weighed by
+            the growth where it enters the latents, so skips at high noise, where an error grows
+            most, cost what they do to the video. Empty: no growth (files from before it).
         max_skip_steps (`int`, defaults to `6`):
             The most consecutive steps a plan may skip. Higher lets the planner put more of the
             budget where it matters; long gaps are also costed as such, so it rarely needs a cap.
@@ -115,8 +125,10 @@ class PlannerConfig:
     sigmas: list[float] = field(default_factory=list)
     max_skip_steps: int = 6
     measured_estimator: dict[str, str] = field(default_factory=dict)
+    error_growth: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.growth = ErrorGrowth.from_dict(self.error_growth)
         if not is_whole(self.max_skip_steps):
             raise CacheConfigError(f"planner max_skip_steps must be a whole number >= 0, got {self.max_skip_steps!r}")
         self.max_skip_steps = int(self.max_skip_steps)
@@ -147,9 +159,12 @@ class GapCosts:
         gram: ``gram[t][d] = <r_t, r_{t-d}>`` at the calibration's step count.
         sigmas: The calibration's sigmas (``len(gram) + 1`` values) or empty.
         num_steps: The request's step count.
+        growth: How an error entering the latents at each sigma grows by the end (none: 1; below 1
+            counts as 1).
     """
 
-    def __init__(self, gram: Sequence[Sequence[float]], sigmas: Sequence[float], num_steps: int) -> None:
+    def __init__(self, gram: Sequence[Sequence[float]], sigmas: Sequence[float], num_steps: int,
+                 growth: ErrorGrowth | None = None) -> None:
         self.calibration_steps = len(gram)
         self.num_steps = num_steps
         positions = np.arange(num_steps + 1) * self.calibration_steps / num_steps
@@ -158,6 +173,10 @@ class GapCosts:
         else:
             self.sigmas = 1.0 - positions / self.calibration_steps
         self.dt = np.abs(np.diff(self.sigmas))
+        # Growth, never shrinkage: where the flow shrinks an error (the HunyuanVideo model's curve
+        # is 0.2 until its last steps), counting on it moved the skips towards the end and lost
+        # 2.2 dB at 3x there; a skip's error is weighed at least as it was made.
+        self.growth = np.maximum((growth or ErrorGrowth()).at(self.sigmas), 1.0)
         self.inner = self._resampled_inner(gram, positions[:num_steps])
 
     def _resampled_inner(self, gram: Sequence[Sequence[float]], positions: np.ndarray) -> np.ndarray:
@@ -185,7 +204,8 @@ class GapCosts:
         return inner
 
     def gap(self, h: int | None, i: int, j: int, estimator: str, alpha: float = 0.0) -> float:
-        """``|sum_k dt_k (e_k - r_k)|`` over the steps ``i < k < j`` skipped after computed ``h < i``."""
+        """``G_j |sum_k dt_k (e_k - r_k)|`` over the steps ``i < k < j`` skipped after computed
+        ``h < i``, with ``G_j`` the growth of an error entering the latents at step ``j``."""
         skipped = range(i + 1, j)
         if not skipped:
             return 0.0
@@ -202,7 +222,7 @@ class GapCosts:
         block = self.inner[np.ix_(index, index)]
         if np.isnan(block).any():
             return math.inf
-        return math.sqrt(max(float(vector @ block @ vector), 0.0))
+        return float(self.growth[j]) * math.sqrt(max(float(vector @ block @ vector), 0.0))
 
     def fitted_weight(self, h: int | None, i: int, k: int) -> float:
         """The least-squares ``c`` of ``v_k ~ v_i + c (v_i - v_h)`` over the calibration runs: the
@@ -330,7 +350,8 @@ class BudgetPlanner(TimestepCache):
         table = calibration.nearest_planner_table(num_inference_steps or calibration.num_inference_steps)
         if table is None:
             return {}
-        options = {"gram": table["gram"], "gram_of": table["gram_of"], "sigmas": list(table["sigmas"])}
+        options = {"gram": table["gram"], "gram_of": table["gram_of"], "sigmas": list(table["sigmas"]),
+                   "error_growth": dict(calibration.error_growth)}
         if table["gram_of"] == "blocks" and isinstance(table.get("estimator"), dict):
             options["measured_estimator"] = dict(table["estimator"])
         return options
@@ -357,7 +378,8 @@ class BudgetPlanner(TimestepCache):
                 "the fitted estimator needs a calibration of the model outputs, and this file predates them; "
                 "run `sglang calibrate` again", param="cache_estimator",
             )
-        costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps) for b in self.branches]
+        costs = [GapCosts(self.config.gram[b], self.config.sigmas, self.num_inference_steps, self.config.growth)
+                 for b in self.branches]
         if blend_alpha is not None:
             alpha = blend_alpha
         elif estimator == "blend":

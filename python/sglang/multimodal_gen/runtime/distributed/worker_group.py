@@ -200,8 +200,8 @@ def _worker_main(
             message = control.broadcast_object(None, src=0)
             if message[0] == "stop":
                 break
-            _, params, calibrate = message
-            result = pipeline.run(params, calibrate=calibrate, stop_after="denoising")  # rank 0 decodes
+            _, params, calibrate, probe = message
+            result = pipeline.run(params, calibrate=calibrate, probe=probe, stop_after="denoising")  # rank 0 decodes
             control.all_gather_object(rank_report(result))
     except BaseException as exc:  # report, then leave: the closed connection ends rank 0's wait
         try:
@@ -343,15 +343,16 @@ class WorkerGroup:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
 
     # ----------------------------------------------------------------------------- requests
-    def run(self, pipeline: Any, params: Any, calibrate: bool = False, **run_kwargs: Any) -> Any:
-        """Run one request on every rank; rank 0's result, with every rank's report."""
+    def run(self, pipeline: Any, params: Any, calibrate: bool = False, probe: Any = None, **run_kwargs: Any) -> Any:
+        """Run one request on every rank; rank 0's result, with every rank's report. ``probe`` (a
+        calibration's latent probe) goes to every rank, so each perturbs its latents alike."""
         if not self.alive:
             self.restart()
         try:
             with ps.parallel_state_active():
                 control = ps.get_control_group()
-                control.broadcast_object(("generate", params, calibrate), src=0)
-                result = pipeline.run(params, calibrate=calibrate, **run_kwargs)
+                control.broadcast_object(("generate", params, calibrate, probe), src=0)
+                result = pipeline.run(params, calibrate=calibrate, probe=probe, **run_kwargs)
                 result.rank_reports = control.all_gather_object(rank_report(result))
             return result
         except BaseException as exc:

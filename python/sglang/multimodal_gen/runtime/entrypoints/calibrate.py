@@ -13,12 +13,18 @@ from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, plot_magnitude_ratios
+from sglang.multimodal_gen.runtime.cache.error_growth import ErrorGrowth, LatentProbe, growth_from_traces
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator
 from sglang.multimodal_gen.runtime.stages.input_validation import check_image_for_model, check_prompt
 from sglang.multimodal_gen.runtime.utils.image_io import check_image
 from sglang.multimodal_gen.runtime.utils.video_io import check_writable_file
 
 _SPACES = " \r\n\f\v"
+#: Prompts whose error growth ``sglang calibrate`` measures, one more run each (denoising only):
+#: half of the 8 prompts the docs advise, so a calibration costs at most 1.5 times its uncached
+#: runs. The growth at high noise differs from one prompt and seed to the next several times over
+#: (docs/benchmarks.md, "Where an error grows").
+DEFAULT_GROWTH_PROMPTS = 4
 
 
 def read_prompt_lines(path: str | Path) -> list[tuple[int, str]]:
@@ -111,6 +117,21 @@ def check_planner_steps(values: Sequence[int]) -> list[int]:
     return checked
 
 
+def error_growth(generator: DiffGenerator, requests: Sequence[SamplingParams], references: Sequence[LatentProbe],
+                 show_progress: bool = False) -> ErrorGrowth:
+    """How an error in the latents grows by the end of the run, root mean square over ``requests``:
+    each run again, denoising only, perturbed after its first step, against the trace ``reference``
+    its calibration run left (``cache/error_growth.py``)."""
+    curves = []
+    pairs = list(zip(requests, references))
+    for index, (params, reference) in enumerate(tqdm(pairs, desc="error growth", unit="prompt",
+                                                     disable=not show_progress)):
+        perturbed = LatentProbe(perturb=True, seed=reference.seed)
+        generator.trace_latents(params, perturbed)
+        curves.append(growth_from_traces(reference.trace, perturbed.trace))
+    return ErrorGrowth.from_runs(references[0].run_sigmas(), curves)
+
+
 def calibrate(
     generator: DiffGenerator,
     prompts: Sequence[str],
@@ -119,6 +140,7 @@ def calibrate(
     show_progress: bool = False,
     planner_steps: Sequence[int] = (),
     images: Sequence[Any] | None = None,
+    growth_prompts: int = DEFAULT_GROWTH_PROMPTS,
 ) -> CalibrationResult:
     """Run each prompt uncached (seed ``template.seed + index``), save the averaged result and its plot.
 
@@ -132,6 +154,11 @@ def calibrate(
 
     ``images``: an image-to-video model's first frames (PIL images or paths), one per prompt;
     without them every run takes ``template.image``. The step costs are timed on the first.
+
+    ``growth_prompts``: the first this many prompts' calibration runs are traced and run once
+    more, denoising only, perturbed after their first step: how an error grows by the end of the
+    run (``cache/error_growth.py``), what the planner weighs each skip by. 0 leaves it out (every
+    step weighs the same).
     """
     output = check_calibration_output(output)
     for prompt in prompts:
@@ -145,18 +172,29 @@ def calibrate(
         check_image_for_model(image, generator.pipeline.model_info.image_input)
         check_image(image)
     planner_steps = check_planner_steps(planner_steps)
+    if isinstance(growth_prompts, bool) or not isinstance(growth_prompts, int) or growth_prompts < 0:
+        raise InvalidRequestError(f"growth prompts must be a whole number >= 0, got {growth_prompts!r}",
+                                  param="growth_prompts")
+    growth_prompts = min(growth_prompts, len(prompts))
+
+    def request(index: int, steps: int | None = None) -> SamplingParams:
+        return dataclasses.replace(
+            template, prompt=prompts[index], image=images[index], seed=template.seed + index, cache=CacheParams(),
+            output_path=None, **({} if steps is None else {"num_inference_steps": steps}),
+        )
+
+    references: list[LatentProbe] = []  # the traced calibration runs the growth is measured against
 
     def run_all(steps: int | None, label: str):
         runs, resolved = [], None
-        for index, prompt in enumerate(tqdm(prompts, desc=label, unit="prompt", disable=not show_progress)):
-            params = dataclasses.replace(
-                template, prompt=prompt, image=images[index], seed=template.seed + index, cache=CacheParams(),
-                output_path=None,
-                **({} if steps is None else {"num_inference_steps": steps}),
-            )
-            result = generator.generate(params, show_progress_bar=show_progress, calibrate=True)
+        for index in tqdm(range(len(prompts)), desc=label, unit="prompt", disable=not show_progress):
+            probe = LatentProbe(seed=index) if steps is None and index < growth_prompts else None
+            result = generator.generate(request(index, steps), show_progress_bar=show_progress, calibrate=True,
+                                        probe=probe)
             runs.append(dict(result.cache.calibration_records()))
             resolved = result.params
+            if probe is not None:
+                references.append(probe)
         return runs, resolved
 
     runs, resolved = run_all(None, "calibrating")
@@ -174,6 +212,11 @@ def calibrate(
         guidance_scale=float(resolved.guidance_scale),
         size=[resolved.num_frames, resolved.height, resolved.width],
     )
+    if references:
+        growth = error_growth(generator, [request(index) for index in range(len(references))], references,
+                              show_progress)
+        for part in [calibration, *calibration.experts.values()]:
+            part.error_growth = growth.to_dict()
     calibration.skipped_step_cost = generator.measure_step_costs(
         dataclasses.replace(template, prompt=prompts[0], image=images[0])).to_dict()
     for steps in planner_steps:

@@ -18,6 +18,7 @@ from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, StepCosts
 from sglang.multimodal_gen.runtime.cache.calibration import CalibrationResult, apply_calibration, load_calibration
+from sglang.multimodal_gen.runtime.cache.error_growth import LatentProbe
 from sglang.multimodal_gen.runtime.cache.experts import gives_model_data, presetless_refusal
 from sglang.multimodal_gen.runtime.cache.planner import BudgetPlanner, planner_or_fallback
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
@@ -306,17 +307,30 @@ class DiffGenerator:
             result = self.workers.run(self.pipeline, params, stop_after="denoising")
         return result.step_costs
 
+    def trace_latents(self, params: SamplingParams, probe: LatentProbe) -> None:
+        """Run ``params`` uncached through denoising only (nothing decoded), ``probe`` seeing the
+        latents after every step: what ``sglang calibrate`` measures an error's growth with."""
+        params = dataclasses.replace(self._with_calibration(params), cache=CacheParams(), output_path=None)
+        if self.workers is None:
+            self.pipeline.run(params, stop_after="denoising", probe=probe)
+        else:
+            self.pipeline.validate(params)
+            self.workers.run(self.pipeline, params, stop_after="denoising", probe=probe)
+
     def generate(
         self,
         params: SamplingParams,
         progress: ProgressCallback | None = None,
         show_progress_bar: bool = False,
         calibrate: bool = False,
+        probe: LatentProbe | None = None,
     ) -> GenerationResult:
+        """One generation; ``calibrate`` records what ``sglang calibrate`` keeps, and ``probe`` sees
+        the latents after every step (``cache/error_growth.py``)."""
         if params.output_path is not None:
             check_output_path(params.output_path)
         params = self._with_calibration(params)
-        kwargs = dict(progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate)
+        kwargs = dict(progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate, probe=probe)
         if self.workers is None:
             result = self.pipeline.run(params, **kwargs)
         else:

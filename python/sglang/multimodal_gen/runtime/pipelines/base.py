@@ -13,6 +13,7 @@ import torch
 from sglang.multimodal_gen.configs.models import ModelInfo
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.runtime.cache.budget import StepCosts
+from sglang.multimodal_gen.runtime.cache.error_growth import LatentProbe
 from sglang.multimodal_gen.runtime.cache.stats import CacheStats
 from sglang.multimodal_gen.runtime.cache.strategy import TimestepCache
 
@@ -58,6 +59,9 @@ class Req:
     #: Latents the video's first latent frames are held to (Wan2.2 TI2V-5B's image): decoding
     #: puts them back over what the scheduler made of those frames.
     pinned_latents: torch.Tensor | None = None
+    #: Sees (and may perturb) the latents after every denoising step: ``sglang calibrate``'s
+    #: measurement of how an error grows (``cache/error_growth.py``); None for every other request.
+    probe: LatentProbe | None = None
 
 
 @dataclass
@@ -110,10 +114,12 @@ class Pipeline:
         show_progress_bar: bool = False,
         calibrate: bool = False,
         stop_after: str | None = None,
+        probe: LatentProbe | None = None,
     ) -> GenerationResult:
         """Run every stage (or those up to the one named ``stop_after``: the worker ranks of a
         multi-process request stop after denoising, since rank 0 alone decodes and saves)."""
-        req = Req(params=params, progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate)
+        req = Req(params=params, progress=progress, show_progress_bar=show_progress_bar, calibrate=calibrate,
+                  probe=probe)
         for stage in self.stages:
             if stop_after is not None and req.timings and list(req.timings)[-1] == stop_after:
                 break

@@ -218,6 +218,8 @@ class DenoisingStage(PipelineStage):
                     noise_pred = preds[UNCOND] + guidance_scale * (preds[COND] - preds[UNCOND])
                 with SolveWithoutErrorCheck() if self.sync_free_scheduler else contextlib.nullcontext():
                     latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if req.probe is not None:
+                    latents = req.probe.after_step(step, sigmas[step], latents)
                 if bar is not None:
                     bar.update()
                 if req.progress is not None:
