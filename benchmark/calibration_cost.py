@@ -2,6 +2,7 @@
 
     python benchmark/calibration_cost.py                          # both built-in models, 8 prompts, 50 steps
     python benchmark/calibration_cost.py --models wan2.1-t2v-tiny --rounds 1
+    python benchmark/calibration_cost.py --growth-prompts 0         # without measuring the error growth
 
 Per model and round: the folder's calibration prompts run uncached one after another, at the
 seeds ``sglang calibrate`` gives them (what a calibration records), then ``calibrate()`` on the
@@ -44,10 +45,12 @@ def time_uncached(generator: DiffGenerator, prompts: list[str], steps: int) -> f
     return time.perf_counter() - start
 
 
-def time_calibration(generator: DiffGenerator, prompts: list[str], steps: int) -> float:
+def time_calibration(generator: DiffGenerator, prompts: list[str], steps: int, growth_prompts: int | None) -> float:
+    options = {} if growth_prompts is None else {"growth_prompts": growth_prompts}
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        calibrate(generator, prompts, SamplingParams(num_inference_steps=steps, seed=0), Path(folder) / "c.json")
+        calibrate(generator, prompts, SamplingParams(num_inference_steps=steps, seed=0), Path(folder) / "c.json",
+                  **options)
         return time.perf_counter() - start
 
 
@@ -56,6 +59,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="built-in model names or folders")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest of each counts")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--growth-prompts", type=int, default=None,
+                        help="calibrate()'s growth_prompts (default: its own; 0 measures no error growth)")
     parser.add_argument("--output", default=None, help="JSON rows (default: print only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -68,8 +73,9 @@ def main() -> None:
         uncached, calibration = [], []
         for _ in range(args.rounds):
             uncached.append(time_uncached(generator, prompts, args.steps))
-            calibration.append(time_calibration(generator, prompts, args.steps))
-        row = {"model": model, "prompts": len(prompts), "steps": args.steps, "uncached_seconds": min(uncached),
+            calibration.append(time_calibration(generator, prompts, args.steps, args.growth_prompts))
+        row = {"model": model, "prompts": len(prompts), "steps": args.steps, "growth_prompts": args.growth_prompts,
+               "uncached_seconds": min(uncached),
                "calibration_seconds": min(calibration), "ratio": min(calibration) / min(uncached),
                "rounds": {"uncached": uncached, "calibration": calibration}}
         rows.append(row)
