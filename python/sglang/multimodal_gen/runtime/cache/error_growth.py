@@ -2,14 +2,15 @@
 
 A skipped step leaves an error in the latents, and the rest of the run carries it to the video.
 The planner's gap cost (``planner.py``) measures the error where it is made; what the video shows is
-that error after the remaining steps, which can grow it many times over: on the trained models a
-perturbation of the latents at high noise ends 3-17x larger in the final latents, one near the end
-about 1.2x (the steps at high noise decide where things are, and a small error there moves them).
+that error after the remaining steps, which can grow it many times over: on the hard-world model
+an error in the latents at high noise ends up to 38x larger in the final latents, one at the last
+step about 1.1x (the steps at high noise decide where things are, and a small error there moves
+them).
 Without this weight the planner took skips at high noise as cheap as skips near the end, and its
 worst held-out samples lost to plain steps (docs/benchmarks.md, "Where an error grows").
 
-``sglang calibrate`` measures the growth on a few of its prompts at the cost of one more uncached
-run each: the calibration run traces its latents after every step (:class:`LatentProbe`), a second
+``sglang calibrate`` measures the growth on a few of its prompts at the cost of one more run each
+(denoising only): the calibration run traces its latents after every step (:class:`LatentProbe`), a second
 run of the same request adds a small random perturbation after the first step and traces again,
 and the distance between the two traces at each step says how much of it is left at the end
 (:func:`growth_from_traces`). After a step or two the perturbation lies along the directions the
@@ -29,8 +30,8 @@ import torch
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError, is_number
 
 #: The perturbation's size against the latents' norm: above bf16's rounding (so a bf16 model sees
-#: it), small enough that the two runs stay on the same path (the measured growth was the same at
-#: 1e-3 and 1e-2 on the built-in models).
+#: it), small enough that the two runs stay on the same path (the growth measured on the
+#: image-to-video model was the same at 1e-3 and 1e-2).
 PERTURBATION_SIZE = 1e-2
 #: The latents' entries a trace keeps per step (a fixed random subset): enough for the distance of
 #: two traces, a few hundred kilobytes at any video size.

@@ -25,8 +25,8 @@ quadrature (``|E|^2``, as independent errors do), over branches too: measured ag
 norms (the triangle bound), this kept a better worst case on both trained models at 1.5x and
 2x. What the video shows is each gap's error after the rest of the run has carried it: the
 gap's cost is multiplied by the growth of an error entering the latents where the gap ends
-(``error_growth.py``, measured by ``sglang calibrate``; 3-17x at high noise, about 1.2x near the end
-on the trained models; a growth below 1 counts as 1), without which the planner took skips at high
+(``error_growth.py``, measured by ``sglang calibrate``; up to 38x at high noise and about 1.1x at
+the last step on the hard-world model; a growth below 1 counts as 1), without which the planner took skips at high
 noise for cheap. The plan minimises that total for exactly the requested passes, with at most
 ``max_skip_steps`` skipped in a row.
 
@@ -175,7 +175,7 @@ class GapCosts:
         self.dt = np.abs(np.diff(self.sigmas))
         # Growth, never shrinkage: where the flow shrinks an error (the HunyuanVideo model's curve
         # is 0.2 until its last steps), counting on it moved the skips towards the end and lost
-        # 2.2 dB at 3x there; a skip's error is weighed at least as it was made.
+        # 2.2 dB at 3x there in a trial; a skip's error is weighed at least as it was made.
         self.growth = np.maximum((growth or ErrorGrowth()).at(self.sigmas), 1.0)
         self.inner = self._resampled_inner(gram, positions[:num_steps])
 
