@@ -26,7 +26,8 @@ pg_bin() {
 
 # Runs a command as the user PostgreSQL runs as: `postgres` when this is root, else this user.
 as_pg() {
-    if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+    # From /, which the postgres user can enter (a checkout under a private /tmp folder it cannot).
+    if [[ $(id -u) -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 free_port() {
