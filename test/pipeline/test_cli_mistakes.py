@@ -320,6 +320,15 @@ def test_calibrate_mistake_is_refused_before_the_model_is_looked_at(tmp_path, mi
     assert message in line and "no-such-model" not in line
 
 
+@pytest.mark.parametrize("value, message", [("-1", "count must be >= 0, got -1"),
+                                            ("two", "invalid count 'two'; use a whole number >= 0")])
+def test_calibrate_growth_prompts_is_a_usage_error_before_the_model_loads(missing_model, capsys, value, message):
+    with pytest.raises(SystemExit) as info:
+        main(["calibrate", "--model-path", missing_model, "--prompt", "a cat", "--growth-prompts", value])
+    assert info.value.code == 2
+    assert f"argument --growth-prompts: {message}" in usage_error_line(capsys)
+
+
 # ------------------------------------------------------------------------------ serve
 def test_serve_port_out_of_range_is_a_usage_error(missing_model, capsys):
     with pytest.raises(SystemExit) as info:
