@@ -320,8 +320,10 @@ def test_calibrate_mistake_is_refused_before_the_model_is_looked_at(tmp_path, mi
     assert message in line and "no-such-model" not in line
 
 
-@pytest.mark.parametrize("value, message", [("-1", "count must be >= 0, got -1"),
-                                            ("two", "invalid count 'two'; use a whole number >= 0")])
+@pytest.mark.parametrize("value, message", [
+    ("-1", "count must be >= 0 (0: no growth measured), got -1"),
+    ("two", "invalid count 'two'; use a whole number >= 0 (0: no growth measured)"),
+])
 def test_calibrate_growth_prompts_is_a_usage_error_before_the_model_loads(missing_model, capsys, value, message):
     with pytest.raises(SystemExit) as info:
         main(["calibrate", "--model-path", missing_model, "--prompt", "a cat", "--growth-prompts", value])

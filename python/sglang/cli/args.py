@@ -6,7 +6,7 @@ the other's."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Callable
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -18,14 +18,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"count must be >= 1, got {value}")
-    return value
+def whole_number(minimum: int, zero_means: str = "") -> Callable[[str], int]:
+    """argparse type: a whole number >= ``minimum``; ``zero_means`` says what 0 does where it is allowed."""
+    note = f" (0: {zero_means})" if zero_means else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= {minimum}{note}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"count must be >= {minimum}{note}, got {value}")
+        return value
+
+    return parse
+
+
+_count = whole_number(1)
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:

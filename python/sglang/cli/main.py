@@ -18,6 +18,7 @@ from sglang.cli.args import (
     memory_kwargs,
     parallel_kwargs,
     speed_kwargs,
+    whole_number,
 )
 from sglang.multimodal_gen.errors import UserError
 
@@ -229,17 +230,6 @@ def parse_step_list(value: str | None) -> list[int]:
     return steps
 
 
-def _prompt_count(text: str) -> int:
-    """``--growth-prompts``: a whole number >= 0, refused before the model loads."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"count must be >= 0, got {value}")
-    return value
-
-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from sglang.multimodal_gen.configs.models import NO_IMAGE
     from sglang.multimodal_gen.runtime.entrypoints.calibrate import (
@@ -333,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--planner-steps", default=None,
                            help="comma-separated further step counts to record the budget planner's data at "
                                 "(e.g. 20,30), for --cache-speedup requests at those step counts")
-    calibrate.add_argument("--growth-prompts", type=_prompt_count, default=None, metavar="N",
+    calibrate.add_argument("--growth-prompts", type=whole_number(0, "no growth measured"), default=None, metavar="N",
                            help="measure how an error grows through the run on the first N prompts (one more "
                                 "run each, denoising only): what the budget planner weighs each skip by; 0 "
                                 "leaves it out (default 4)")

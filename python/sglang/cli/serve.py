@@ -19,6 +19,7 @@ from sglang.cli.args import (
     memory_kwargs,
     parallel_kwargs,
     speed_kwargs,
+    whole_number,
 )
 from sglang.multimodal_gen.runtime.entrypoints.request_limits import RequestLimits
 
@@ -53,10 +54,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     jobs.add_argument("--video-retention-hours", type=_hours, default=24.0,
                       help="finished videos expire this many hours after completion (expires_at); 0 keeps them "
                            "until deleted (default 24)")
-    jobs.add_argument("--max-stored-videos", type=_whole_number(0, "no limit"), default=1000,
+    jobs.add_argument("--max-stored-videos", type=whole_number(0, "no limit"), default=1000,
                       help="the most finished videos kept; the oldest beyond it are removed; 0: no limit "
                            "(default 1000)")
-    jobs.add_argument("--max-queued-videos", type=_whole_number(1), default=64,
+    jobs.add_argument("--max-queued-videos", type=whole_number(1), default=64,
                       help="videos that may wait behind the running one; more is a 429 with Retry-After "
                            "(default 64)")
     replicas = serve.add_argument_group(
@@ -146,22 +147,6 @@ def _seconds(text: str) -> float:
     if not 0 < seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"seconds must be a finite number > 0, got {text}")
     return seconds
-
-
-def _whole_number(minimum: int, zero_means: str = "") -> Callable[[str], int]:
-    """argparse type: a whole number >= ``minimum``; ``zero_means`` says what 0 does where it is allowed."""
-    note = f" (0: {zero_means})" if zero_means else ""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid count {text!r}; use a whole number >= {minimum}{note}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"count must be >= {minimum}{note}, got {value}")
-        return value
-
-    return parse
 
 
 def server_config(args: argparse.Namespace) -> "ServerConfig":
