@@ -235,6 +235,9 @@ def test_a_data_dir_in_use_is_refused_before_the_model_is_looked_at(tmp_path, ca
     ("--video-retention-hours", "-1", "hours must be a finite number >= 0"),
     ("--video-retention-hours", "nan", "hours must be a finite number >= 0"),
     ("--video-retention-hours", "soon", "invalid number of hours 'soon'"),
+    ("--job-lease-seconds", "0", "seconds must be a finite number > 0, got 0"),
+    ("--job-lease-seconds", "inf", "seconds must be a finite number > 0, got inf"),
+    ("--job-lease-seconds", "soon", "invalid number of seconds 'soon'; use e.g. 30 or 2.5"),
 ])
 def test_bad_job_flags_are_usage_errors(flag, value, message, capsys):
     from sglang.cli.main import main

@@ -51,7 +51,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     jobs.add_argument("--data-dir", default=None,
                       help="folder of the job database and the videos, kept across restarts; one server at a time "
                            "(default: $XDG_CACHE_HOME/sglang/videos, i.e. ~/.cache/sglang/videos)")
-    jobs.add_argument("--video-retention-hours", type=_hours, default=24.0,
+    jobs.add_argument("--video-retention-hours", type=_duration("hours", "24 or 0.5", "keep videos"), default=24.0,
                       help="finished videos expire this many hours after completion (expires_at); 0 keeps them "
                            "until deleted (default 24)")
     jobs.add_argument("--max-stored-videos", type=whole_number(0, "no limit"), default=1000,
@@ -74,7 +74,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     replicas.add_argument("--replica-id", default=None, metavar="ID",
                           help="this server's id in the job store: what it claimed is recovered by it alone at its "
                                "next start (default: HOSTNAME:PORT)")
-    replicas.add_argument("--job-lease-seconds", type=_seconds, default=30.0, metavar="S",
+    replicas.add_argument("--job-lease-seconds", type=_duration("seconds", "30 or 2.5"), default=30.0, metavar="S",
                           help="a running job stays this replica's this long without a renewal (renewed every "
                                "third of it, at most every 5 s); the job of a replica silent for longer is failed "
                                "replica_lost (default 30)")
@@ -127,26 +127,21 @@ def _port(text: str) -> int:
     return port
 
 
-def _hours(text: str) -> float:
-    """argparse type: hours >= 0 (a fraction is fine)."""
-    try:
-        hours = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of hours {text!r}; use e.g. 24 or 0.5 (0: keep)") from None
-    if not hours >= 0 or hours == float("inf"):
-        raise argparse.ArgumentTypeError(f"hours must be a finite number >= 0 (0 keeps videos), got {text}")
-    return hours
+def _duration(unit: str, example: str, zero_means: str = "") -> Callable[[str], float]:
+    """argparse type: a finite number of ``unit`` > 0, or >= 0 where ``zero_means`` says what 0 does."""
+    note = f" (0: {zero_means})" if zero_means else ""
+    bound = ">= 0" if zero_means else "> 0"
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number of {unit} {text!r}; use e.g. {example}{note}") from None
+        if not (value >= 0 if zero_means else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{unit} must be a finite number {bound}{note}, got {text}")
+        return value
 
-def _seconds(text: str) -> float:
-    """argparse type: a finite number of seconds > 0."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}; use e.g. 30 or 2.5") from None
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"seconds must be a finite number > 0, got {text}")
-    return seconds
+    return parse
 
 
 def server_config(args: argparse.Namespace) -> "ServerConfig":
