@@ -18,6 +18,7 @@ from sglang.multimodal_gen.configs.cache_params import CacheParams
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams
 from sglang.multimodal_gen.errors import InvalidRequestError
 from sglang.multimodal_gen.runtime.cache.base import CALIBRATION_WINDOW, COND, UNCOND, budget_passes
+from sglang.multimodal_gen.runtime.cache.budget import checked_budget_passes
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError
@@ -43,10 +44,11 @@ def psnr(test: np.ndarray, reference: np.ndarray) -> float:
 
 def _time_budget_passes(generator, steps: int, speedup: float, strategy: str = "planner",
                         branches: int = 2) -> int:
-    """The passes a time budget gives with the built-in calibration's step costs."""
+    """The passes a time budget gives with the built-in calibration's step costs (the rule the
+    runtime applies: the nearest pass count, or one fewer where that falls short of the speedup)."""
     costs = generator.step_costs(CalibrationResult.load(generator.pipeline.model_info.calibration_file))
     cost = costs.skipped_step_cost(branches, get_cache_class(strategy).skips_whole_model)
-    return budget_passes(steps, speedup, cost)
+    return checked_budget_passes(steps, speedup, cost)
 
 
 def _assert_budget(result, steps: int, passes: int, strategy: str) -> None:
@@ -295,7 +297,7 @@ def test_cli_cache_speedup_runs_the_planner(tmp_path, capsys):
     from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH
 
     costs = CalibrationResult.load(BUILTIN_MODEL_PATH / "calibration.json").step_costs()
-    passes = budget_passes(12, 3, costs.skipped_step_cost(2, whole_model=True))
+    passes = checked_budget_passes(12, 3, costs.skipped_step_cost(2, whole_model=True))
     assert f"planner: computed {passes} of 12 steps per branch" in out
     assert re.search(r"\(\d\.\d\dx measured, 3x asked\)", out), out
 
@@ -362,7 +364,8 @@ def test_without_recorded_step_costs_they_are_measured_once_and_planned_with(tmp
     assert costs.device == "cpu" and 0 < costs.step_tail < 5 and 0 < costs.embed_and_head < 1
     assert generator.step_costs() is costs
     result = _generate(generator, 12, CacheParams(strategy="even", speedup=2), **SMALL)
-    _assert_budget(result, 12, budget_passes(12, 2, costs.skipped_step_cost(2, whole_model=False)), "even")
+    # Measured costs: the runtime's rule (one pass fewer where the nearest count falls short).
+    _assert_budget(result, 12, checked_budget_passes(12, 2, costs.skipped_step_cost(2, whole_model=False)), "even")
 
 
 def test_the_uncached_estimate_stays_within_ten_percent_of_a_real_uncached_run(builtin_generator):
