@@ -296,26 +296,23 @@ class DiffGenerator:
 
     def measure_step_costs(self, params: SamplingParams) -> StepCosts:
         """Time ``STEP_COST_STEPS`` uncached denoising steps of ``params`` (nothing decoded)."""
-        params = dataclasses.replace(params, num_inference_steps=STEP_COST_STEPS, cache=CacheParams(),
-                                     output_path=None)
+        params = dataclasses.replace(params, num_inference_steps=STEP_COST_STEPS)
         if self.pipeline.model_info.image_to_video and params.image is None:
             params = dataclasses.replace(params, image=_STEP_COST_IMAGE)  # any frame costs the same
-        if self.workers is None:
-            result = self.pipeline.run(params, stop_after="denoising")
-        else:
-            self.pipeline.validate(params)
-            result = self.workers.run(self.pipeline, params, stop_after="denoising")
-        return result.step_costs
+        return self._denoise_uncached(params).step_costs
 
     def trace_latents(self, params: SamplingParams, probe: LatentProbe) -> None:
-        """Run ``params`` uncached through denoising only (nothing decoded), ``probe`` seeing the
-        latents after every step: what ``sglang calibrate`` measures an error's growth with."""
-        params = dataclasses.replace(self._with_calibration(params), cache=CacheParams(), output_path=None)
+        """Run ``params`` uncached through denoising only, ``probe`` seeing the latents after every
+        step: what ``sglang calibrate`` measures an error's growth with."""
+        self._denoise_uncached(params, probe)
+
+    def _denoise_uncached(self, params: SamplingParams, probe: LatentProbe | None = None) -> GenerationResult:
+        """``params`` without a cache through the denoising stage only (nothing decoded), on every rank."""
+        params = dataclasses.replace(params, cache=CacheParams(), output_path=None)
         if self.workers is None:
-            self.pipeline.run(params, stop_after="denoising", probe=probe)
-        else:
-            self.pipeline.validate(params)
-            self.workers.run(self.pipeline, params, stop_after="denoising", probe=probe)
+            return self.pipeline.run(params, stop_after="denoising", probe=probe)
+        self.pipeline.validate(params)
+        return self.workers.run(self.pipeline, params, stop_after="denoising", probe=probe)
 
     def generate(
         self,
