@@ -30,8 +30,7 @@ import torch
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError, is_number
 
 #: The perturbation's size against the latents' norm: above bf16's rounding (so a bf16 model sees
-#: it), small enough that the two runs stay on the same path (the growth measured on the
-#: image-to-video model was the same at 1e-3 and 1e-2).
+#: it), small enough that the two runs stay on the same path.
 PERTURBATION_SIZE = 1e-2
 #: The latents' entries a trace keeps per step (a fixed random subset): enough for the distance of
 #: two traces, a few hundred kilobytes at any video size.

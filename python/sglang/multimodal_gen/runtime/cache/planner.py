@@ -174,8 +174,8 @@ class GapCosts:
             self.sigmas = 1.0 - positions / self.calibration_steps
         self.dt = np.abs(np.diff(self.sigmas))
         # Growth, never shrinkage: where the flow shrinks an error (the HunyuanVideo model's curve
-        # is 0.2 until its last steps), counting on it moved the skips towards the end and lost
-        # 2.2 dB at 3x there in a trial; a skip's error is weighed at least as it was made.
+        # is 0.2 until its last steps), a skip's error is still weighed at least as it was made,
+        # not discounted on the strength of one random direction's fate.
         self.growth = np.maximum((growth or ErrorGrowth()).at(self.sigmas), 1.0)
         self.inner = self._resampled_inner(gram, positions[:num_steps])
 

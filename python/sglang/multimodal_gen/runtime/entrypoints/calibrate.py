@@ -22,8 +22,8 @@ from sglang.multimodal_gen.runtime.utils.video_io import check_writable_file
 _SPACES = " \r\n\f\v"
 #: Prompts whose error growth ``sglang calibrate`` measures, one more run each (denoising only):
 #: half of the 8 prompts the docs advise, so a calibration costs at most 1.5 times its uncached
-#: runs. The growth at high noise differs from one prompt and seed to the next several times over
-#: (docs/benchmarks.md, "Where an error grows").
+#: runs; measuring 8 on the hard-world model planned no better (docs/benchmarks.md, "Where an
+#: error grows").
 DEFAULT_GROWTH_PROMPTS = 4
 
 
@@ -123,9 +123,8 @@ def error_growth(generator: DiffGenerator, requests: Sequence[SamplingParams], r
     each run again, denoising only, perturbed after its first step, against the trace ``reference``
     its calibration run left (``cache/error_growth.py``)."""
     curves = []
-    pairs = list(zip(requests, references))
-    for index, (params, reference) in enumerate(tqdm(pairs, desc="error growth", unit="prompt",
-                                                     disable=not show_progress)):
+    for params, reference in tqdm(list(zip(requests, references)), desc="error growth", unit="prompt",
+                                  disable=not show_progress):
         perturbed = LatentProbe(perturb=True, seed=reference.seed)
         generator.trace_latents(params, perturbed)
         curves.append(growth_from_traces(reference.trace, perturbed.trace))
@@ -149,8 +148,8 @@ def calibrate(
 
     ``planner_steps``: further step counts to record the budget planner's data at (the same
     prompts and seeds, uncached), for requests at those step counts. Nothing else runs but 5
-    uncached steps that time what a skipped step still costs: the planner fits its forecasts from
-    the recorded outputs, so a calibration costs about its uncached runs.
+    uncached steps that time what a skipped step still costs and the growth runs below: the
+    planner fits its forecasts from the recorded outputs.
 
     ``images``: an image-to-video model's first frames (PIL images or paths), one per prompt;
     without them every run takes ``template.image``. The step costs are timed on the first.
