@@ -47,11 +47,11 @@ def _job(job_id: str, prompt: str = "a cat", created_at: int = 1_000_000) -> Vid
 
 
 class Stores:
-    """Opens stores of one kind over one database and one video folder, as replicas would, and
-    closes them all at the end; ``kind`` is ``sqlite`` or ``postgresql``."""
+    """Opens stores over one database and one video folder, as replicas would, and closes them
+    all at the end."""
 
-    def __init__(self, kind: str, url: str, folder: Path) -> None:
-        self.kind, self.url, self.folder = kind, url, folder
+    def __init__(self, url: str, folder: Path) -> None:
+        self.url, self.folder = url, folder
         self.opened: list[JobStore] = []
 
     def open(self, retention: Retention | None = None, clock: Callable[[], float] = time.time,
@@ -72,7 +72,7 @@ def stores(request, tmp_path) -> Iterator[Stores]:
             url = f"sqlite:///{tmp_path / 'data' / DB_NAME}"
         else:
             url = stack.enter_context(fresh_postgres_database())
-        opened = Stores(request.param, url, tmp_path / "data")
+        opened = Stores(url, tmp_path / "data")
         stack.callback(opened.close)
         yield opened
 
@@ -177,7 +177,7 @@ def test_one_server_per_folder(tmp_path):
     with pytest.raises(DataDirError, match="in use by another sglang serve"):
         SqliteJobStore.open(tmp_path / "data")
     store.close()
-    SqliteJobStore.check(tmp_path / "data")
+    SqliteJobStore.open(tmp_path / "data").close()  # the folder is free again
 
 
 def test_unusable_folders_are_one_clear_error(tmp_path):
@@ -367,7 +367,7 @@ SETTINGS = {"--max-queued-videos": 64, "--video-retention-hours": 24.0, "--max-s
 
 
 def test_replicas_with_other_queue_settings_or_the_same_id_are_refused(postgres_url, tmp_path):
-    stores = Stores("postgresql", postgres_url, tmp_path / "data")
+    stores = Stores(postgres_url, tmp_path / "data")
     try:
         stores.open(replica="a", settings=SETTINGS)
         with pytest.raises(DataDirError, match=r"^--max-queued-videos 8 differs from 64 of the running replica 'a'; "):

@@ -250,10 +250,6 @@ class JobStore(abc.ABC):
     def videos_dir(self) -> Path:
         return self.files.dir(VIDEOS)
 
-    @property
-    def images_dir(self) -> Path:
-        return self.files.dir(IMAGES)
-
     # ----------------------------------------------------------------------------- reads
     def _visible(self) -> tuple[str, list[Any]]:
         """SQL condition and arguments: not expired by age."""

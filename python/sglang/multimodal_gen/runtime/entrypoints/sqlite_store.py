@@ -88,11 +88,6 @@ class SqliteJobStore(JobStore):
             raise
         return store
 
-    @classmethod
-    def check(cls, folder: str | Path) -> None:
-        """Open and close at once: a folder that cannot be used is one ``DataDirError`` up front."""
-        cls.open(folder).close()
-
     def _create(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
