@@ -230,3 +230,33 @@ def test_a_job_store_gone_while_serving_is_503_and_the_server_goes_on(tmp_path):
                 assert response.json()["error"]["code"] == "job_store_unavailable"
                 assert response.headers["retry-after"] == "5"
             assert client.get("/v1/models").status_code == 200
+
+
+def test_a_stopping_replica_fails_its_running_video_and_leaves_the_queue_to_the_others(tmp_path):
+    """docs/api.md: on SIGTERM a replica fails only the video it was running (``server_stopped``);
+    with one server the queued ones fail too (test_jobs), here they stay queued."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from sglang.multimodal_gen.runtime.entrypoints.http_server import ServerConfig, create_app
+    from sglang.multimodal_gen.runtime.entrypoints.open_store import open_job_store
+
+    from .test_worker import StubGenerator
+
+    stub = StubGenerator()
+    with fresh_postgres_database() as url:
+        config = ServerConfig(data_dir=str(tmp_path), job_store=url, replica_id="stopping")
+        with TestClient(create_app(stub, "stub", config), base_url="http://localhost") as client:
+            running = client.post("/v1/videos", json={"prompt": "hold"}).json()["id"]
+            queued = [client.post("/v1/videos", json={"prompt": f"q{i}"}).json()["id"] for i in range(2)]
+            assert stub.holding.wait(10)
+            threading.Timer(0.3, stub.release.set).start()  # the held step ends while stop() waits
+        store = open_job_store(url, tmp_path, "reader")
+        try:
+            stopped = store.get(running)
+            assert stopped.status == "failed" and stopped.error.code == "server_stopped"
+            assert [store.get(video_id).status for video_id in queued] == ["queued", "queued"]
+        finally:
+            store.close()
+    assert stub.generated == ["hold"]
