@@ -119,8 +119,9 @@ def test_bf16_round_trip(name):
 
 def test_fitted_adds_its_weight_per_branch_and_step_times_the_last_change():
     """``r_i + c_k (r_i - r_h)`` with the planner's ``c_k``: computed 1 then 3 (change 2); weight
-    0.5 at step 3 gives 4, 1.25 at step 4 gives 5.5; a step without a weight, or the other branch
-    (its own weights), reuses; in bf16 the arithmetic is fp32 and the result bf16."""
+    0.5 at step 3 gives 4, 1.25 at step 4 gives 5.5 (4.25 at a trust of 0.5); a step without a
+    weight, or the other branch (its own weights), reuses; in bf16 the arithmetic is fp32 and the
+    result bf16."""
     weights = {COND: {3: 0.5, 4: 1.25}, UNCOND: {}}
     estimator = fed("fitted", [(0, None, 1.0), (2, None, 3.0)], weights=weights)
     assert value(estimator.estimate(COND, 3, None)) == 4.0
@@ -129,6 +130,10 @@ def test_fitted_adds_its_weight_per_branch_and_step_times_the_last_change():
     estimator.observe(UNCOND, 0, None, full(1.0))
     estimator.observe(UNCOND, 2, None, full(3.0))
     assert value(estimator.estimate(UNCOND, 3, None)) == 3.0
+    estimator.trust[COND] = 0.5  # the planner's check lowered it: half of each weight
+    assert value(estimator.estimate(COND, 4, None)) == 4.25
+    estimator.reset()
+    assert estimator.trust == {COND: 1.0, UNCOND: 1.0}
     half = build_estimator("fitted", (COND,), weights={COND: {2: 0.5}})
     half.observe(COND, 0, None, full(1.0, torch.bfloat16))
     half.observe(COND, 1, None, full(1.5, torch.bfloat16))

@@ -35,6 +35,9 @@ from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagr
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
 from sglang.multimodal_gen.runtime.cache.planner import (
+    MAX_CHECK_SHARE,
+    TRUST_MEMORY,
+    TRUSTED_SHARE,
     GapCosts,
     best_plan,
     fitted_blend_alpha,
@@ -231,6 +234,21 @@ def test_resampling_between_steps_interpolates_the_residuals():
     assert np.allclose(costs.dt, 0.25)  # no sigmas: equal weights
 
 
+def test_steps_past_the_last_recorded_one_are_always_computed():
+    """At 20 of 10 steps, request step 19 sits at calibration position 9.5, past the last recorded
+    output: its outputs are unknown (not the last one's again, which made skipping it look free and
+    cost the HunyuanVideo model 17 dB at 100 steps), so every plan computes it; step 18 (position 9)
+    is known."""
+    residuals = residual_walk(10, seed=8)
+    costs = GapCosts(gram_of(residuals, window=10), schedule(10, 8), 20)
+    assert np.isnan(costs.inner[19]).all() and np.isfinite(costs.inner[18, :19]).all()
+    assert math.isinf(costs.gap(17, 18, 20, "reuse")) and math.isfinite(costs.gap(16, 17, 19, "reuse"))
+    for passes in (2, 7, 10):
+        total, plan = best_plan([costs], passes, 18, "fitted")
+        assert math.isfinite(total) and plan[-1] == 19 and len(plan) == passes
+    assert best_plan([costs], 1, 19, "reuse") == (math.inf, [])
+
+
 def test_gaps_beyond_the_window_are_never_costed_or_planned():
     """A gap's span runs from its older computed step to its last skipped one; past the window it is inf."""
     steps, window = 12, 4
@@ -288,8 +306,9 @@ def test_planner_refuses_a_budget_its_max_skip_steps_cannot_reach():
 
 def test_planner_plans_for_the_fitted_estimator_and_hands_it_the_weights_of_its_plan():
     """Unnamed on a table of model outputs, the estimator is ``fitted``: the plan minimises its
-    cost, and each skipped step's weight is the least-squares one on the plan's last two computed
-    steps (0, reuse, after the first computed step alone), per branch."""
+    cost, and each later step's weight (a skipped step's estimate, a computed step's check) is the
+    least-squares one on the plan's last two computed steps before it (0, reuse, after the first
+    computed step alone), per branch."""
     cache = planner(steps=25)
     cache.meet_budget(10)
     plan = cache.plan()
@@ -301,14 +320,92 @@ def test_planner_plans_for_the_fitted_estimator_and_hands_it_the_weights_of_its_
     for branch, cost in zip((COND, UNCOND), costs):
         expected, previous = {}, None
         for last, upcoming in zip(steps, [*steps[1:], 25]):
-            expected.update({k: cost.fitted_weight(previous, last, k) for k in range(last + 1, upcoming)})
+            expected.update({k: cost.fitted_weight(previous, last, k) for k in range(last + 1, min(upcoming + 1, 25))})
             previous = last
         assert cache.estimator.weights[branch] == pytest.approx(expected)
-        assert len(expected) == 15 and any(w != 0 for w in expected.values())
+        assert len(expected) == 24 and any(w != 0 for w in expected.values())
     named = planner(steps=25)
     named.meet_budget(10, estimator="fitted")  # named, as build_cache applies it afterwards: the same weights
     named.use_estimator("fitted")
     assert named.estimator.weights == cache.estimator.weights
+
+
+def run_with_outputs(cache: BudgetPlanner, outputs: np.ndarray) -> tuple[dict[int, np.ndarray], list[dict[str, float]]]:
+    """Drive ``cache`` with ``outputs[step]`` as every branch's model output; what each skipped step of
+    the cond branch added, and the estimator's trust after every step."""
+    added, trust = {}, []
+    for step in range(cache.num_inference_steps):
+        for branch in cache.branches:
+            if cache.should_compute(step, branch, StepFeatures(timestep=torch.tensor([float(step)]))):
+                cache.store(step, branch, torch.tensor(outputs[step], dtype=torch.float32))
+            elif branch == COND:
+                added[step] = cache.reuse(step, branch).numpy()
+            else:
+                cache.reuse(step, branch)
+        trust.append(dict(cache.estimator.trust))
+    return added, trust
+
+
+def checked_trust(weights: dict[int, float], computed: list[int], outputs: np.ndarray) -> dict[int, float]:
+    """The trust rule written out: at each computed step ``j`` after two computed ``h < i``, the share
+    ``<v_j - v_i, d> / (c_j |d|^2)`` with ``d = v_i - v_h``, clipped to [0, MAX_CHECK_SHARE], is
+    blended into a running share (from 1) with ``TRUST_MEMORY``; the trust is the running share over
+    ``TRUSTED_SHARE``, at most 1. The trust in force at every step after the first."""
+    trust, running = {}, 1.0
+    for step in range(computed[0] + 1, len(outputs)):
+        if step in computed and computed.index(step) >= 2:
+            h, i = computed[computed.index(step) - 2: computed.index(step)]
+            d = outputs[i] - outputs[h]
+            share = float(np.dot(outputs[step] - outputs[i], d) / (weights[step] * np.dot(d, d)))
+            running = TRUST_MEMORY * running + (1 - TRUST_MEMORY) * min(max(share, 0.0), MAX_CHECK_SHARE)
+        trust[step] = min(running / TRUSTED_SHARE, 1.0)
+    return trust
+
+
+def outputs_following(weights: dict[int, float], computed: list[int], sign: float, seed: int) -> np.ndarray:
+    """Random outputs, except that each computed step after the second moves from the one before by
+    ``sign`` times the fitted forecast ``c_j (v_i - v_h)``: the weights borne out (1) or reversed (-1)."""
+    outputs = np.random.default_rng(seed).normal(size=(25, 6))
+    for n in range(2, len(computed)):
+        h, i, j = computed[n - 2: n + 1]
+        outputs[j] = outputs[i] + sign * weights[j] * (outputs[i] - outputs[h])
+    return outputs
+
+
+def test_the_fitted_weights_are_checked_on_every_computed_step():
+    """Each computed step tests the fitted forecast the plan's weight makes for it; the trust follows
+    :func:`checked_trust`, and a skipped step adds ``v_i + trust c_k (v_i - v_h)``. Outputs that move
+    as the weights forecast keep the trust at 1; outputs that move the other way take it toward 0
+    (reuse) by ``TRUST_MEMORY`` at each check; ``check_forecast=False`` keeps the weights as fitted."""
+    cache = planner(steps=25)
+    cache.meet_budget(10)
+    computed = [s for s, run in enumerate(cache.plan()[COND]) if run]
+    weights = dict(cache.estimator.weights[COND])
+    checks = len(computed) - 2
+    walk = np.cumsum(np.random.default_rng(5).normal(size=(25, 6)), axis=0)
+    borne_out, reversed_ = (outputs_following(weights, computed, sign, seed=6) for sign in (1.0, -1.0))
+    for outputs in (walk, borne_out, reversed_):
+        cache.reset()
+        added, trust = run_with_outputs(cache, outputs)
+        expected = checked_trust(weights, computed, outputs)
+        assert [t[COND] for t in trust[1:]] == pytest.approx([expected[s] for s in range(1, 25)], rel=1e-4)  # fp32 outputs
+        for step, estimate in added.items():
+            h, i = ([None] + [c for c in computed if c < step])[-2:]
+            c = 0.0 if h is None else weights[step] * expected[step]
+            np.testing.assert_allclose(estimate, outputs[i] + c * (outputs[i] - outputs[h or 0]), rtol=1e-5, atol=1e-6)
+        if outputs is borne_out:
+            assert all(t[COND] == pytest.approx(1.0, rel=1e-4) for t in trust)
+        if outputs is reversed_:
+            assert trust[-1][COND] == pytest.approx(TRUST_MEMORY ** checks / TRUSTED_SHARE) and trust[-1][COND] < 0.3
+    unchecked = planner(steps=25, check_forecast=False)
+    unchecked.meet_budget(10)
+    _, trust = run_with_outputs(unchecked, reversed_)
+    assert all(t == {COND: 1.0, UNCOND: 1.0} for t in trust)
+
+
+def test_check_forecast_must_be_a_bool():
+    with pytest.raises(CacheConfigError, match="planner check_forecast must be true or false, got 'yes'"):
+        planner(check_forecast="yes")
 
 
 def test_fitted_weight_is_least_squares_over_the_recorded_outputs():

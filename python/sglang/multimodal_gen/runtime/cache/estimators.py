@@ -264,13 +264,23 @@ class FittedEstimator(ResidualEstimator):
         self.weights = {b: dict(w) for b, w in weights.items()}
         super().__init__(branches)
 
+    def reset(self) -> None:
+        super().reset()
+        #: Per branch, the share of each weight to apply (1: as fitted, 0: reuse); the planner lowers
+        #: it where the request's own computed steps show the fitted forecast overshooting. A 0-dim
+        #: tensor once the planner has checked, so that applying it reads nothing back to the host.
+        self.trust: dict[str, float | torch.Tensor] = {b: 1.0 for b in self.branches}
+
     def estimate(self, branch: str, step: int, sigma: float | None, scale: float = 1.0) -> torch.Tensor:
-        """The planner's weight for this branch and step takes the place of a strategy's hint."""
-        return super().estimate(branch, step, sigma, self.weights.get(branch, {}).get(step, 0.0))
+        """The planner's weight for this branch and step, times the branch's trust, takes the place
+        of a strategy's hint."""
+        weight = self.weights.get(branch, {}).get(step, 0.0)
+        points = list(self._history[branch])
+        if weight == 0.0 or len(points) < 2:
+            return super().estimate(branch, step, sigma, 0.0)
+        last = points[-1].residual
+        reused = last.float()
+        return (reused + (weight * self.trust[branch]) * (reused - points[-2].residual.float())).to(last.dtype)
 
     def _estimate(self, points, step, sigma, weight):
-        last = points[-1].residual
-        if weight == 0.0 or len(points) < 2:
-            return last
-        reused = last.float()
-        return (reused + weight * (reused - points[-2].residual.float())).to(last.dtype)
+        return points[-1].residual  # reached without a weight or a second point: reuse

@@ -53,14 +53,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.cache.error_growth import ErrorGrowth
-from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA, ResidualEstimator
+from sglang.multimodal_gen.runtime.cache.estimators import DEFAULT_BLEND_ALPHA, FittedEstimator, ResidualEstimator
 from sglang.multimodal_gen.runtime.cache.registry import register_cache
 from sglang.multimodal_gen.runtime.cache.strategy import StepFeatures, TimestepCache
 from sglang.multimodal_gen.runtime.cache.validation import CacheConfigError, is_number, is_whole
@@ -84,6 +86,17 @@ DEFAULT_ESTIMATOR = "fitted"
 #: fitted alpha is positive): on both trained models blend never fell apart, where the pure
 #: first-order forecast did from 2.5x (docs/benchmarks.md).
 BLOCKS_DEFAULT_ESTIMATOR = "blend"
+#: The check of the fitted weights (``check_forecast``): how much of the running share the earlier
+#: computed steps bore out is kept at each new one (0.75: about the last four checks count).
+TRUST_MEMORY = 0.75
+#: The running share at and above which the weights are applied whole; below it they are scaled by
+#: ``share / TRUSTED_SHARE``. A check at distance ``gap + 1`` is harsher than the skipped steps'
+#: own forecasts (the first-order path holds for a step or two, then turns), so a request at the
+#: calibrated conditions bears out about 0.6-1.2 of them; with 1.0 here the hard-world model lost
+#: 5.6 dB at 1.5x there, while a flow that turns unlike the calibration's bears out 0-0.3.
+TRUSTED_SHARE = 0.5
+#: One check counts for at most this share, so that a single far-off step cannot outweigh the rest.
+MAX_CHECK_SHARE = 2.0
 #: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
 #: core and grows with the square of the step count.
 MAX_PLANNED_STEPS = 250
@@ -118,6 +131,12 @@ class PlannerConfig:
         max_skip_steps (`int`, defaults to `6`):
             The most consecutive steps a plan may skip. Higher lets the planner put more of the
             budget where it matters; long gaps are also costed as such, so it rarely needs a cap.
+        check_forecast (`bool`, defaults to `True`):
+            With the `fitted` estimator: test the fitted weights on every computed step of the
+            request (what they would have forecast for it against what the model gave) and shrink
+            them toward `reuse` by the share that held up. Costs two products per computed step;
+            guards quality where the request's flow turns unlike the calibration's (other step
+            counts, guidance, captions). Off: the weights as fitted.
     """
 
     gram: dict[str, list[list[float]]] = field(default_factory=dict)
@@ -126,9 +145,12 @@ class PlannerConfig:
     max_skip_steps: int = 6
     measured_estimator: dict[str, str] = field(default_factory=dict)
     error_growth: dict[str, list[float]] = field(default_factory=dict)
+    check_forecast: bool = True
 
     def __post_init__(self) -> None:
         self.growth = ErrorGrowth.from_dict(self.error_growth)
+        if not isinstance(self.check_forecast, bool):
+            raise CacheConfigError(f"planner check_forecast must be true or false, got {self.check_forecast!r}")
         if not is_whole(self.max_skip_steps):
             raise CacheConfigError(f"planner max_skip_steps must be a whole number >= 0, got {self.max_skip_steps!r}")
         self.max_skip_steps = int(self.max_skip_steps)
@@ -190,13 +212,20 @@ class GapCosts:
 
         corners = []
         for x in positions:
+            if x > last + 1e-9:
+                corners.append(None)  # past the last recorded step: unknown, so never skipped
+                continue
             low = min(int(math.floor(x)), last)
             frac = min(x - low, 1.0) if low < last else 0.0
             corners.append(((low, 1.0 - frac), (min(low + 1, last), frac)))
         n = len(positions)
         inner = np.full((n, n), math.nan)
         for p in range(n):
+            if corners[p] is None:
+                continue
             for q in range(p, n):
+                if corners[q] is None:
+                    break
                 value = sum(wa * wb * at(a, b) for a, wa in corners[p] for b, wb in corners[q] if wa and wb)
                 if math.isnan(value):
                     break
@@ -343,6 +372,42 @@ class BudgetPlanner(TimestepCache):
         self._weights: dict[str, dict[int, float]] = {}
         self.predicted_error: float | None = None
 
+    def _reset_strategy_state(self) -> None:
+        # Per branch: the last two computed (step, output) and the running share of the fitted
+        # forecast that the request's computed steps bore out.
+        self._recent: dict[str, deque[tuple[int, torch.Tensor]]] = {b: deque(maxlen=2) for b in self.branches}
+        self._borne_out: dict[str, float | torch.Tensor] = {b: 1.0 for b in self.branches}
+
+    def _observe_computed(self, step: int, branch: str, output: torch.Tensor) -> None:
+        """Score the fitted weights on this computed step and set the branch's trust in them.
+
+        The forecast ``v_i + c (v_i - v_h)`` the plan's weight ``c`` makes for this step ``j`` from
+        the two computed before is compared with the output the model gave: the least-squares share
+        of ``c`` that the step bears out, ``<v_j - v_i, c d> / |c d|^2`` with ``d = v_i - v_h``
+        (1 where the request moves as the calibration did, 0 where it stays, below 0 where it turns
+        back), clipped to [0, MAX_CHECK_SHARE], enters a running share with ``TRUST_MEMORY``; the
+        trust is that share over ``TRUSTED_SHARE``, at most 1, so a check only ever moves the
+        estimate toward ``reuse``. Both products are sums over tokens, reduced over the processes
+        of a sharded sequence, so every one gets the same trust; each CFG branch has its own. All
+        of it stays on the device (the trust is a tensor the estimate multiplies by): the loop
+        reads nothing back.
+        """
+        recent = self._recent[branch]
+        estimator = self.estimator
+        if self.config.check_forecast and isinstance(estimator, FittedEstimator) and len(recent) == 2:
+            weight = self._weights.get(branch, {}).get(step, 0.0)
+            if weight:
+                (_, older), (_, last) = recent
+                direction = last.float() - older.float()
+                moved = output.float() - last.float()
+                along, spread = self._statistics.sums([(moved * direction).sum(), (direction * direction).sum()])
+                share = (along / (weight * spread)).clamp(0.0, MAX_CHECK_SHARE)
+                previous = self._borne_out[branch]
+                running = torch.where(spread > 0, TRUST_MEMORY * previous + (1.0 - TRUST_MEMORY) * share, previous)
+                self._borne_out[branch] = running
+                estimator.trust[branch] = (running / TRUSTED_SHARE).clamp(max=1.0).float()
+        recent.append((step, output))
+
     @classmethod
     def options_from_calibration(cls, calibration: Any, num_inference_steps: int | None = None) -> dict[str, Any]:
         """The inner products and sigmas of the calibration's table nearest the request's step
@@ -421,13 +486,15 @@ class BudgetPlanner(TimestepCache):
         return super()._build_estimator(requested, options)
 
     def _fitted_weights(self, costs: Sequence["GapCosts"], computed: Sequence[int]) -> dict[str, dict[int, float]]:
-        """Per branch and skipped step, the fitted forecast weight on the plan's last two computed steps."""
+        """Per branch and step after the first computed one, the fitted forecast weight on the plan's
+        last two computed steps before it: what a skipped step adds, and, at a computed step, what
+        ``check_forecast`` tests the weights against."""
         weights: dict[str, dict[int, float]] = {b: {} for b in self.branches}
         previous: int | None = None
         last = computed[0]
         following = list(computed[1:]) + [self.num_inference_steps]
         for upcoming in following:
-            for k in range(last + 1, upcoming):
+            for k in range(last + 1, min(upcoming + 1, self.num_inference_steps)):
                 for branch, cost in zip(self.branches, costs):
                     weights[branch][k] = cost.fitted_weight(previous, last, k)
             previous, last = last, upcoming

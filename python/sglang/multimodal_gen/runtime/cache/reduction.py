@@ -63,6 +63,11 @@ class TokenStatistics:
         scale_tensor = torch.tensor(scale, dtype=torch.float32).clamp_min(1e-12)
         return (torch.tensor(change, dtype=torch.float32) / scale_tensor).item()
 
+    def sums(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-process sums (0-dim tensors) -> the sums over every process, in float64 and left on
+        the device: for statistics the loop keeps as tensors, so nothing is read back to the host."""
+        return self.reducer(torch.stack([v.double() for v in values]))
+
     def float32_means(self, means: Sequence[torch.Tensor], counts: Sequence[int]) -> list[float]:
         """Per-process float32 means, ``means[i]`` over ``counts[i]`` elements -> the means over
         every process: the one place a statistic over tokens meets the reducer.
