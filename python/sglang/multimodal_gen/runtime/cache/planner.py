@@ -39,13 +39,17 @@ generations per prompt): the cost model ranked the plans of one estimator but a 
 was right at some speedups and fell apart at others. The fitted weights beat those measured
 choices on the built-in Wan model at every speedup and on the hard-world and HunyuanVideo models
 from 2x, and lose 2-3 dB to them at 1.5x there (docs/benchmarks.md, "Calibration that costs what
-it records").
+it records"). A request whose flow turns unlike the calibration's (another guidance, step count or
+caption) is caught on its own computed steps: each tests the forecast its weight makes for it, and
+where the steps stop bearing the weights out they are scaled toward ``reuse``
+(``BudgetPlanner._observe_computed``, ``check_forecast``).
 
 Step counts other than the calibration's are planned on resampled costs: request step ``k`` of
 ``N`` sits at calibration position ``k * N_cal / N`` (the same fraction of the schedule), and a
 residual between calibration steps is taken as the linear interpolation of its neighbours, whose
 inner products follow from the recorded ones. Gaps whose span leaves the calibration window are
-not considered.
+not considered, nor are skips of request steps past the last recorded one (more steps than the
+table: their outputs are unknown).
 """
 
 from __future__ import annotations
