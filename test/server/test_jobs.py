@@ -173,7 +173,9 @@ def test_shutdown_refuses_creates_and_marks_unfinished_jobs(stub, tmp_path):
 
 
 def test_retention_by_age_and_count(stub, tmp_path):
-    retention_s = 3
+    # Long enough that the first video cannot expire by age before the count is checked on a loaded
+    # machine (the three stub videos take well under a second each).
+    retention_s = 5
     with _client(stub, tmp_path, video_retention_hours=retention_s / 3600, max_stored_videos=2) as client:
         ids = []
         for i in range(3):
@@ -182,7 +184,11 @@ def test_retention_by_age_and_count(stub, tmp_path):
             assert video["status"] == "completed"
             assert video["expires_at"] == video["completed_at"] + retention_s
         videos = tmp_path / "data" / "videos"
-        # By count: the oldest of three finished videos is gone, its file too.
+        # By count: the oldest of three finished videos is gone, its file too. The worker purges right
+        # after a job completes, so a read just after the third completes may still see the first.
+        deadline = time.monotonic() + 5
+        while client.get(f"/v1/videos/{ids[0]}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert client.get(f"/v1/videos/{ids[0]}").status_code == 404
         assert sorted(p.name for p in videos.iterdir()) == sorted(f"{i}.mp4" for i in ids[1:])
         # By age: gone from reads at expires_at, and the idle worker's sweep removes the files.
