@@ -37,6 +37,7 @@ from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, ne
 from sglang.multimodal_gen.runtime.cache.planner import (
     MAX_CHECK_SHARE,
     TRUST_MEMORY,
+    TRUST_MEMORY_STEPS,
     TRUSTED_SHARE,
     GapCosts,
     best_plan,
@@ -349,15 +350,17 @@ def run_with_outputs(cache: BudgetPlanner, outputs: np.ndarray) -> tuple[dict[in
 def checked_trust(weights: dict[int, float], computed: list[int], outputs: np.ndarray) -> dict[int, float]:
     """The trust rule written out: at each computed step ``j`` after two computed ``h < i``, the share
     ``<v_j - v_i, d> / (c_j |d|^2)`` with ``d = v_i - v_h``, clipped to [0, MAX_CHECK_SHARE], is
-    blended into a running share (from 1) with ``TRUST_MEMORY``; the trust is the running share over
-    ``TRUSTED_SHARE``, at most 1. The trust in force at every step after the first."""
+    blended into a running share (from 1) keeping ``TRUST_MEMORY ** (TRUST_MEMORY_STEPS / N)`` of it
+    at ``N`` steps; the trust is the running share over ``TRUSTED_SHARE``, at most 1. The trust in
+    force at every step after the first."""
     trust, running = {}, 1.0
+    memory = TRUST_MEMORY ** (TRUST_MEMORY_STEPS / len(outputs))
     for step in range(computed[0] + 1, len(outputs)):
         if step in computed and computed.index(step) >= 2:
             h, i = computed[computed.index(step) - 2: computed.index(step)]
             d = outputs[i] - outputs[h]
             share = float(np.dot(outputs[step] - outputs[i], d) / (weights[step] * np.dot(d, d)))
-            running = TRUST_MEMORY * running + (1 - TRUST_MEMORY) * min(max(share, 0.0), MAX_CHECK_SHARE)
+            running = memory * running + (1 - memory) * min(max(share, 0.0), MAX_CHECK_SHARE)
         trust[step] = min(running / TRUSTED_SHARE, 1.0)
     return trust
 
@@ -376,7 +379,7 @@ def test_the_fitted_weights_are_checked_on_every_computed_step():
     """Each computed step tests the fitted forecast the plan's weight makes for it; the trust follows
     :func:`checked_trust`, and a skipped step adds ``v_i + trust c_k (v_i - v_h)``. Outputs that move
     as the weights forecast keep the trust at 1; outputs that move the other way take it toward 0
-    (reuse) by ``TRUST_MEMORY`` at each check; ``check_forecast=False`` keeps the weights as fitted."""
+    (reuse) by the step count's memory at each check; ``check_forecast=False`` keeps the weights as fitted."""
     cache = planner(steps=25)
     cache.meet_budget(10)
     computed = [s for s, run in enumerate(cache.plan()[COND]) if run]
@@ -396,7 +399,8 @@ def test_the_fitted_weights_are_checked_on_every_computed_step():
         if outputs is borne_out:
             assert all(t[COND] == pytest.approx(1.0, rel=1e-4) for t in trust)
         if outputs is reversed_:
-            assert trust[-1][COND] == pytest.approx(TRUST_MEMORY ** checks / TRUSTED_SHARE) and trust[-1][COND] < 0.3
+            memory = TRUST_MEMORY ** (TRUST_MEMORY_STEPS / 25)  # twice as fast as at 50 steps
+            assert trust[-1][COND] == pytest.approx(memory ** checks / TRUSTED_SHARE) and trust[-1][COND] < 0.1
     unchecked = planner(steps=25, check_forecast=False)
     unchecked.meet_budget(10)
     _, trust = run_with_outputs(unchecked, reversed_)

@@ -91,8 +91,12 @@ DEFAULT_ESTIMATOR = "fitted"
 #: first-order forecast did from 2.5x (docs/benchmarks.md).
 BLOCKS_DEFAULT_ESTIMATOR = "blend"
 #: The check of the fitted weights (``check_forecast``): how much of the running share the earlier
-#: computed steps bore out is kept at each new one (0.75: about the last four checks count).
+#: computed steps bore out is kept at each new one, at ``TRUST_MEMORY_STEPS`` steps (0.75: about the
+#: last four checks count). At ``N`` steps it is ``TRUST_MEMORY ** (TRUST_MEMORY_STEPS / N)``, so the
+#: share forgets at the same pace along the schedule whatever the step count: at 20 steps, where
+#: each check spans 2.5 times as much of the flow, a turn is caught within the few checks there are.
 TRUST_MEMORY = 0.75
+TRUST_MEMORY_STEPS = 50
 #: The running share at and above which the weights are applied whole; below it they are scaled by
 #: ``share / TRUSTED_SHARE``. A check at distance ``gap + 1`` is harsher than the skipped steps'
 #: own forecasts (the first-order path holds for a step or two, then turns), so a request at the
@@ -389,7 +393,8 @@ class BudgetPlanner(TimestepCache):
         the two computed before is compared with the output the model gave: the least-squares share
         of ``c`` that the step bears out, ``<v_j - v_i, c d> / |c d|^2`` with ``d = v_i - v_h``
         (1 where the request moves as the calibration did, 0 where it stays, below 0 where it turns
-        back), clipped to [0, MAX_CHECK_SHARE], enters a running share with ``TRUST_MEMORY``; the
+        back), clipped to [0, MAX_CHECK_SHARE], enters a running share with ``TRUST_MEMORY`` (per
+        ``TRUST_MEMORY_STEPS`` steps of the schedule); the
         trust is that share over ``TRUSTED_SHARE``, at most 1, so a check only ever moves the
         estimate toward ``reuse``. Both products are sums over tokens, reduced over the processes
         of a sharded sequence, so every one gets the same trust; each CFG branch has its own. All
@@ -407,7 +412,8 @@ class BudgetPlanner(TimestepCache):
                 along, spread = self._statistics.sums([(moved * direction).sum(), (direction * direction).sum()])
                 share = (along / (weight * spread)).clamp(0.0, MAX_CHECK_SHARE)
                 previous = self._borne_out[branch]
-                running = torch.where(spread > 0, TRUST_MEMORY * previous + (1.0 - TRUST_MEMORY) * share, previous)
+                memory = TRUST_MEMORY ** (TRUST_MEMORY_STEPS / self.num_inference_steps)
+                running = torch.where(spread > 0, memory * previous + (1.0 - memory) * share, previous)
                 self._borne_out[branch] = running
                 estimator.trust[branch] = (running / TRUSTED_SHARE).clamp(max=1.0).float()
         recent.append((step, output))
