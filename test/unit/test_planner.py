@@ -35,6 +35,7 @@ from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagr
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
 from sglang.multimodal_gen.runtime.cache.planner import (
+    INTERPOLATION_SPREAD,
     MAX_CHECK_SHARE,
     TRUST_MEMORY,
     TRUST_MEMORY_STEPS,
@@ -248,6 +249,26 @@ def test_steps_past_the_last_recorded_one_are_always_computed():
         total, plan = best_plan([costs], passes, 18, "fitted")
         assert math.isfinite(total) and plan[-1] == 19 and len(plan) == passes
     assert best_plan([costs], 1, 19, "reuse") == (math.inf, [])
+
+
+def test_finer_than_the_table_an_interpolated_output_has_its_own_spread():
+    """At 20 of 10 steps, odd request steps sit halfway between recorded ones: their squared norm
+    gains ``INTERPOLATION_SPREAD / 4`` of the squared change between the two, nothing else does;
+    coarser than the table (4 of 10 steps) the interpolation is taken as is."""
+    residuals = residual_walk(10, seed=9)
+    finer = GapCosts(gram_of(residuals, window=10), [], 20)
+    for p in range(19):
+        low, frac = divmod(p, 2)
+        point = (residuals[low] + residuals[low + 1]) / 2 if frac else residuals[low]
+        spread = INTERPOLATION_SPREAD * 0.25 * np.sum((residuals[low + 1] - residuals[low]) ** 2) if frac else 0.0
+        assert finer.inner[p, p] == pytest.approx(point @ point + spread, rel=1e-9)
+        for q in range(p + 1, 19):
+            low_q, frac_q = divmod(q, 2)
+            other = (residuals[low_q] + residuals[low_q + 1]) / 2 if frac_q else residuals[low_q]
+            assert finer.inner[p, q] == pytest.approx(point @ other, rel=1e-9)
+    coarser = GapCosts(gram_of(residuals, window=10), [], 4)
+    at = np.stack([residuals[0], (residuals[2] + residuals[3]) / 2, residuals[5], (residuals[7] + residuals[8]) / 2])
+    assert np.allclose(coarser.inner, at @ at.T, rtol=1e-12)
 
 
 def test_gaps_beyond_the_window_are_never_costed_or_planned():

@@ -105,6 +105,11 @@ TRUST_MEMORY_STEPS = 50
 TRUSTED_SHARE = 0.5
 #: One check counts for at most this share, so that a single far-off step cannot outweigh the rest.
 MAX_CHECK_SHARE = 2.0
+#: At step counts finer than the table: how far an output between two recorded ones may stray
+#: from the straight line between them, as a share of their squared change at its worst (halfway:
+#: a quarter of it, a standard deviation of a quarter of the change). Chosen on the tuning captions
+#: (training scenes, seed 11) at 40 and 100 steps among 0, 0.25, 0.5 and 1.
+INTERPOLATION_SPREAD = 0.25
 #: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
 #: core and grows with the square of the step count.
 MAX_PLANNED_STEPS = 250
@@ -238,7 +243,24 @@ class GapCosts:
                 if math.isnan(value):
                     break
                 inner[p, q] = inner[q, p] = value
+        if self.num_steps > self.calibration_steps:
+            self._add_interpolation_spread(inner, corners, at)
         return inner
+
+    @staticmethod
+    def _add_interpolation_spread(inner: np.ndarray, corners: list, at) -> None:
+        """Finer than the table, an output between two recorded ones is not known to lie on the
+        straight line between them: its own spread, ``INTERPOLATION_SPREAD * f (1 - f)`` times the
+        squared change between them at fraction ``f``, is added to its squared norm (independent
+        of everything else, as a Brownian bridge's). Without it, forecasting from interpolated
+        outputs looked free and the plan skipped where the real outputs jitter (the HunyuanVideo
+        model at 100 steps from its 50-step table: 52 dB against `reuse`'s 74)."""
+        for p, corner in enumerate(corners):
+            if corner is None or not 0.0 < corner[1][1] < 1.0 or math.isnan(inner[p, p]):
+                continue
+            (low, _), (high, frac) = corner
+            change = at(high, high) - 2.0 * at(high, low) + at(low, low)
+            inner[p, p] += INTERPOLATION_SPREAD * frac * (1.0 - frac) * max(change, 0.0)
 
     def gap(self, h: int | None, i: int, j: int, estimator: str, alpha: float = 0.0) -> float:
         """``G_j |sum_k dt_k (e_k - r_k)|`` over the steps ``i < k < j`` skipped after computed
