@@ -49,7 +49,9 @@ Step counts other than the calibration's are planned on resampled costs: request
 residual between calibration steps is taken as the linear interpolation of its neighbours, whose
 inner products follow from the recorded ones. Gaps whose span leaves the calibration window are
 not considered, nor are skips of request steps past the last recorded one (more steps than the
-table: their outputs are unknown).
+table: their outputs are unknown). Finer than the table, each interpolated output also gets a
+spread of its own (``INTERPOLATION_SPREAD``): it is not known to lie on the straight line between
+the recorded outputs around it, and taking it so made forecasting between them look free.
 """
 
 from __future__ import annotations
