@@ -11,6 +11,7 @@ cache that carried state between requests) shows up as a nonzero difference at o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -27,7 +28,7 @@ from sglang.multimodal_gen.runtime.cache import base as cache_base
 from sglang.multimodal_gen.runtime.cache.error_growth import ErrorGrowth, LatentProbe
 from sglang.multimodal_gen.runtime.distributed import parallel_state as ps
 from sglang.multimodal_gen.runtime.distributed.worker_group import ParallelConfig, WorkerGroupError
-from sglang.multimodal_gen.runtime.entrypoints.calibrate import error_growth
+from sglang.multimodal_gen.runtime.entrypoints.calibrate import calibrate, error_growth
 from sglang.multimodal_gen.runtime.entrypoints.generator import BUILTIN_MODEL_PATH, DiffGenerator
 
 PROMPT = "a red circle moving left on a blue background"
@@ -139,6 +140,23 @@ def test_the_error_growth_measured_on_two_ranks_is_the_single_process_one(cfg_gr
     single = measured(wan_generator)
     assert measured(cfg_group) == single
     assert len(single.growth) == STEPS + 1 and single.growth[-1] == 1.0
+
+
+def test_calibrating_on_two_ranks_writes_the_single_process_file(cfg_group, wan_generator, tmp_path):
+    """Each rank records its own branch; rank 0 gathers the other's records, so the file (and its
+    plot) holds both branches as one process records them. It used to hold the uncond branch
+    empty, and drawing the plot failed."""
+    prompts = [PROMPT, "a green square moving up"]
+    defaults = SamplingParams(**REQUEST)
+    files = {}
+    for name, generator in (("single", wan_generator), ("parallel", cfg_group)):
+        calibrate(generator, prompts, defaults, tmp_path / f"{name}.json", growth_prompts=1)
+        files[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        assert (tmp_path / f"{name}.png").is_file()
+    recorded = ("branches", "planner_tables", "error_growth", "teacache_coefficients", "blend_alpha")
+    single, parallel = ({key: f[key] for key in recorded} for f in (files["single"], files["parallel"]))
+    assert set(single["branches"]) == {COND, UNCOND} and all(single["branches"][b]["mag_ratio"] for b in (COND, UNCOND))
+    assert parallel == single
 
 
 def test_a_single_branch_request_runs_on_both_ranks(cfg_group, wan_generator):

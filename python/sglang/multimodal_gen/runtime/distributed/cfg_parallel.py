@@ -55,7 +55,8 @@ class BranchPlacement:
 
     def merge_stats(self, cache) -> None:
         """Fill the branches run elsewhere into this rank's cache stats, so every rank (and the
-        result rank 0 returns) reports every branch's computed and skipped steps."""
+        result rank 0 returns) reports every branch's computed and skipped steps; when calibrating,
+        their calibration records too (``sglang calibrate`` reads every branch's from rank 0)."""
         if cache is None or not self.split:
             return
         (branch,) = self.local_branches
@@ -63,3 +64,18 @@ class BranchPlacement:
         for name, branch_stats in zip(self.branches, everyone):
             if name != branch:
                 cache.stats.branches[name] = branch_stats
+        if cache.calibrate:
+            records = cache.calibration_records()
+            for name, theirs in zip(self.branches, self.group.all_gather_object(dict(records))):
+                if name != branch:
+                    _take_branch_records(records, theirs, name)
+
+
+def _take_branch_records(mine, theirs, branch: str) -> None:
+    """Copy ``branch``'s calibration records from another rank's into this rank's, in place: a
+    cache's are ``{branch: record}``, a two-expert cache's ``{expert: {branch: record}}``."""
+    if branch in theirs:
+        mine[branch] = theirs[branch]
+        return
+    for expert, records in theirs.items():
+        mine[expert][branch] = records[branch]
