@@ -417,10 +417,10 @@ class BudgetPlanner(TimestepCache):
         the two computed before is compared with the output the model gave: the least-squares share
         of ``c`` that the step bears out, ``<v_j - v_i, c d> / |c d|^2`` with ``d = v_i - v_h``
         (1 where the request moves as the calibration did, 0 where it stays, below 0 where it turns
-        back), clipped to [0, MAX_CHECK_SHARE], enters a running share with ``TRUST_MEMORY`` (per
-        ``TRUST_MEMORY_STEPS`` steps of the schedule); the
-        trust is that share over ``TRUSTED_SHARE``, at most 1, so a check only ever moves the
-        estimate toward ``reuse``. Both products are sums over tokens, reduced over the processes
+        back), clipped to [0, MAX_CHECK_SHARE], enters a running share that keeps
+        ``TRUST_MEMORY ** (TRUST_MEMORY_STEPS / N)`` of itself at ``N`` steps; the trust is that
+        share over ``TRUSTED_SHARE``, at most 1, so a check only ever moves the estimate toward
+        ``reuse``. Both products are sums over tokens, reduced over the processes
         of a sharded sequence, so every one gets the same trust; each CFG branch has its own. All
         of it stays on the device (the trust is a tensor the estimate multiplies by): the loop
         reads nothing back.
