@@ -109,8 +109,8 @@ TRUSTED_SHARE = 0.5
 MAX_CHECK_SHARE = 2.0
 #: At step counts finer than the table: how far an output between two recorded ones may stray
 #: from the straight line between them, as a share of their squared change at its worst (halfway:
-#: a quarter of it, a standard deviation of a quarter of the change). Chosen on the tuning captions
-#: (training scenes, seed 11) at 40 and 100 steps among 0, 0.25, 0.5 and 1.
+#: a quarter of it, a standard deviation of a quarter of the change). Chosen on training captions
+#: (those of benchmark/planner_tuning.py, seed 11) at 40 and 100 steps among 0, 0.25, 0.5 and 1.
 INTERPOLATION_SPREAD = 0.25
 #: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
 #: core and grows with the square of the step count.
