@@ -405,10 +405,12 @@ class BudgetPlanner(TimestepCache):
         self.predicted_error: float | None = None
 
     def _reset_strategy_state(self) -> None:
-        # Per branch: the last two computed (step, output) and the running share of the fitted
+        # Per branch: the last two computed outputs (the estimator keeps only the last two including
+        # the new one, and the check needs the two before it) and the running share of the fitted
         # forecast that the request's computed steps bore out.
-        self._recent: dict[str, deque[tuple[int, torch.Tensor]]] = {b: deque(maxlen=2) for b in self.branches}
+        self._recent: dict[str, deque[torch.Tensor]] = {b: deque(maxlen=2) for b in self.branches}
         self._borne_out: dict[str, float | torch.Tensor] = {b: 1.0 for b in self.branches}
+        self._trust_memory = TRUST_MEMORY ** (TRUST_MEMORY_STEPS / self.num_inference_steps)
 
     def _observe_computed(self, step: int, branch: str, output: torch.Tensor) -> None:
         """Score the fitted weights on this computed step and set the branch's trust in them.
@@ -425,22 +427,23 @@ class BudgetPlanner(TimestepCache):
         of it stays on the device (the trust is a tensor the estimate multiplies by): the loop
         reads nothing back.
         """
-        recent = self._recent[branch]
         estimator = self.estimator
-        if self.config.check_forecast and isinstance(estimator, FittedEstimator) and len(recent) == 2:
-            weight = self._weights.get(branch, {}).get(step, 0.0)
-            if weight:
-                (_, older), (_, last) = recent
-                direction = last.float() - older.float()
-                moved = output.float() - last.float()
-                along, spread = self._statistics.sums([(moved * direction).sum(), (direction * direction).sum()])
-                share = (along / (weight * spread)).clamp(0.0, MAX_CHECK_SHARE)
-                previous = self._borne_out[branch]
-                memory = TRUST_MEMORY ** (TRUST_MEMORY_STEPS / self.num_inference_steps)
-                running = torch.where(spread > 0, memory * previous + (1.0 - memory) * share, previous)
-                self._borne_out[branch] = running
-                estimator.trust[branch] = (running / TRUSTED_SHARE).clamp(max=1.0).float()
-        recent.append((step, output))
+        if not (self.config.check_forecast and isinstance(estimator, FittedEstimator)):
+            return  # nothing to check: hold no outputs beyond the estimator's own
+        recent = self._recent[branch]
+        weight = self._weights.get(branch, {}).get(step, 0.0)
+        if weight and len(recent) == 2:
+            older, last = recent
+            direction = last.float() - older.float()
+            moved = output.float() - last.float()
+            along, spread = self._statistics.sums([(moved * direction).sum(), (direction * direction).sum()])
+            share = (along / (weight * spread)).clamp(0.0, MAX_CHECK_SHARE)
+            previous = self._borne_out[branch]
+            memory = self._trust_memory
+            running = torch.where(spread > 0, memory * previous + (1.0 - memory) * share, previous)
+            self._borne_out[branch] = running
+            estimator.trust[branch] = (running / TRUSTED_SHARE).clamp(max=1.0).float()
+        recent.append(output)
 
     @classmethod
     def options_from_calibration(cls, calibration: Any, num_inference_steps: int | None = None) -> dict[str, Any]:
