@@ -123,7 +123,7 @@ def test_the_logs_name_the_job_store_without_its_password(cluster):
     password = httpx.URL(cluster.url).password
     for replica in (cluster.a, cluster.b):
         text = replica.server.log.read_text()
-        assert f"job store: postgresql://sglang:***@" in text and password not in text
+        assert "job store: postgresql://sglang:***@" in text and password not in text
 
 
 def test_twenty_videos_created_across_both_are_each_made_once(cluster):
