@@ -71,9 +71,9 @@ class SqliteJobStore(JobStore):
     # ----------------------------------------------------------------------------- opening
     @classmethod
     def open(cls, folder: str | Path, retention: Retention | None = None,
-             clock: Callable[[], float] = time.time, replica: str = "local") -> "SqliteJobStore":
+             clock: Callable[[], float] = time.time) -> "SqliteJobStore":
         """The store of the data folder ``folder``: ``jobs.sqlite3`` and the files beside it."""
-        return cls.open_in(Path(folder).expanduser() / DB_NAME, VideoStore(folder, replica), retention, clock)
+        return cls.open_in(Path(folder).expanduser() / DB_NAME, VideoStore(folder, "local"), retention, clock)
 
     @classmethod
     def open_in(cls, path: str | Path, files: VideoStore, retention: Retention | None = None,
