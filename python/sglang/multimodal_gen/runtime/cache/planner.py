@@ -101,16 +101,17 @@ TRUST_MEMORY = 0.75
 TRUST_MEMORY_STEPS = 50
 #: The running share at and above which the weights are applied whole; below it they are scaled by
 #: ``share / TRUSTED_SHARE``. A check at distance ``gap + 1`` is harsher than the skipped steps'
-#: own forecasts (the first-order path holds for a step or two, then turns), so a request at the
-#: calibrated conditions bears out about 0.6-1.2 of them; with 1.0 here the hard-world model lost
-#: 5.6 dB at 1.5x there, while a flow that turns unlike the calibration's bears out 0-0.3.
+#: own forecasts (the first-order path holds for a step or two, then turns); 0.5 is where the
+#: fitted forecast stops beating reuse at the check. With 1.0 here the hard-world model's training
+#: captions lost 2.2 dB at 50 steps (benchmark/planner_tuning.py --constant TRUSTED_SHARE=1).
 TRUSTED_SHARE = 0.5
 #: One check counts for at most this share, so that a single far-off step cannot outweigh the rest.
 MAX_CHECK_SHARE = 2.0
 #: At step counts finer than the table: how far an output between two recorded ones may stray
 #: from the straight line between them, as a share of their squared change at its worst (halfway:
-#: a quarter of it, a standard deviation of a quarter of the change). Chosen on training captions
-#: (those of benchmark/planner_tuning.py, seed 11) at 40 and 100 steps among 0, 0.25, 0.5 and 1.
+#: a quarter of it, a standard deviation of a quarter of the change). The best of 0, 0.25, 0.5 and 1
+#: on training captions at 100 steps (benchmark/planner_tuning.py --steps 40 100 --speedups 2 3
+#: --constant INTERPOLATION_SPREAD=S, on the three text-to-video models).
 INTERPOLATION_SPREAD = 0.25
 #: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
 #: core and grows with the square of the step count.
@@ -256,7 +257,7 @@ class GapCosts:
         squared change between them at fraction ``f``, is added to its squared norm (independent
         of everything else, as a Brownian bridge's). Without it, forecasting from interpolated
         outputs looked free and the plan skipped where the real outputs jitter (the HunyuanVideo
-        model at 100 steps from its 50-step table: 52 dB against `reuse`'s 74)."""
+        model at 100 steps from its 50-step table: 52 dB against `reuse`'s 74, docs/benchmarks.md)."""
         for p, corner in enumerate(corners):
             if corner is None or not 0.0 < corner[1][1] < 1.0 or math.isnan(inner[p, p]):
                 continue
