@@ -123,7 +123,7 @@ def test_every_state_change_is_on_disk_at_once(tmp_path):
     assert status() == ("in_progress", 40)
     name = store.write_video("a", b"mp4 bytes")
     assert [p.name for p in store.videos_dir.iterdir()] == [name]  # no temporary file left
-    store.complete("a", name, {"strategy": "none"}, {"denoising": 0.5})
+    store.complete("a", name, {"strategy": "none"}, {"denoising": 0.5}, owner="r")
     assert status() == ("completed", 100)
     job = store.get("a")
     assert job.cache_stats == {"strategy": "none"} and job.timings == {"denoising": 0.5}
@@ -148,8 +148,8 @@ def test_restart_recovery(tmp_path):
         store.add(_job(job_id))
     for job_id in "abcd":
         store.claim_next("r", 30)
-    store.complete("a", store.write_video("a", b"A"), None, {"denoising": 1.0})
-    store.complete("b", store.write_video("b", b"B"), None, None)
+    store.complete("a", store.write_video("a", b"A"), None, {"denoising": 1.0}, owner="r")
+    store.complete("b", store.write_video("b", b"B"), None, None, owner="r")
     store.fail("c", VideoError(code="cancelled", message="deleted while running"), cancelled=True)
     # "d" running, "e" and "f" queued; a crash mid-write leaves a temporary file and an unreferenced mp4.
     (store.videos_dir / ".d.mp4.tmp").write_bytes(b"half")
@@ -201,7 +201,7 @@ def test_retention_by_age(stores):
     store.add(_job("a"))
     store.add(_job("b"))
     store.claim_next("r", 30)
-    store.complete("a", store.write_video("a", b"A"), None, None)
+    store.complete("a", store.write_video("a", b"A"), None, None, owner="r")
     assert store.expires_at(store.get("a")) == int(clock.now) + 60 and store.expires_at(store.get("b")) is None
     clock.now += 59
     assert store.get("a") is not None and store.purge() == []
@@ -221,7 +221,7 @@ def test_retention_by_count_keeps_the_newest_finished(stores):
     for job_id in "abc":
         clock.now += 1
         assert store.claim_next("r", 30).id == job_id
-        store.complete(job_id, store.write_video(job_id, job_id.encode()), None, None)
+        store.complete(job_id, store.write_video(job_id, job_id.encode()), None, None, owner="r")
     assert store.purge() == ["a"]
     assert sorted(p.name for p in store.videos_dir.iterdir()) == ["b.mp4", "c.mp4"]
     assert [j.id for j in store.page(None, 10, "asc")[0]] == ["b", "c", "d"]
@@ -252,7 +252,7 @@ def test_worker_and_event_loop_threads_together(store):
                 if job is not None:
                     for p in range(0, 100, 25):
                         store.set_progress(job.id, p)
-                    store.complete(job.id, store.write_video(job.id, job.id.encode()), None, None)
+                    store.complete(job.id, store.write_video(job.id, job.id.encode()), None, None, owner="r")
                     done += 1
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)

@@ -366,15 +366,14 @@ class JobStore(abc.ABC):
             tx.execute("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'in_progress'", [progress, job_id])
 
     def complete(self, job_id: str, file: str, cache_stats: dict[str, Any] | None,
-                 timings: dict[str, float] | None, owner: str | None = None) -> bool:
-        """Mark completed, once ``file`` (from :meth:`write_video`) is in place; with ``owner``,
-        only while that replica still holds the job and it was not deleted. ``False``: not marked."""
-        claim, args = ("", []) if owner is None else (" AND owner = ? AND cancelled = 0", [owner])
+                 timings: dict[str, float] | None, owner: str) -> bool:
+        """Mark completed, once ``file`` (from :meth:`write_video`) is in place, while ``owner`` (the
+        replica that claimed it) still holds the job and it was not deleted. ``False``: not marked."""
         with self._write() as tx:
             return bool(tx.execute(
                 "UPDATE jobs SET status = 'completed', progress = 100, completed_at = ?, error = NULL, file = ?, "
-                f"cache_stats = ?, timings = ? WHERE id = ?{claim}",
-                [int(self.clock()), file, _dump(cache_stats), _dump(timings), job_id, *args],
+                "cache_stats = ?, timings = ? WHERE id = ? AND owner = ? AND cancelled = 0",
+                [int(self.clock()), file, _dump(cache_stats), _dump(timings), job_id, owner],
             ).rowcount)
 
     def fail(self, job_id: str, error: VideoError, cancelled: bool = False) -> None:
