@@ -26,6 +26,7 @@ from sglang.multimodal_gen.runtime.entrypoints.job_store import (
     params_from_json,
     params_to_json,
 )
+from sglang.multimodal_gen.runtime.entrypoints.lease import check_interval_s
 from sglang.multimodal_gen.runtime.entrypoints.open_store import open_job_store
 from sglang.multimodal_gen.runtime.entrypoints.openai_protocol import VideoError
 from sglang.multimodal_gen.runtime.entrypoints.sqlite_store import DB_NAME, SqliteJobStore
@@ -320,6 +321,13 @@ def test_an_expired_lease_fails_the_job_replica_lost(stores):
     assert not first.complete("a", first.write_video("a", b"late"), None, None, owner="a")
     assert second.get("a").status == "failed" and second.get("b").status == "queued"  # never re-run
     assert second.claim_next("b", 10).id == "b" and running.id == "a"
+
+
+@pytest.mark.parametrize("lease_s, interval_s", [(30, 5.0), (12, 4.0), (3, 1.0), (0.1, 0.1)])
+def test_a_lease_is_renewed_every_third_of_it_at_most_5_s_apart(lease_s, interval_s):
+    """docs/api.md (Several replicas): the renewal and sweep interval, which also bounds how late a
+    DELETE on another replica is seen."""
+    assert check_interval_s(lease_s) == pytest.approx(interval_s)
 
 
 def test_delete_from_another_replica_cancels_a_running_job(stores):

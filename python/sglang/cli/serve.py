@@ -76,7 +76,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                                "next start (default: HOSTNAME:PORT)")
     replicas.add_argument("--job-lease-seconds", type=_duration("seconds", "30 or 2.5"), default=30.0, metavar="S",
                           help="a running job stays this replica's this long without a renewal (renewed every "
-                               "third of it, at most every 5 s); the job of a replica silent for longer is failed "
+                               "third of it, at most 5 s apart); the job of a replica silent for longer is failed "
                                "replica_lost (default 30)")
     serve.set_defaults(func=cmd_serve)
     return serve
