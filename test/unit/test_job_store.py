@@ -303,6 +303,27 @@ def test_each_job_is_claimed_once_by_concurrent_claimers(stores):
     assert {job.owner for job in first.page(None, 100, "asc")[0]} == {o for o in claimed if claimed[o]}
 
 
+def test_the_queue_bound_holds_for_concurrent_creates_on_both_replicas(stores):
+    """docs/api.md (Several replicas): --max-queued-videos bounds the whole queue, counted under a lock."""
+    first, second = _replicas(stores, Clock())
+    threads_n, bound = 8, 5
+    barrier = threading.Barrier(threads_n)
+    added: list[str] = []
+
+    def create(store: JobStore, prefix: str) -> None:
+        barrier.wait()
+        for i in range(10):
+            if store.add(_job(f"{prefix}-{i}"), max_queued=bound):
+                added.append(f"{prefix}-{i}")
+
+    threads = [threading.Thread(target=create, args=((first, second)[n % 2], f"t{n}")) for n in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(added) == bound and first.count_queued() == bound
+
+
 def test_an_expired_lease_fails_the_job_replica_lost(stores):
     clock = Clock()
     first, second = _replicas(stores, clock)
