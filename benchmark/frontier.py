@@ -7,6 +7,7 @@
     python benchmark/frontier.py --budget time                    # each speedup asked in time, as users ask
     python benchmark/frontier.py --model-path hunyuanvideo-t2v-tiny --output benchmark/results/frontier-hunyuan.json
     python benchmark/frontier.py --model-path wan2.2-t2v-tiny --steps 40   # two experts: adds the boundary-blind planner
+    python benchmark/frontier.py --methods "plain steps;planner" --uncorrected-estimates  # UniPC's corrector off where estimated
     python benchmark/frontier.py --model-path wan2.1-i2v-tiny --output benchmark/results/frontier-i2v.json  # image to video
 
 For each held-out prompt and seed: the uncached run (50 steps unless ``--steps``) is the reference;
@@ -60,7 +61,7 @@ from sglang.multimodal_gen.runtime.entrypoints.calibrate import (  # noqa: E402
     split_prompt_lines,
 )
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY, budget_passes  # noqa: E402
-from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
+from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator, denoising_stage  # noqa: E402
 
 
 class DiffusersTaylorSeer:
@@ -193,6 +194,9 @@ def main() -> None:
     parser.add_argument("--budget", choices=("passes", "time"), default="passes",
                         help="compare at equal transformer passes (skipped steps counted as free), or ask "
                              "every budgeted method for the speedup in time, as a user's request does")
+    parser.add_argument("--uncorrected-estimates", action="store_true",
+                        help="skip UniPC's corrector on the steps a plan estimates (the denoising stage's "
+                             "correct_estimated_steps off; docs/benchmarks.md weighs it)")
     parser.add_argument("--output", default=str(REPO / "benchmark/results/frontier.json"))
     parser.add_argument("--plot", default=str(REPO / "docs/images/frontier.png"))
     args = parser.parse_args()
@@ -203,6 +207,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from: {'; '.join(m.name for m in METHODS)}")
     gen = DiffGenerator.from_pretrained(args.model_path, device="cpu", cache_calibration=args.calibration)
+    denoising_stage(gen.pipeline).correct_estimated_steps = not args.uncorrected_estimates
     two_experts = gen.pipeline.expert_schedule is not None
     images = prompt_images(Path(gen.pipeline.model_info.path))
     # diffusers' TaylorSeer hook caches one transformer (the harness runs its text-to-video

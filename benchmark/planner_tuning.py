@@ -3,6 +3,7 @@
     python benchmark/planner_tuning.py                                  # built-in Wan model
     python benchmark/planner_tuning.py --model-path wan2.1-t2v-tiny-hard
     python benchmark/planner_tuning.py --steps 40 100 --speedups 2 3 --constant INTERPOLATION_SPREAD=0.5
+    python benchmark/planner_tuning.py --uncorrected-estimates      # UniPC's corrector off on estimated steps
 
 Where a choice of the planner's (its forecast check, a constant of it) is weighed, the held-out
 captions of ``frontier.py`` and ``robustness.py`` are what it is judged on, so they must not be what
@@ -39,7 +40,7 @@ from sglang.multimodal_gen.configs.cache_params import CacheParams  # noqa: E402
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
 from sglang.multimodal_gen.runtime.cache import planner  # noqa: E402
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY  # noqa: E402
-from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator  # noqa: E402
+from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator, denoising_stage  # noqa: E402
 
 STEP_COUNTS = (20, 30, 50)
 SPEEDUPS = (1.5, 2.0, 3.0)
@@ -71,6 +72,9 @@ def main() -> None:
     parser.add_argument("--speedups", type=float, nargs="+", default=list(SPEEDUPS))
     parser.add_argument("--constant", type=planner_constant, action="append", default=[], metavar="NAME=VALUE",
                         help="set a planner module constant for this run (repeatable)")
+    parser.add_argument("--uncorrected-estimates", action="store_true",
+                        help="skip UniPC's corrector on the steps the plan estimates (the denoising stage's "
+                             "correct_estimated_steps off)")
     parser.add_argument("--output", default=None, help="JSON rows (default: benchmark/results/planner-tuning-MODEL.json)")
     args = parser.parse_args()
     for name, value in args.constant:
@@ -78,6 +82,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     generator = DiffGenerator.from_pretrained(args.model_path, device="cpu")
+    denoising_stage(generator.pipeline).correct_estimated_steps = not args.uncorrected_estimates
     info = generator.pipeline.model_info
     _, tuning = model_prompts(info.path)
     output = Path(args.output or REPO / f"benchmark/results/planner-tuning-{Path(info.path).name}.json")
@@ -96,7 +101,8 @@ def main() -> None:
                     scores[method] = psnr(generator.generate(dataclasses.replace(base, cache=cache)).frames, reference)
                     bar.update()
                 rows.append({"steps": steps, "speedup": speedup, "caption": caption, "seed": SEED,
-                             "constants": dict(args.constant), "psnr": scores})
+                             "constants": dict(args.constant), "corrected_estimates": not args.uncorrected_estimates,
+                             "psnr": scores})
     bar.close()
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(rows, indent=1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -138,6 +138,15 @@ class DenoisingStage(PipelineStage):
             without the error check that reads back to the host). On CUDA that check stalls the
             host every step; on the CPU the host is the device, nothing waits, and the wrapper's
             Python dispatch would cost ~0.3 ms a step, so the generator sets this for CUDA only.
+        correct_estimated_steps: Whether a multistep scheduler's corrector (UniPC's) runs on steps
+            the cache's up-front plan estimates. The corrector re-solves the previous step with
+            this step's model output; on an estimated step that output is an extrapolation of the
+            earlier ones, so correcting with it counts the estimate's error twice. Off, such steps
+            skip the corrector as diffusers' ``disable_corrector`` would (computed steps keep it).
+            On by default: the scheduler as it ships. Off measured better at 1.5x-2.5x and on the
+            image-to-video model, worse at 3x on the text-to-video ones (docs/benchmarks.md,
+            "UniPC's corrector on estimated steps"). Only a cache with a plan known before the run
+            (the planner, ``even``, MagCache) names its estimated steps, the same on every rank.
         experts: Wan2.2's low-noise expert and where it takes over (``adapter`` is then the
             high-noise one): the one place a step's model and guidance scale are chosen; ``None``
             for one transformer. Such a request's cache is an :class:`ExpertCaches`, one strategy
@@ -157,6 +166,7 @@ class DenoisingStage(PipelineStage):
         batched_cfg: bool = False,
         sync_free_scheduler: bool = False,
         experts: ExpertSwitch | None = None,
+        correct_estimated_steps: bool = True,
     ) -> None:
         self.adapter = adapter
         self.experts = experts
@@ -169,6 +179,7 @@ class DenoisingStage(PipelineStage):
         self.timestep_in_latent_dtype = timestep_in_latent_dtype
         self.batched_cfg = batched_cfg
         self.sync_free_scheduler = sync_free_scheduler
+        self.correct_estimated_steps = correct_estimated_steps
 
     def __call__(self, req: Req) -> Req:
         params, cache, scheduler = req.params, req.cache, req.scheduler
@@ -180,6 +191,8 @@ class DenoisingStage(PipelineStage):
         latents = req.latents
         timesteps = req.timesteps
         sigmas = scheduler_sigmas(scheduler, len(timesteps))
+        uncorrected = (planned_estimates(cache, len(timesteps)) if not self.correct_estimated_steps
+                       else [False] * len(timesteps))
         experts = (self.experts.schedule(timesteps.tolist()) if self.experts is not None
                    else [HIGH_NOISE] * len(timesteps))
         if isinstance(cache, ExpertCaches) and cache.schedule != experts:
@@ -216,7 +229,8 @@ class DenoisingStage(PipelineStage):
                 noise_pred = preds[COND]
                 if UNCOND in preds:
                     noise_pred = preds[UNCOND] + guidance_scale * (preds[COND] - preds[UNCOND])
-                with SolveWithoutErrorCheck() if self.sync_free_scheduler else contextlib.nullcontext():
+                with (SolveWithoutErrorCheck() if self.sync_free_scheduler else contextlib.nullcontext(),
+                      without_corrector(scheduler) if uncorrected[step] else contextlib.nullcontext()):
                     latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if req.probe is not None:
                     latents = req.probe.after_step(step, sigmas[step], latents)
@@ -393,6 +407,31 @@ def scheduler_sigmas(scheduler, num_steps: int) -> list[float | None]:
         return [None] * num_steps
     values = sigmas.tolist() if hasattr(sigmas, "tolist") else list(sigmas)
     return [float(v) for v in values[:num_steps]]
+
+
+def planned_estimates(cache: TimestepCache | ExpertCaches | None, num_steps: int) -> list[bool]:
+    """Per step, whether the cache's plan (known before the run, the same on every rank) estimates
+    any branch's prediction there; all False without a cache, in calibration or without a plan."""
+    plan = cache.plan() if cache is not None and not cache.calibrate else None
+    if not plan:
+        return [False] * num_steps
+    return [not all(computed) for computed in zip(*plan.values())]
+
+
+@contextlib.contextmanager
+def without_corrector(scheduler: Any) -> Iterator[None]:
+    """Skip a multistep scheduler's corrector at its next ``step``: UniPC corrects the previous
+    step at step ``i`` unless ``i - 1`` is in its ``disable_corrector``; other schedulers have none."""
+    disabled = getattr(scheduler, "disable_corrector", None)
+    index = getattr(scheduler, "step_index", None)
+    if disabled is None or index is None:
+        yield
+        return
+    scheduler.disable_corrector = [*disabled, index - 1]
+    try:
+        yield
+    finally:
+        scheduler.disable_corrector = disabled
 
 
 def _warn_if_nothing_skips(cache: TimestepCache | ExpertCaches | None, planned: bool) -> None:
