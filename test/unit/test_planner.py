@@ -35,7 +35,6 @@ from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagr
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
 from sglang.multimodal_gen.runtime.cache.planner import (
-    FORECAST_ERROR_LIMIT,
     INTERPOLATION_SPREAD,
     MAX_CHECK_SHARE,
     TRUST_MEMORY,
@@ -44,7 +43,6 @@ from sglang.multimodal_gen.runtime.cache.planner import (
     GapCosts,
     best_plan,
     fitted_blend_alpha,
-    forecast_error,
 )
 
 ESTIMATORS = [("reuse", 0.0), ("forecast1", 0.0), ("forecast1_sigma", 0.0), ("blend", 0.3)]
@@ -690,11 +688,10 @@ def test_planner_falls_back_to_reuse_when_the_forecast_base_leaves_the_window():
     assert cache.estimator.name == "reuse" and sum(cache.plan()[COND]) == 2
     with pytest.raises(CacheConfigError):  # named, the estimator is kept and the budget refused
         planner(steps=6).meet_budget(2, estimator="blend")
-    fitted = planner(steps=6)  # fitted weighs a base outside the window 0, and its error is past the limit
+    fitted = planner(steps=6)  # fitted weighs a base outside the window 0: it reuses there
     fitted.meet_budget(2)
-    assert fitted.estimator.name == "reuse" and sum(fitted.plan()[COND]) == 2
-    costs = {b: GapCosts(fitted.config.gram[b], fitted.config.sigmas, 6) for b in (COND, UNCOND)}
-    assert forecast_error(costs, [s for s, done in enumerate(fitted.plan()[COND]) if done], None) > FORECAST_ERROR_LIMIT
+    assert fitted.estimator.name == "fitted" and sum(fitted.plan()[COND]) == 2
+    assert set(fitted.estimator.weights[COND].values()) == {0.0}
 
 
 def test_the_planner_reuses_where_the_residual_turns_back():
@@ -757,76 +754,3 @@ def test_a_budget_no_pass_count_meets_is_one_line_naming_the_nearest(steps, spee
     assert refused.value.param == "cache_speedup"
     assert one_line(refused) == (f"--cache-speedup {speedup:g} cannot be met at {steps} steps: whole passes "
                                        f"per branch give {offers}; ask for one of those or run more steps")
-
-
-# --------------------------------------------------------------------------- the forecast's regime
-def direct_forecast_error(runs: dict[str, np.ndarray], sigmas: list[float], computed: list[int],
-                          guidance_scale: float | None) -> float:
-    """From the vectors themselves: each skipped step ``k`` estimated as ``v_i + c (v_i - v_h)`` with
-    ``c`` the least-squares weight of that one run, each gap's error ``sum_k dt_k (e_k - v_k)``,
-    the branches' squared errors weighed by ``g^2`` and ``(g - 1)^2`` (1 without ``g``), over the
-    cond run's ``sum_k dt_k |v_k|``."""
-    weights = {COND: guidance_scale, UNCOND: guidance_scale - 1.0} if guidance_scale is not None else {}
-    squared = 0.0
-    for branch, outputs in runs.items():
-        seen: list[int] = []
-        error = np.zeros_like(outputs[0])
-        for k in range(len(outputs) + 1):
-            if k == len(outputs) or k in computed:
-                squared += weights.get(branch, 1.0) ** 2 * float(error @ error)
-                error = np.zeros_like(outputs[0])
-                seen.append(k)
-                continue
-            estimate = outputs[seen[-1]]
-            if len(seen) > 1:
-                h, i = seen[-2:]
-                d = outputs[i] - outputs[h]
-                estimate = outputs[i] + float((outputs[k] - outputs[i]) @ d / (d @ d)) * d
-            error += abs(sigmas[k + 1] - sigmas[k]) * (estimate - outputs[k])
-    path = sum(abs(sigmas[k + 1] - sigmas[k]) * np.linalg.norm(v) for k, v in enumerate(runs[COND]))
-    return math.sqrt(squared) / path
-
-
-@pytest.mark.parametrize("guidance_scale", [None, 1.0, 5.0])
-def test_forecast_error_is_the_guided_error_over_the_path_length(guidance_scale):
-    runs = {b: residual_walk(12, seed) for b, seed in ((COND, 3), (UNCOND, 4))}
-    sigmas = schedule(12, 3)
-    costs = {b: GapCosts(gram_of(r, 12), sigmas, 12) for b, r in runs.items()}
-    computed = [0, 2, 3, 6, 7, 10]
-    assert forecast_error(costs, computed, guidance_scale) == pytest.approx(
-        direct_forecast_error(runs, sigmas, computed, guidance_scale), rel=1e-9)
-
-
-def limit_planner(scale: float) -> BudgetPlanner:
-    """Outputs that move along a smooth curve, plus noise of relative size ``scale``: the fitted
-    forecast's predicted error grows with it."""
-    rng = np.random.default_rng(5)
-    t = np.linspace(0.0, 1.0, 20)[:, None]
-    curve = np.hstack([np.cos(3 * t), np.sin(3 * t), t]) * 10
-    grams = {b: gram_of(curve + scale * 10 * rng.normal(size=curve.shape), 20) for b in (COND, UNCOND)}
-    return BudgetPlanner(PlannerConfig(gram=grams, sigmas=schedule(20, 5)), 20)
-
-
-def test_the_planner_reuses_on_its_fitted_plan_past_the_forecast_error_limit():
-    """Unnamed, the estimator is fitted while the fitted plan's predicted error stays within
-    FORECAST_ERROR_LIMIT and reuse, on the same plan, past it; the guidance scale weighs the
-    branches, so the same calibration can fall on either side; a named estimator is kept."""
-    outcomes = {}
-    for scale in (0.0, 0.05):
-        for guidance in (1.5, 30.0):
-            cache = limit_planner(scale)
-            cache.guidance_scale = guidance
-            cache.meet_budget(10)
-            costs = {b: GapCosts(cache.config.gram[b], cache.config.sigmas, 20) for b in (COND, UNCOND)}
-            total, steps = best_plan(list(costs.values()), 10, cache.config.max_skip_steps, "fitted")
-            assert cache.plan()[COND] == [s in steps for s in range(20)]  # the fitted plan either way
-            error = forecast_error(costs, steps, guidance)
-            assert cache.estimator.name == ("reuse" if error > FORECAST_ERROR_LIMIT else "fitted")
-            outcomes[(scale, guidance)] = cache.estimator.name
-    assert outcomes[(0.0, 1.5)] == "fitted" and outcomes[(0.05, 30.0)] == "reuse"
-    assert outcomes[(0.05, 1.5)] != outcomes[(0.05, 30.0)]
-    named = limit_planner(0.05)
-    named.guidance_scale = 30.0
-    named.meet_budget(10, estimator="fitted")
-    named.use_estimator("fitted")
-    assert named.estimator.name == "fitted" and any(named.estimator.weights[COND].values())

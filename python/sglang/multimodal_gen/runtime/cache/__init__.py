@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Sequence
 
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
@@ -54,7 +53,6 @@ def build_cache(
     branches: Sequence[str] = (COND, UNCOND),
     calibrate: bool = False,
     experts: Sequence[str] | None = None,
-    guidance_scale: float | Mapping[str, float] | None = None,
 ) -> TimestepCache | ExpertCaches | None:
     """The per-request strategy instance, or None when the request uses no cache.
 
@@ -69,8 +67,6 @@ def build_cache(
         experts: On a model with several experts, the expert of every step: the request then
             gets one instance per expert (:class:`ExpertCaches`, ``experts.py``), each with its
             expert's calibration (``params.expert_options``) and its share of the budget.
-        guidance_scale: The request's CFG scale, or per expert on a model with several (Wan2.2's
-            ``guidance_scale`` and ``guidance_scale_2``); each instance gets it before planning.
     """
     if params.strategy == "none":
         if not calibrate:
@@ -85,7 +81,6 @@ def build_cache(
     passes = None if speedup is None else checked_budget_passes(num_inference_steps, speedup, skipped_cost)
     if experts is None or len(set(experts)) < 2:
         cache = cls.from_params(params, num_inference_steps, model_key, tuple(branches), calibrate)
-        cache.guidance_scale = _guidance_of(guidance_scale, experts[0] if experts else None)
         if passes is not None:
             cache.meet_budget(passes, params.estimator, params.blend_alpha)
         _use_request_estimator(cache, params)
@@ -98,8 +93,6 @@ def build_cache(
                 len(steps), model_key, tuple(branches), calibrate)
             for expert, steps in expert_segments(experts).items()
         }
-        for expert, expert_cache in caches.items():
-            expert_cache.guidance_scale = _guidance_of(guidance_scale, expert)
         if passes is not None:
             shares = split_budget({expert: c.num_inference_steps for expert, c in caches.items()}, passes)
             for expert, expert_cache in caches.items():
@@ -112,13 +105,6 @@ def build_cache(
     logger.debug("built %s for %s (%d steps, branches %s, calibrate=%s)", cls.name, model_key,
                  num_inference_steps, list(branches), calibrate)
     return cache
-
-
-def _guidance_of(guidance_scale: float | Mapping[str, float] | None, expert: str | None) -> float | None:
-    """One instance's guidance scale: the request's, or its expert's."""
-    if isinstance(guidance_scale, Mapping):
-        return guidance_scale.get(expert) if expert is not None else None
-    return guidance_scale
 
 
 def _use_request_estimator(cache: TimestepCache, params: "CacheParams") -> None:

@@ -67,10 +67,6 @@ class CacheBookkeeping(abc.ABC):
         self._pass_budget: int | None = None
         #: The ``--cache-speedup`` the request asked for (its summary shows it beside the measured one).
         self.asked_speedup: float | None = None
-        #: The request's classifier-free guidance scale (the prediction the scheduler steps on is
-        #: ``uncond + g (cond - uncond)``), set by ``build_cache`` before ``meet_budget``; ``None``
-        #: where unknown. The planner weighs its branches' predicted errors by it.
-        self.guidance_scale: float | None = None
         self._statistics = TokenStatistics()
         self._decision_exchange: Callable[[int, bool | None], bool | None] = local_decision
         self._estimator = self._build_estimator(None, {})

@@ -113,13 +113,6 @@ MAX_CHECK_SHARE = 2.0
 #: on training captions at 100 steps (benchmark/planner_tuning.py --steps 40 100 --speedups 2 3
 #: --constant INTERPOLATION_SPREAD=S, on the three text-to-video models).
 INTERPOLATION_SPREAD = 0.25
-#: The fitted plan's predicted error in the guided prediction, as a share of the run's path length
-#: (``forecast_error``), above which the planner forecasts nothing and reuses on the same plan: past
-#: it a first-order forecast no longer holds. On the training captions of the three text-to-video
-#: models at 20, 30 and 50 steps and 1.5x-3x, the fitted forecast won every setting predicted at or
-#: below -24.8 dB (5.8%) and lost or tied every one at or above -17.9 dB (12.7%); this is the
-#: geometric middle, -21.35 dB (benchmark/planner_predictions.py beside benchmark/planner_tuning.py).
-FORECAST_ERROR_LIMIT = 10 ** (-21.35 / 20)
 #: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
 #: core and grows with the square of the step count.
 MAX_PLANNED_STEPS = 250
@@ -333,28 +326,6 @@ def fitted_blend_alpha(costs: Sequence[GapCosts]) -> float:
     return alpha if math.isfinite(alpha) else DEFAULT_BLEND_ALPHA
 
 
-def forecast_error(costs: Mapping[str, GapCosts], steps: Sequence[int], guidance_scale: float | None) -> float:
-    """The predicted error of the fitted forecast on the plan ``steps``, in the prediction the
-    scheduler steps on (``uncond + g (cond - uncond)``: the branches' errors weighed by ``g`` and
-    ``g - 1``, taken as independent, since calibration records no product across branches; equally
-    without a guidance scale), over the first branch's path length ``sum_k dt_k |v_k|``."""
-    branches = list(costs)
-    weights = dict.fromkeys(branches, 1.0)
-    if guidance_scale is not None and set(branches) == {COND, UNCOND}:
-        weights = {COND: guidance_scale, UNCOND: guidance_scale - 1.0}
-    squared = 0.0
-    for branch, cost in costs.items():
-        previous, last = None, steps[0]
-        for upcoming in list(steps[1:]) + [cost.num_steps]:
-            squared += weights[branch] ** 2 * cost.gap(previous, last, upcoming, "fitted") ** 2
-            previous, last = last, upcoming
-    first = costs[branches[0]]
-    norms = np.sqrt(np.diag(first.inner))
-    known = ~np.isnan(norms)
-    path = float(np.sum(first.dt[: first.num_steps][known] * norms[known]))
-    return math.sqrt(squared) / path if path > 0 else math.nan
-
-
 def best_plan(
     costs: Sequence[GapCosts], passes: int, max_skip_steps: int, estimator: str, alpha: float = 0.0
 ) -> tuple[float, list[int]]:
@@ -537,12 +508,6 @@ class BudgetPlanner(TimestepCache):
                 f"{self.config.max_skip_steps} and its calibration window it needs at least {fewest} passes; "
                 "ask for a smaller speedup or more steps", param="cache_speedup",
             )
-        if chosen == "fitted" and estimator is None:
-            error = forecast_error(dict(zip(self.branches, costs)), steps, self.guidance_scale)
-            if error > FORECAST_ERROR_LIMIT:
-                logger.info("planner: predicted forecast error %.3g of the path is past %.3g: reusing on the "
-                            "fitted plan", error, FORECAST_ERROR_LIMIT)
-                chosen = "reuse"
         computed = set(steps)
         self._mask = [step in computed for step in range(self.num_inference_steps)]
         self.predicted_error = total

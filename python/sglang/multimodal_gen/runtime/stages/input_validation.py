@@ -14,7 +14,6 @@ from sglang.multimodal_gen.runtime.cache import build_cache
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND
 from sglang.multimodal_gen.runtime.cache.registry import get_cache_class, registered_caches
 from sglang.multimodal_gen.runtime.cache.strategy import speedup_refusal, takes_a_budget
-from sglang.multimodal_gen.runtime.models.experts import HIGH_NOISE, LOW_NOISE
 from sglang.multimodal_gen.runtime.pipelines.base import PipelineStage, Req, VideoGeometry
 from sglang.multimodal_gen.runtime.utils.image_io import check_image
 
@@ -103,10 +102,8 @@ class InputValidationStage(PipelineStage):
         branches = (COND, UNCOND) if self.cfg and params.guidance_scale > 1.0 else (COND,)
         model_key = self.cache_model_key(params) if callable(self.cache_model_key) else self.cache_model_key
         experts = self.expert_schedule(params.num_inference_steps) if self.expert_schedule is not None else None
-        guidance = params.guidance_scale if experts is None else {
-            HIGH_NOISE: params.guidance_scale, LOW_NOISE: params.guidance_scale_2}
         req.cache = build_cache(params.cache, params.num_inference_steps, model_key, branches, calibrate=req.calibrate,
-                                experts=experts, guidance_scale=guidance)
+                                experts=experts)
         req.params = params
         return req
 
