@@ -143,10 +143,12 @@ class DenoisingStage(PipelineStage):
             this step's model output; on an estimated step that output is an extrapolation of the
             earlier ones, so correcting with it counts the estimate's error twice. Off, such steps
             skip the corrector as diffusers' ``disable_corrector`` would (computed steps keep it).
-            On by default: the scheduler as it ships. Off measured better at 1.5x-2.5x and on the
-            image-to-video model, worse at 3x on the text-to-video ones (docs/benchmarks.md,
-            "UniPC's corrector on estimated steps"). Only a cache with a plan known before the run
-            (the planner, ``even``, MagCache) names its estimated steps, the same on every rank.
+            On by default: the scheduler as it ships. Off measured better at every speedup for the
+            estimators that reuse (MagCache, even skipping, the planner with ``reuse``) and, for the
+            fitted planner, at 1.5x-2x and on the image-to-video model, but worse at 3x on the
+            text-to-video ones (docs/benchmarks.md, "UniPC's corrector on estimated steps"). Only a
+            cache with a plan known before the run (the planner, ``even``, MagCache) names its
+            estimated steps, the same on every rank.
         experts: Wan2.2's low-noise expert and where it takes over (``adapter`` is then the
             high-noise one): the one place a step's model and guidance scale are chosen; ``None``
             for one transformer. Such a request's cache is an :class:`ExpertCaches`, one strategy
