@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -193,8 +193,8 @@ class DenoisingStage(PipelineStage):
         latents = req.latents
         timesteps = req.timesteps
         sigmas = scheduler_sigmas(scheduler, len(timesteps))
-        uncorrected = (planned_estimates(cache, len(timesteps)) if not self.correct_estimated_steps
-                       else [False] * len(timesteps))
+        if not self.correct_estimated_steps:
+            skip_corrector_on(scheduler, planned_estimates(cache, len(timesteps)))
         experts = (self.experts.schedule(timesteps.tolist()) if self.experts is not None
                    else [HIGH_NOISE] * len(timesteps))
         if isinstance(cache, ExpertCaches) and cache.schedule != experts:
@@ -231,8 +231,7 @@ class DenoisingStage(PipelineStage):
                 noise_pred = preds[COND]
                 if UNCOND in preds:
                     noise_pred = preds[UNCOND] + guidance_scale * (preds[COND] - preds[UNCOND])
-                with (SolveWithoutErrorCheck() if self.sync_free_scheduler else contextlib.nullcontext(),
-                      without_corrector(scheduler) if uncorrected[step] else contextlib.nullcontext()):
+                with SolveWithoutErrorCheck() if self.sync_free_scheduler else contextlib.nullcontext():
                     latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if req.probe is not None:
                     latents = req.probe.after_step(step, sigmas[step], latents)
@@ -420,20 +419,15 @@ def planned_estimates(cache: TimestepCache | ExpertCaches | None, num_steps: int
     return [not all(computed) for computed in zip(*plan.values())]
 
 
-@contextlib.contextmanager
-def without_corrector(scheduler: Any) -> Iterator[None]:
-    """Skip a multistep scheduler's corrector at its next ``step``: UniPC corrects the previous
-    step at step ``i`` unless ``i - 1`` is in its ``disable_corrector``; other schedulers have none."""
+def skip_corrector_on(scheduler: Any, estimated: Sequence[bool]) -> None:
+    """Turn a multistep scheduler's corrector off on the ``estimated`` steps, through its own
+    ``disable_corrector``: UniPC corrects the previous step at step ``i`` unless ``i - 1`` is listed
+    (its step index is the loop's, from ``set_begin_index(0)``). Schedulers without a corrector are
+    left alone. ``scheduler`` is the request's own copy (``LatentPreparationStage``), so nothing
+    carries over to the next request."""
     disabled = getattr(scheduler, "disable_corrector", None)
-    index = getattr(scheduler, "step_index", None)
-    if disabled is None or index is None:
-        yield
-        return
-    scheduler.disable_corrector = [*disabled, index - 1]
-    try:
-        yield
-    finally:
-        scheduler.disable_corrector = disabled
+    if disabled is not None:
+        scheduler.disable_corrector = [*disabled, *(step - 1 for step, estimate in enumerate(estimated) if estimate)]
 
 
 def _warn_if_nothing_skips(cache: TimestepCache | ExpertCaches | None, planned: bool) -> None:
