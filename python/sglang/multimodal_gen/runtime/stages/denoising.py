@@ -144,7 +144,7 @@ class DenoisingStage(PipelineStage):
             earlier ones, so correcting with it counts the estimate's error twice. Off, such steps
             skip the corrector as diffusers' ``disable_corrector`` would (computed steps keep it).
             On by default: the scheduler as it ships. Off measured better at every speedup for the
-            estimators that reuse (MagCache, even skipping, the planner with ``reuse``) and, for the
+            estimators that reuse (MagCache, even skipping, the planner with ``reuse``; Wan2.1 models) and, for the
             fitted planner, at 1.5x-2x and on the image-to-video model, but worse at 3x on the
             text-to-video ones (docs/benchmarks.md, "UniPC's corrector on estimated steps"). Only a
             cache with a plan known before the run (the planner, ``even``, MagCache) names its
