@@ -180,10 +180,10 @@ def test_calibrate_records_the_window_inner_products_and_the_sigmas(builtin_gene
     # With the step costs of this device.
     costs = saved.step_costs()
     assert costs is not None and costs.device == "cpu" and costs.step_tail > 0 and costs.embed_and_head > 0
-    # The planner takes the fresh file at its own step count.
-    result = _generate(builtin_generator, steps, CacheParams(speedup=2, calibration_file=str(output),
+    # The planner takes the fresh file at its own step count (13 passes: close enough to forecast).
+    result = _generate(builtin_generator, steps, CacheParams(speedup=1.5, calibration_file=str(output),
                                                              step_costs=PASSES_ONLY), **SMALL)
-    _assert_budget(result, steps, 10, "planner")
+    _assert_budget(result, steps, 13, "planner")
     assert result.cache.config.sigmas == saved.sigmas
     assert result.cache.config.gram_of == "outputs" and result.cache_stats.estimator == "fitted"
 

@@ -35,6 +35,7 @@ from sglang.multimodal_gen.runtime.cache.estimators import build_estimator, lagr
 from sglang.multimodal_gen.runtime.cache.even import even_steps
 from sglang.multimodal_gen.runtime.cache.magcache import joint_magcache_plan, nearest_interp, preset_ratio_table
 from sglang.multimodal_gen.runtime.cache.planner import (
+    GUIDED_FORECAST_MAX_SPACING,
     INTERPOLATION_SPREAD,
     MAX_CHECK_SHARE,
     TRUST_MEMORY,
@@ -332,11 +333,11 @@ def test_planner_plans_for_the_fitted_estimator_and_hands_it_the_weights_of_its_
     least-squares one on the plan's last two computed steps before it (0, reuse, after the first
     computed step alone), per branch."""
     cache = planner(steps=25)
-    cache.meet_budget(10)
+    cache.meet_budget(13)  # computed steps 1/13 of the schedule apart: close enough to forecast under guidance
     plan = cache.plan()
-    assert plan[COND] == plan[UNCOND] and sum(plan[COND]) == 10 and plan[COND][0]
+    assert plan[COND] == plan[UNCOND] and sum(plan[COND]) == 13 and plan[COND][0]
     costs = [GapCosts(cache.config.gram[b], cache.config.sigmas, 25) for b in (COND, UNCOND)]
-    total, steps = best_plan(costs, 10, 6, "fitted")
+    total, steps = best_plan(costs, 13, 6, "fitted")
     assert cache.estimator.name == "fitted" and plan[COND] == [s in steps for s in range(25)]
     assert cache.predicted_error == pytest.approx(total)
     for branch, cost in zip((COND, UNCOND), costs):
@@ -347,9 +348,33 @@ def test_planner_plans_for_the_fitted_estimator_and_hands_it_the_weights_of_its_
         assert cache.estimator.weights[branch] == pytest.approx(expected)
         assert len(expected) == 24 and any(w != 0 for w in expected.values())
     named = planner(steps=25)
-    named.meet_budget(10, estimator="fitted")  # named, as build_cache applies it afterwards: the same weights
+    named.meet_budget(13, estimator="fitted")  # named, as build_cache applies it afterwards: the same weights
     named.use_estimator("fitted")
     assert named.estimator.weights == cache.estimator.weights
+
+
+@pytest.mark.parametrize("passes, forecasts", [(12, True), (11, False), (5, False)])
+def test_under_guidance_the_planner_forecasts_only_where_its_computed_steps_lie_close(passes, forecasts):
+    """Two CFG branches and sigmas from 1 to 0: the fitted forecast while the computed steps lie at
+    most ``GUIDED_FORECAST_MAX_SPACING`` (1/12) apart on average, 12 passes exactly at the limit;
+    wider, an unnamed estimator is reuse, planned for reuse. A named fitted estimator, and a model
+    with one branch, forecast at any spacing."""
+    assert GUIDED_FORECAST_MAX_SPACING == pytest.approx(1 / 12)
+    grams = {b: gram_of(residual_walk(30, 7 + n), 16) for n, b in enumerate((COND, UNCOND))}
+    cache = BudgetPlanner(PlannerConfig(gram=grams), 30)  # no sigmas: 1 to 0 in equal steps
+    cache.meet_budget(passes)
+    costs = [GapCosts(grams[b], [], 30) for b in (COND, UNCOND)]
+    chosen = "fitted" if forecasts else "reuse"
+    assert cache.estimator.name == chosen
+    assert cache.predicted_error == pytest.approx(best_plan(costs, passes, 6, chosen)[0])
+    named = BudgetPlanner(PlannerConfig(gram=grams), 30)
+    named.meet_budget(passes, estimator="fitted")
+    named.use_estimator("fitted")
+    assert named.estimator.name == "fitted"
+    assert named.predicted_error == pytest.approx(best_plan(costs, passes, 6, "fitted")[0])
+    unguided = BudgetPlanner(PlannerConfig(gram={COND: grams[COND]}), 30, branches=(COND,))
+    unguided.meet_budget(passes)
+    assert unguided.estimator.name == "fitted"
 
 
 def run_with_outputs(cache: BudgetPlanner, outputs: np.ndarray) -> tuple[dict[int, np.ndarray], list[dict[str, float]]]:
@@ -402,7 +427,7 @@ def test_the_fitted_weights_are_checked_on_every_computed_step():
     as the weights forecast keep the trust at 1; outputs that move the other way take it toward 0
     (reuse) by the step count's memory at each check; ``check_forecast=False`` keeps the weights as fitted."""
     cache = planner(steps=25)
-    cache.meet_budget(10)
+    cache.meet_budget(13)
     computed = [s for s, run in enumerate(cache.plan()[COND]) if run]
     weights = dict(cache.estimator.weights[COND])
     checks = len(computed) - 2
@@ -423,7 +448,7 @@ def test_the_fitted_weights_are_checked_on_every_computed_step():
             memory = TRUST_MEMORY ** (TRUST_MEMORY_STEPS / 25)  # twice as fast as at 50 steps
             assert trust[-1][COND] == pytest.approx(memory ** checks / TRUSTED_SHARE) and trust[-1][COND] < 0.1
     unchecked = planner(steps=25, check_forecast=False)
-    unchecked.meet_budget(10)
+    unchecked.meet_budget(13)
     _, trust = run_with_outputs(unchecked, reversed_)
     assert all(t == {COND: 1.0, UNCOND: 1.0} for t in trust)
 
@@ -688,7 +713,11 @@ def test_planner_falls_back_to_reuse_when_the_forecast_base_leaves_the_window():
     assert cache.estimator.name == "reuse" and sum(cache.plan()[COND]) == 2
     with pytest.raises(CacheConfigError):  # named, the estimator is kept and the budget refused
         planner(steps=6).meet_budget(2, estimator="blend")
-    fitted = planner(steps=6)  # fitted weighs a base outside the window 0: it reuses there
+    # fitted weighs a base outside the window 0: it reuses there (one branch: under guidance, computed
+    # steps this far apart take reuse outright)
+    one_branch = planner(steps=6).config
+    fitted = BudgetPlanner(PlannerConfig(gram={COND: one_branch.gram[COND]}, sigmas=one_branch.sigmas), 6,
+                           branches=(COND,))
     fitted.meet_budget(2)
     assert fitted.estimator.name == "fitted" and sum(fitted.plan()[COND]) == 2
     assert set(fitted.estimator.weights[COND].values()) == {0.0}

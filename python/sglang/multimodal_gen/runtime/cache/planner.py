@@ -42,7 +42,15 @@ from 2x, and lose 2-3 dB to them at 1.5x there (docs/benchmarks.md, "Calibration
 it records"). A request whose flow turns unlike the calibration's (another guidance, step count or
 caption) is caught on its own computed steps: each tests the forecast its weight makes for it, and
 where the steps stop bearing the weights out they are scaled toward ``reuse``
-(``BudgetPlanner._observe_computed``, ``check_forecast``).
+(``BudgetPlanner._observe_computed``, ``check_forecast``). Under classifier-free guidance it
+forecasts only where the computed steps lie close: with two branches and computed steps more than
+``GUIDED_FORECAST_MAX_SPACING`` (1/12 of the schedule) apart on average, an unnamed estimator is
+``reuse``. The guidance term ``cond - uncond``, which the guidance scale multiplies, moves far
+faster than either branch's output (a median 48% of itself over 2 steps at 20 steps on the
+built-in Wan model, the cond output 8%: ``benchmark/guidance_term.py``), and on both Wan models
+``reuse`` on its own plan beat the checked forecast at that spacing, on training and held-out
+captions alike; with guidance off the forecast won at the same spacings (docs/benchmarks.md,
+"The planner off its calibration").
 
 Step counts other than the calibration's are planned on resampled costs: request step ``k`` of
 ``N`` sits at calibration position ``k * N_cal / N`` (the same fraction of the schedule), and a
@@ -116,6 +124,17 @@ INTERPOLATION_SPREAD = 0.25
 #: The most steps the planner plans: its dynamic programme takes about 3 s at 200 steps on one CPU
 #: core and grows with the square of the step count.
 MAX_PLANNED_STEPS = 250
+#: Under classifier-free guidance (two branches), the widest mean spacing in sigma of the computed
+#: steps at which the planner forecasts (1/12: 12 computed steps over the whole schedule); wider, an
+#: unnamed estimator is ``reuse``. On 12 training samples outside the calibration (6 captions x 2
+#: seeds: ``benchmark/planner_tuning.py --sample-captions 6 --seeds 11 12 --constant
+#: GUIDED_FORECAST_MAX_SPACING=1``) ``reuse`` on its own plan beat the checked forecast in every
+#: setting with 10 or 7 computed steps (20 steps at 2x and 3x, 30 at 3x) on both Wan models, by
+#: 0.7-4.1 dB; from 13 computed steps the forecast won every setting on the built-in Wan model, by
+#: 2.1-14.4 dB. With guidance off (one branch, ``--guidance 1``) the forecast won at 20 and 30 steps,
+#: 2x and 3x, by 2.3-15.2 dB on both models, as it does at every spacing on the HunyuanVideo model
+#: (embedded guidance, one branch).
+GUIDED_FORECAST_MAX_SPACING = 1.0 / 12
 
 
 @dataclass
@@ -493,6 +512,8 @@ class BudgetPlanner(TimestepCache):
         # the residual keeps moving the way it moved (alpha > 0), reuse where its changes turn back.
         chosen = estimator or (DEFAULT_ESTIMATOR if self.config.gram_of == "outputs" else None) \
             or self._measured_estimator(passes) or (BLOCKS_DEFAULT_ESTIMATOR if alpha > 0 else "reuse")
+        if estimator is None and chosen == "fitted" and self._too_sparse_to_forecast(costs[0], passes):
+            chosen = "reuse"
         total, steps = best_plan(costs, passes, self.config.max_skip_steps, chosen, alpha)
         if not steps and estimator is None:
             # Few steps from a long calibration: a forecast's base falls out of the window, reuse's may not.
@@ -516,6 +537,15 @@ class BudgetPlanner(TimestepCache):
             self.use_estimator(chosen, **({"alpha": alpha} if chosen == "blend" else {}))
         logger.info("planner: %d of %d steps with %s (predicted error %.3g)", passes, self.num_inference_steps,
                     chosen, total)
+
+    def _too_sparse_to_forecast(self, costs: GapCosts, passes: int) -> bool:
+        """Whether guided computed steps lie too far apart for the fitted forecast (mean sigma spacing
+        above ``GUIDED_FORECAST_MAX_SPACING``), where the fast-moving guidance term made `reuse` the
+        better estimate on the Wan models. One branch (no guidance) forecasts at any spacing."""
+        if len(self.branches) < 2:
+            return False
+        span = float(costs.sigmas[0] - costs.sigmas[-1])
+        return span / max(passes, 1) > GUIDED_FORECAST_MAX_SPACING
 
     def _build_estimator(self, requested: str | None, options: Mapping[str, Any]) -> ResidualEstimator:
         """``fitted`` takes the plan's weights (the request's own ``use_estimator`` call included)."""
