@@ -4,7 +4,8 @@ reuses under guidance where its computed steps lie far apart (``GUIDED_FORECAST_
     python benchmark/guidance_term.py                                   # built-in Wan, 20 and 50 steps
     python benchmark/guidance_term.py --model-path wan2.1-t2v-tiny-hard --steps 20
 
-Uncached runs of the model's first two tuning captions (training scenes, seed 11). At each step
+Uncached runs of the captions ``planner_tuning.py`` tunes on by default (its first two tuning
+captions, seed 11). At each step
 ``k`` and spacing ``s`` (the steps between two computed ones: 2 at 2x, 3 at 3x) it takes the
 relative change ``|x_k - x_{k-s}| / |x_k|`` of the guidance term ``x = cond - uncond`` and of the
 cond output ``x = cond``: what reusing the output ``s`` steps old gets wrong, against the size of
@@ -25,13 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
 from frontier_configs import model_prompts  # noqa: E402
+from planner_tuning import CAPTIONS, SEED  # noqa: E402
 
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
 from sglang.multimodal_gen.runtime.cache.branches import COND, UNCOND  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator, denoising_stage  # noqa: E402
 
-SEED = 11
-CAPTIONS = 2
 SPACINGS = (1, 2, 3)
 
 

@@ -54,8 +54,7 @@ def main() -> None:
         for steps in args.steps:
             options = BudgetPlanner.options_from_calibration(calibration, steps)
             table = calibration.nearest_planner_table(steps)["num_inference_steps"]
-            config = PlannerConfig(gram=options["gram"], gram_of=options["gram_of"], sigmas=options["sigmas"],
-                                   error_growth=options["error_growth"])
+            config = PlannerConfig(**options)
             ratios = " | ".join(f"{predicted_ratio(config, steps, s):.2f}" for s in args.speedups)
             print(f"| {Path(model).name} | {steps} (table {table}) | {ratios} |")
 

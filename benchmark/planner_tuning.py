@@ -40,16 +40,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
 from frontier_configs import model_prompts  # noqa: E402
-from sglang.multimodal_gen.configs.models import read_model_info  # noqa: E402
-from sglang.multimodal_gen.tools.adherence import model_world  # noqa: E402
-from sglang.multimodal_gen.tools.synthetic_videos import WORLDS  # noqa: E402
 from metrics import psnr  # noqa: E402
 
 from sglang.multimodal_gen.configs.cache_params import CacheParams  # noqa: E402
+from sglang.multimodal_gen.configs.models import read_model_info  # noqa: E402
 from sglang.multimodal_gen.configs.sampling_params import SamplingParams  # noqa: E402
 from sglang.multimodal_gen.runtime.cache import planner  # noqa: E402
 from sglang.multimodal_gen.runtime.cache.budget import PASSES_ONLY  # noqa: E402
+from sglang.multimodal_gen.runtime.entrypoints.calibrate import read_prompts_file  # noqa: E402
 from sglang.multimodal_gen.runtime.entrypoints.generator import DiffGenerator, denoising_stage  # noqa: E402
+from sglang.multimodal_gen.tools.adherence import model_world  # noqa: E402
+from sglang.multimodal_gen.tools.synthetic_videos import WORLDS  # noqa: E402
 
 STEP_COUNTS = (20, 30, 50)
 SPEEDUPS = (1.5, 2.0, 3.0)
@@ -80,7 +81,7 @@ def sampled_captions(model_folder: Path, count: int) -> list[str]:
     """``count`` training captions of the model's world outside its calibration prompts, a fixed draw."""
     if read_model_info(model_folder).image_to_video:
         raise SystemExit("error: --sample-captions draws text-to-video training captions; this model takes a first frame")
-    calibration = {line.strip() for line in (model_folder / "calibration_prompts.txt").read_text().splitlines()}
+    calibration = set(read_prompts_file(model_folder / "calibration_prompts.txt"))
     pool = [scene.caption for scene in WORLDS[model_world(model_folder)].train_scenes if scene.caption not in calibration]
     if not 1 <= count <= len(pool):
         raise SystemExit(f"error: --sample-captions takes 1 to {len(pool)} for this model, not {count}")
